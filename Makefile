@@ -1,0 +1,28 @@
+# Two entry points, both creating or reusing .venv from nothing but Python 3:
+#   make demo   set up and run the demo
+#   make test   set up and run the whole test suite
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]' 2>&1 | { grep -v '^WARNING: Location' || true; }
+	$(PY) -c "import pathomics, openslide, zarr, torch"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/pathomics demo --out demo-out
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) demo-out

@@ -1,0 +1,46 @@
+"""Entry point of the `pathomics` console script.
+
+Each verb is a module of this package exposing ``add_parser(subparsers)`` and ``run(args) -> int``;
+heavy imports happen inside ``run`` so that ``pathomics --help`` stays fast.
+Exit codes: 0 all done, 1 some slides failed (listed), 2 bad usage or bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from pathomics import __version__
+from pathomics.errors import PathomicsError
+
+VERBS = ("tile", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pathomics", description="Whole-slide-image pathomics toolkit.")
+    parser.add_argument("--version", action="version", version=f"pathomics {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    subparsers = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for verb in VERBS:
+        importlib.import_module(f"pathomics.cli.{verb}").add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.run(args))
+    except PathomicsError as exc:
+        print(f"pathomics {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pathomics {args.verb}: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
