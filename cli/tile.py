@@ -1,0 +1,51 @@
+"""`pathomics tile`: slides → patch stores under <out>/tiles."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pathomics.cli.common import add_slide_arguments, slide_entries, writable_dir
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("tile", help="find tissue and write patch stores at a target MPP",
+                                   description="Tile slides into Zarr v3 patch stores at an exact physical resolution.")
+    add_slide_arguments(parser)
+    parser.add_argument("--out", type=Path, required=True, help="output directory (stores go to OUT/tiles)")
+    resolution = parser.add_mutually_exclusive_group()
+    resolution.add_argument("--mpp", type=float, default=None, help="target microns per pixel (default 0.5)")
+    resolution.add_argument("--magnification", type=float, help="target magnification, converted as 10/mag µm/px (20 → 0.5)")
+    parser.add_argument("--patch-size", type=int, default=256, help="patch side in pixels at the target MPP")
+    parser.add_argument("--overlap", type=int, default=0, help="overlap between neighbouring patches, pixels at the target MPP")
+    parser.add_argument("--min-tissue", type=float, default=0.5, help="keep patches at least this fraction tissue")
+    parser.add_argument("--no-pixels", action="store_true", help="write coords-only stores (the embedder reads the slide)")
+    parser.add_argument("--tissue-dir", type=Path, help="folder of <slide_id>.geojson tissue annotations to use instead of detection")
+    parser.add_argument("--threads", type=int, default=None, help="decoding threads per slide (default: all cores)")
+    parser.add_argument("--backend", choices=("auto", "openslide", "tiffslide"), default="auto")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from pathomics.batch import SlideJob, exit_code, run_jobs, summarize
+    from pathomics.slide import magnification_to_mpp
+    from pathomics.tiling import TileConfig, tile_slide
+
+    entries = slide_entries(args)
+    out = writable_dir(args.out)
+    target = magnification_to_mpp(args.magnification) if args.magnification else (args.mpp or 0.5)
+    config = TileConfig(target_mpp=target, patch_size=args.patch_size, overlap=args.overlap,
+                        min_tissue=args.min_tissue, with_pixels=not args.no_pixels)
+    if args.threads:
+        config = dataclasses.replace(config, threads=args.threads)
+
+    def job(entry) -> SlideJob:
+        geojson = entry.tissue_geojson or (args.tissue_dir / f"{entry.slide_id}.geojson" if args.tissue_dir else None)
+        return SlideJob(entry.slide_id, lambda: tile_slide(entry.slide_path, out, config, mpp=entry.mpp, slide_id=entry.slide_id,
+                                                           tissue_geojson=geojson, backend=args.backend).state)
+
+    rows = run_jobs("tile", [job(e) for e in entries], out)
+    print(summarize("tile", rows))
+    return exit_code(rows)

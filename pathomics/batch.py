@@ -1,0 +1,127 @@
+"""Per-slide batch execution: failure isolation, ``status.csv`` bookkeeping and progress.
+
+One bad slide never stops a batch: its error is recorded as ``failed`` with the message, and the
+others go on. ``<out>/status.csv`` keeps one row per (slide_id, stage), updated atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from pathomics.errors import PathomicsError
+from pathomics.store import atomic_path
+
+log = logging.getLogger(__name__)
+STATUS_FILE = "status.csv"
+DONE, SKIPPED, FAILED = "done", "skipped", "failed"
+
+
+@dataclass(frozen=True)
+class StatusRow:
+    """The outcome of one stage on one slide."""
+
+    slide_id: str
+    stage: str
+    state: str
+    seconds: float
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class SlideJob:
+    """One unit of batch work: ``run`` returns DONE or SKIPPED, or raises."""
+
+    slide_id: str
+    run: Callable[[], str]
+
+
+def run_jobs(stage: str, jobs: Sequence[SlideJob], out_dir: str | os.PathLike, show_progress: bool = True) -> list[StatusRow]:
+    """Run ``jobs`` one after another, isolating failures; record every outcome in ``status.csv``."""
+    rows: list[StatusRow] = []
+    with _progress(stage, len(jobs), show_progress) as advance:
+        for job in jobs:
+            row = run_one(stage, job)
+            rows.append(row)
+            update_status(out_dir, [row])
+            advance(job.slide_id, row.state)
+    return rows
+
+
+def run_one(stage: str, job: SlideJob) -> StatusRow:
+    """Run one job, turning an expected failure (bad slide, bad store, I/O error) into a failed row."""
+    start = time.perf_counter()
+    try:
+        state = job.run()
+        error = ""
+    except (PathomicsError, OSError, ValueError) as exc:
+        state, error = FAILED, f"{type(exc).__name__}: {exc}"
+    return StatusRow(job.slide_id, stage, state, round(time.perf_counter() - start, 3), error)
+
+
+def read_status(out_dir: str | os.PathLike) -> list[StatusRow]:
+    """The rows of ``<out_dir>/status.csv`` (empty when there is none yet)."""
+    path = Path(out_dir) / STATUS_FILE
+    if not path.exists():
+        return []
+    with path.open(newline="") as fh:
+        return [StatusRow(r["slide_id"], r["stage"], r["state"], float(r["seconds"]), r["error"]) for r in csv.DictReader(fh)]
+
+
+def update_status(out_dir: str | os.PathLike, rows: Iterable[StatusRow]) -> None:
+    """Merge ``rows`` into ``status.csv``, replacing earlier rows of the same slide and stage."""
+    merged = {(r.slide_id, r.stage): r for r in read_status(out_dir)}
+    merged.update({(r.slide_id, r.stage): r for r in rows})
+    with atomic_path(Path(out_dir) / STATUS_FILE) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=[f.name for f in fields(StatusRow)])
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in merged.values())
+
+
+def exit_code(rows: Sequence[StatusRow]) -> int:
+    """0 when every slide succeeded, 1 when any failed (DESIGN's exit-code contract)."""
+    return 1 if any(r.state == FAILED for r in rows) else 0
+
+
+def summarize(stage: str, rows: Sequence[StatusRow]) -> str:
+    """A one-paragraph summary naming each failed slide and why."""
+    counts = {state: sum(r.state == state for r in rows) for state in (DONE, SKIPPED, FAILED)}
+    lines = [f"{stage}: {counts[DONE]} done, {counts[SKIPPED]} skipped (already complete), {counts[FAILED]} failed"]
+    lines += [f"  FAILED {r.slide_id}: {r.error}" for r in rows if r.state == FAILED]
+    return "\n".join(lines)
+
+
+class _progress:
+    """A rich progress bar on a terminal, a log line per slide elsewhere."""
+
+    def __init__(self, stage: str, total: int, enabled: bool) -> None:
+        self.stage, self.total, self.enabled, self.bar = stage, total, enabled, None
+
+    def __enter__(self) -> Callable[[str, str], None]:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        console = Console(stderr=True)
+        if self.enabled and console.is_terminal:
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TextColumn("{task.fields[last]}"), console=console)
+            self.bar.start()
+            self.task = self.bar.add_task(self.stage, total=self.total, last="")
+        self.done = 0
+        return self.advance
+
+    def advance(self, slide_id: str, state: str) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, last=f"{slide_id}: {state}")
+        elif self.enabled:
+            log.info("%s [%d/%d] %s: %s", self.stage, self.done, self.total, slide_id, state)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()

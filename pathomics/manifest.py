@@ -1,0 +1,78 @@
+"""Slide lists: a manifest CSV (``slide_path``, optional ``slide_id``, ``patient_id``, ``mpp``, ``tissue_geojson``) or paths."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pathomics.errors import PathomicsError
+
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".svslide", ".bif", ".dcm")
+
+
+@dataclass(frozen=True)
+class SlideEntry:
+    """One slide of an archive; ``mpp`` overrides the slide's own level-0 MPP when given."""
+
+    slide_path: Path
+    slide_id: str
+    patient_id: str | None = None
+    mpp: float | None = None
+    tissue_geojson: Path | None = None
+
+
+def read_manifest(path: str | os.PathLike) -> list[SlideEntry]:
+    """Entries of a manifest CSV; relative slide paths are taken relative to the manifest's folder."""
+    import pandas as pd
+
+    path = Path(path)
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as exc:
+        raise PathomicsError(f"{path}: cannot read the manifest ({exc})") from exc
+    if "slide_path" not in table.columns:
+        raise PathomicsError(f"{path}: the manifest needs a slide_path column (found: {', '.join(table.columns)})")
+    entries = []
+    for i, row in enumerate(table.to_dict("records"), start=2):
+        slide_path = Path(row["slide_path"])
+        if not slide_path.is_absolute():
+            slide_path = path.parent / slide_path
+        mpp = _optional_float(row.get("mpp", ""), f"{path} line {i}: mpp")
+        geojson = row.get("tissue_geojson") or None
+        entries.append(SlideEntry(slide_path, row.get("slide_id") or slide_path.stem, row.get("patient_id") or None, mpp,
+                                  (path.parent / geojson) if geojson else None))
+    return check_unique(entries, str(path))
+
+
+def entries_from_paths(paths: Sequence[str | os.PathLike], mpp: float | None = None) -> list[SlideEntry]:
+    """Entries for slide files and folders (searched one level deep for known slide suffixes)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files += sorted(f for f in p.iterdir() if f.suffix.lower() in SLIDE_SUFFIXES) if p.is_dir() else [p]
+    return check_unique([SlideEntry(f, f.stem, None, mpp) for f in files], "the slide list")
+
+
+def check_unique(entries: list[SlideEntry], where: str) -> list[SlideEntry]:
+    """Refuse two slides with the same slide_id: their outputs would overwrite each other."""
+    seen: dict[str, Path] = {}
+    for e in entries:
+        if e.slide_id in seen:
+            raise PathomicsError(f"{where}: slide_id {e.slide_id!r} is used by both {seen[e.slide_id]} and {e.slide_path}; "
+                                 "give distinct slide_id values in a manifest")
+        seen[e.slide_id] = e.slide_path
+    return entries
+
+
+def _optional_float(text: str, what: str) -> float | None:
+    if not str(text).strip():
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise PathomicsError(f"{what} is {text!r}, not a number") from None
+    if not math.isfinite(value):
+        raise PathomicsError(f"{what} is {text!r}, not a finite number")
+    return value

@@ -1,0 +1,114 @@
+"""Direct tile decoding for TIFF-family slides (SVS, generic pyramidal TIFF): the fast read path.
+
+OpenSlide spends most of its time compositing pixels, not decoding JPEG. For TIFF slides whose pyramid
+levels map one-to-one onto tiled TIFF pages, this module reads each needed tile's bytes with ``pread``
+and decodes it once (tifffile + imagecodecs, which release the GIL), keeping a small LRU cache so that
+neighbouring patches share decoded tiles. Pixels are bit-identical to OpenSlide's for JPEG tiles.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Executor
+from pathlib import Path
+
+import numpy as np
+
+from pathomics.errors import SlideReadError
+
+Box = tuple[int, int, int, int]  # x, y, w, h in pixels of one level
+
+
+class TiffTileSource:
+    """Decoded-once tiles of a TIFF slide's pyramid levels, assembled into arbitrary boxes."""
+
+    def __init__(self, path: Path, pages: Sequence[object], tiff: object) -> None:
+        self.path = path
+        self._pages = list(pages)
+        self._tiff = tiff
+        self._fd = os.open(path, os.O_RDONLY)
+        self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+        self.capacity = 256
+
+    @classmethod
+    def open(cls, path: Path, level_dimensions: Sequence[tuple[int, int]]) -> TiffTileSource | None:
+        """The tile source for ``path`` if every level is a tiled page tifffile can decode, else None."""
+        import tifffile
+
+        try:
+            tiff = tifffile.TiffFile(path)
+        except (OSError, ValueError, tifffile.TiffFileError):
+            return None
+        candidates = [p for p in tiff.pages if p.is_tiled]  # the main IFD chain, as OpenSlide reads it
+        pages = []
+        for width, height in level_dimensions:
+            match = next((p for p in candidates if (p.imagewidth, p.imagelength) == (width, height)
+                          and p.samplesperpixel in (3, 4) and p.bitspersample == 8 and p.planarconfig == 1), None)
+            if match is None:
+                tiff.close()
+                return None
+            pages.append(match)
+        return cls(path, pages, tiff)
+
+    def close(self) -> None:
+        os.close(self._fd)
+        self._tiff.close()  # type: ignore[attr-defined]
+        self._cache.clear()
+
+    def tile_shape(self, level: int) -> tuple[int, int]:
+        """(tile width, tile height) of ``level``."""
+        page = self._pages[level]
+        return page.tilewidth, page.tilelength  # type: ignore[attr-defined]
+
+    def tiles_for(self, level: int, boxes: Iterable[Box]) -> set[tuple[int, int, int]]:
+        """Keys (level, row, col) of every tile the boxes touch."""
+        tw, th = self.tile_shape(level)
+        keys: set[tuple[int, int, int]] = set()
+        for x, y, w, h in boxes:
+            for row in range(y // th, (y + h - 1) // th + 1):
+                for col in range(x // tw, (x + w - 1) // tw + 1):
+                    keys.add((level, row, col))
+        return keys
+
+    def prefetch(self, keys: Iterable[tuple[int, int, int]], pool: Executor) -> None:
+        """Decode the tiles of ``keys`` not yet cached, in parallel; then trim the cache to capacity."""
+        keys = list(keys)
+        missing = [k for k in keys if k not in self._cache]
+        for key, tile in zip(missing, pool.map(self._decode, missing)):
+            self._cache[key] = tile
+        for key in keys:
+            self._cache.move_to_end(key)
+        while len(self._cache) > max(self.capacity, len(keys)):
+            self._cache.popitem(last=False)
+
+    def assemble(self, level: int, box: Box) -> np.ndarray:
+        """The pixels of ``box`` at ``level`` from cached tiles (call ``prefetch`` first)."""
+        x, y, w, h = box
+        tw, th = self.tile_shape(level)
+        out = np.empty((h, w, 3), dtype=np.uint8)
+        for row in range(y // th, (y + h - 1) // th + 1):
+            for col in range(x // tw, (x + w - 1) // tw + 1):
+                tile = self._cache[(level, row, col)]
+                x0, y0 = max(x, col * tw), max(y, row * th)
+                x1, y1 = min(x + w, (col + 1) * tw), min(y + h, (row + 1) * th)
+                out[y0 - y:y1 - y, x0 - x:x1 - x] = tile[y0 - row * th:y1 - row * th, x0 - col * tw:x1 - col * tw, :3]
+        return out
+
+    def _decode(self, key: tuple[int, int, int]) -> np.ndarray:
+        level, row, col = key
+        page = self._pages[level]
+        tw, th = self.tile_shape(level)
+        index = row * -(-page.imagewidth // tw) + col  # type: ignore[attr-defined]
+        offset, count = page.dataoffsets[index], page.databytecounts[index]  # type: ignore[attr-defined]
+        if count == 0:  # a tile the scanner never wrote: background
+            return np.full((th, tw, 3), 255, dtype=np.uint8)
+        data = os.pread(self._fd, count, offset)
+        if len(data) != count:
+            raise SlideReadError(f"{self.path}: tile {index} of level {level} is cut short; the file is truncated — re-copy it from the scanner")
+        try:
+            segment, _, _ = page.decode(data, index, jpegtables=page.jpegtables)  # type: ignore[attr-defined]
+        except Exception as exc:  # noqa: BLE001 - codecs raise their own error types for corrupt data
+            raise SlideReadError(f"{self.path}: tile {index} of level {level} cannot be decoded ({exc}); the file is corrupt — re-copy it from the scanner") from exc
+        return np.asarray(segment).reshape(th, tw, -1)

@@ -1,0 +1,288 @@
+"""On-disk contracts between stages: the Zarr v3 patch store and the CLAM/TRIDENT HDF5 feature file.
+
+Both are written atomically: a patch store is built under ``<slide_id>.zarr.partial`` and renamed to
+``<slide_id>.zarr`` once its last shard is written and ``complete`` is set; a feature file is written to a
+temporary file beside it and renamed. Readers refuse anything incomplete or foreign.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pathomics.errors import StoreError
+
+PARTIAL_SUFFIX = ".partial"
+STORE_ATTRS = (
+    "slide_id", "source_path", "source_size_bytes", "source_mtime", "backend", "mpp_level0", "mpp_source",
+    "target_mpp", "read_level", "downsample", "patch_size", "patch_size_level0", "overlap", "min_tissue",
+    "tissue_method", "pathomics_version", "complete",
+)
+FEATURE_FILE_ATTRS = ("model", "weights", "weights_sha256", "embedding_dim", "precision", "slide_id", "pathomics_version")
+FEATURE_COORDS_ATTRS = ("patch_size", "patch_level", "patch_size_level0", "target_mpp")
+CHUNK_BYTES = 4 << 20   # one compressed unit: a few MB, so one patch read decodes little
+SHARD_BYTES = 64 << 20  # one file: a few hundred 256-px patches, so a batch is one read
+
+
+def store_path(out_dir: str | os.PathLike, slide_id: str) -> Path:
+    """Where the patch store of ``slide_id`` lives under an output directory."""
+    return Path(out_dir) / "tiles" / f"{slide_id}.zarr"
+
+
+def feature_path(out_dir: str | os.PathLike, slide_id: str) -> Path:
+    """Where the feature file of ``slide_id`` lives under an output directory."""
+    return Path(out_dir) / "features" / f"{slide_id}.h5"
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    """The temporary name an output is built under before it is renamed into place."""
+    path = Path(path)
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary file path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def patches_per_chunk(patch_size: int, target_bytes: int = CHUNK_BYTES) -> int:
+    """Largest power of two of RGB patches that fits ``target_bytes`` (at least 1)."""
+    n = max(1, target_bytes // (patch_size * patch_size * 3))
+    return 1 << (n.bit_length() - 1)
+
+
+def patches_per_shard(patch_size: int) -> int:
+    """Patches per shard file: a power-of-two multiple of the chunk, about SHARD_BYTES uncompressed."""
+    return max(patches_per_chunk(patch_size), patches_per_chunk(patch_size, SHARD_BYTES))
+
+
+class PatchStoreWriter:
+    """Builds one slide's patch store under its ``.partial`` name, shard by shard, resumably.
+
+    ``attrs`` are the provenance attributes; a partial store left by an interrupted run with the same
+    ``attrs`` is resumed from its last fully written shard, any other partial store is rebuilt.
+    """
+
+    def __init__(self, path: str | os.PathLike, attrs: Mapping[str, Any], coords: np.ndarray,
+                 tissue_fraction: np.ndarray, with_pixels: bool = True) -> None:
+        import zarr
+
+        self.path = Path(path)
+        self.partial = partial_path(self.path)
+        self.n = len(coords)
+        self.patch_size = int(attrs["patch_size"])
+        self.shard = patches_per_shard(self.patch_size)
+        self.with_pixels = with_pixels
+        wanted = _jsonable({**attrs, "complete": False})
+        root = self._open_partial(wanted)
+        if root is None:
+            if self.partial.exists():
+                shutil.rmtree(self.partial)
+            root = zarr.open_group(self.partial, mode="w", zarr_format=3)
+            root.create_array("coords", data=np.asarray(coords, dtype=np.int64).reshape(-1, 2), chunks=(max(self.n, 1), 2))
+            root.create_array("tissue_fraction", data=np.asarray(tissue_fraction, dtype=np.float32).reshape(-1),
+                              chunks=(max(self.n, 1),))
+            if with_pixels:
+                p = self.patch_size
+                root.create_array(
+                    "images", shape=(self.n, p, p, 3), dtype="uint8",
+                    chunks=(patches_per_chunk(p), p, p, 3), shards=(self.shard, p, p, 3),
+                    compressors=zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=1),
+                    fill_value=0,
+                )
+            root.attrs.update({**wanted, "patches_written": 0 if with_pixels else self.n})
+        self.root = root
+        self.patches_written = int(root.attrs["patches_written"])
+
+    def _open_partial(self, wanted: dict[str, Any]):
+        """The partial store of an interrupted run with identical parameters, or None."""
+        import zarr
+
+        if not (self.partial / "zarr.json").exists():
+            return None
+        try:
+            root = zarr.open_group(self.partial, mode="r+", zarr_format=3)
+            attrs = dict(root.attrs)
+        except Exception:  # noqa: BLE001 - any unreadable partial store is simply rebuilt
+            return None
+        same = {k: attrs.get(k) for k in wanted} == wanted and root["coords"].shape[0] == self.n
+        return root if same and ("images" in root) == self.with_pixels else None
+
+    def write(self, start: int, images: np.ndarray) -> None:
+        """Write patches ``start:start+len(images)``; record progress when a shard (or the end) is reached."""
+        stop = start + len(images)
+        self.root["images"][start:stop] = images
+        if stop % self.shard == 0 or stop == self.n:
+            self.root.attrs["patches_written"] = stop
+            self.patches_written = stop
+
+    def publish(self) -> Path:
+        """Mark the store complete and rename it into place, replacing any older store."""
+        if self.patches_written != self.n:
+            raise StoreError(f"{self.partial}: {self.patches_written} of {self.n} patches written; cannot publish")
+        self.root.attrs["complete"] = True
+        _replace_dir(self.partial, self.path)
+        return self.path
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename directory ``src`` onto ``dst``; an existing ``dst`` is moved aside first, then deleted."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def _jsonable(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """Attributes as plain JSON types, so that stored and wanted values compare equal."""
+    out: dict[str, Any] = {}
+    for key, value in attrs.items():
+        if isinstance(value, np.generic):
+            value = value.item()
+        elif isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[key] = value
+    return out
+
+
+@dataclass(frozen=True)
+class PatchStore:
+    """A complete, validated patch store opened for reading."""
+
+    path: Path
+    attrs: dict[str, Any]
+    coords: np.ndarray
+    tissue_fraction: np.ndarray
+    images: Any  # zarr.Array of (N, P, P, 3) uint8, or None for a coords-only store
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    @property
+    def slide_id(self) -> str:
+        return str(self.attrs["slide_id"])
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.attrs["patch_size"])
+
+    @property
+    def has_pixels(self) -> bool:
+        return self.images is not None
+
+    def read_images(self, start: int, stop: int) -> np.ndarray:
+        """Patches ``start:stop`` as a (n, P, P, 3) uint8 array (needs a store with pixels)."""
+        if self.images is None:
+            raise StoreError(f"{self.path} is a coords-only store; read its patches from the slide instead")
+        return np.asarray(self.images[start:stop])
+
+
+def open_patch_store(path: str | os.PathLike) -> PatchStore:
+    """Open a patch store, refusing one that is missing, incomplete or not a pathomics store."""
+    import zarr
+
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        hint = " (an interrupted run left it incomplete; re-run `pathomics tile`)" if partial_path(path).exists() else ""
+        raise StoreError(f"{path}: no patch store here{hint}")
+    try:
+        root = zarr.open_group(path, mode="r", zarr_format=3)
+        attrs = dict(root.attrs)
+    except Exception as exc:  # noqa: BLE001 - zarr raises many types for foreign directories
+        raise StoreError(f"{path}: not a Zarr v3 patch store ({exc})") from exc
+    missing = [k for k in STORE_ATTRS if k not in attrs] + [a for a in ("coords", "tissue_fraction") if a not in root]
+    if missing:
+        raise StoreError(f"{path}: not a pathomics patch store (missing {', '.join(missing)})")
+    if attrs["complete"] is not True:
+        raise StoreError(f"{path}: incomplete patch store; re-run `pathomics tile` to finish it")
+    coords = np.asarray(root["coords"][:])
+    images = root["images"] if "images" in root else None
+    p = int(attrs["patch_size"])
+    if coords.ndim != 2 or coords.shape[1] != 2 or (images is not None and images.shape != (len(coords), p, p, 3)):
+        raise StoreError(f"{path}: inconsistent array shapes; delete it and re-run `pathomics tile`")
+    return PatchStore(path, attrs, coords, np.asarray(root["tissue_fraction"][:]), images)
+
+
+@dataclass(frozen=True)
+class FeatureFile:
+    """The contents of a CLAM/TRIDENT-style feature file."""
+
+    path: Path
+    features: np.ndarray
+    coords: np.ndarray
+    attrs: dict[str, Any]
+    coords_attrs: dict[str, Any]
+
+
+def write_feature_file(path: str | os.PathLike, features: np.ndarray, coords: np.ndarray,
+                       attrs: Mapping[str, Any], coords_attrs: Mapping[str, Any]) -> Path:
+    """Write ``features`` (N, D) float32 and ``coords`` (N, 2) int64 with their attributes, atomically."""
+    import h5py
+
+    features = np.asarray(features, dtype=np.float32)
+    coords = np.asarray(coords, dtype=np.int64)
+    if features.ndim != 2 or coords.shape != (len(features), 2):
+        raise StoreError(f"{path}: features {features.shape} and coords {coords.shape} do not pair up")
+    missing = [k for k in FEATURE_FILE_ATTRS if k not in attrs] + [k for k in FEATURE_COORDS_ATTRS if k not in coords_attrs]
+    if missing:
+        raise StoreError(f"{path}: feature file attributes missing: {', '.join(missing)}")
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+        h5.create_dataset("features", data=features)
+        dset = h5.create_dataset("coords", data=coords)
+        dset.attrs.update(_jsonable(coords_attrs))
+        h5.attrs.update(_jsonable(attrs))
+    return Path(path)
+
+
+def read_feature_file(path: str | os.PathLike) -> FeatureFile:
+    """Read a feature file written by pathomics, CLAM or TRIDENT; refuse one without features/coords."""
+    import h5py
+
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as h5:
+            if "features" not in h5 or "coords" not in h5:
+                raise StoreError(f"{path}: not a feature file (needs datasets 'features' and 'coords')")
+            features = np.asarray(h5["features"][:])
+            coords = np.asarray(h5["coords"][:])
+            attrs = {k: _plain(v) for k, v in h5.attrs.items()}
+            coords_attrs = {k: _plain(v) for k, v in h5["coords"].attrs.items()}
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot read feature file ({exc})") from exc
+    if features.ndim != 2 or coords.ndim != 2 or len(coords) != len(features):
+        raise StoreError(f"{path}: features {features.shape} and coords {coords.shape} do not pair up")
+    return FeatureFile(path, features.astype(np.float32, copy=False), coords.astype(np.int64, copy=False), attrs, coords_attrs)
+
+
+def _plain(value: Any) -> Any:
+    """An HDF5 attribute value as a plain Python value."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

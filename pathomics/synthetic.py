@@ -1,0 +1,183 @@
+"""Synthetic whole-slide images with known tissue geometry, written as real pyramidal JPEG TIFFs.
+
+Slides are generated tile by tile (memory stays bounded whatever their size) and saved either
+Aperio-SVS-flavoured (ImageDescription with ``MPP = ...``, so OpenSlide reports vendor ``aperio``) or
+as generic tiled TIFF with resolution tags (or none, for a slide without MPP). Every pyramid level is
+the area-downsampled level 0, as a scanner writes it. Tissue is a union of ellipses (holes allowed)
+filled with an H&E-like texture: pink stroma with purple nucleus-like blobs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from shapely.geometry import MultiPolygon, Polygon
+
+GLASS = (242, 242, 240)
+STROMA = (232, 160, 196)
+NUCLEUS = (86, 42, 128)
+ATLAS = 1024  # period of the tissue texture, level-0 pixels
+
+
+@dataclass(frozen=True)
+class Ellipse:
+    """An ellipse of tissue (or a hole, when ``hole``), in level-0 pixels; ``angle`` in degrees."""
+
+    cx: float
+    cy: float
+    rx: float
+    ry: float
+    angle: float = 0.0
+    hole: bool = False
+
+    def inside(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        t = math.radians(self.angle)
+        dx, dy = xs - self.cx, ys - self.cy
+        u = (dx * math.cos(t) + dy * math.sin(t)) / self.rx
+        v = (-dx * math.sin(t) + dy * math.cos(t)) / self.ry
+        return u * u + v * v <= 1.0
+
+    def polygon(self, vertices: int = 512) -> Polygon:
+        a = np.linspace(0, 2 * math.pi, vertices, endpoint=False)
+        t = math.radians(self.angle)
+        x, y = self.rx * np.cos(a), self.ry * np.sin(a)
+        return Polygon(np.c_[self.cx + x * math.cos(t) - y * math.sin(t), self.cy + x * math.sin(t) + y * math.cos(t)])
+
+    def bounds(self) -> tuple[float, float, float, float]:
+        r = max(self.rx, self.ry)
+        return self.cx - r, self.cy - r, self.cx + r, self.cy + r
+
+
+@dataclass(frozen=True)
+class SlideTruth:
+    """What a synthetic slide really contains."""
+
+    path: Path
+    width: int
+    height: int
+    mpp: float | None
+    shapes: tuple[Ellipse, ...]
+
+    def tissue(self) -> MultiPolygon:
+        """The true tissue as polygons in level-0 pixels."""
+        geom = MultiPolygon()
+        for shape in self.shapes:
+            geom = geom.difference(shape.polygon()) if shape.hole else geom.union(shape.polygon())
+        return geom if isinstance(geom, MultiPolygon) else MultiPolygon([geom] if not geom.is_empty else [])
+
+    def mask(self, x0: int, y0: int, width: int, height: int, step: float = 1.0) -> np.ndarray:
+        """True tissue at the centres of a ``step``-spaced pixel grid starting at level-0 (x0, y0)."""
+        ys = (y0 + (np.arange(height) + 0.5) * step)[:, None]
+        xs = (x0 + (np.arange(width) + 0.5) * step)[None, :]
+        inside = np.zeros((height, width), dtype=bool)
+        for shape in self.shapes:
+            if _overlaps(shape.bounds(), (x0, y0, x0 + width * step, y0 + height * step)):
+                hit = shape.inside(xs, ys)
+                inside = inside & ~hit if shape.hole else inside | hit
+        return inside
+
+
+LAYOUTS = ("blob", "pieces", "ring", "none")
+
+
+def tissue_layout(layout: str, width: int, height: int) -> tuple[Ellipse, ...]:
+    """Named tissue geometries, scaled to the slide: one blob, several pieces, a ring with a lumen, none."""
+    w, h = width, height
+    if layout == "blob":
+        return (Ellipse(0.5 * w, 0.5 * h, 0.33 * w, 0.3 * h, 20),)
+    if layout == "pieces":
+        return (Ellipse(0.25 * w, 0.35 * h, 0.18 * w, 0.22 * h, -30), Ellipse(0.68 * w, 0.55 * h, 0.2 * w, 0.14 * h, 10),
+                Ellipse(0.35 * w, 0.8 * h, 0.1 * w, 0.08 * h))
+    if layout == "ring":
+        return (Ellipse(0.5 * w, 0.5 * h, 0.4 * w, 0.4 * h), Ellipse(0.5 * w, 0.5 * h, 0.18 * w, 0.2 * h, hole=True))
+    if layout == "none":
+        return ()
+    raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+
+
+def write_slide(path: str | os.PathLike, width: int, height: int, mpp: float | None = 0.25, flavour: str = "aperio",
+                layout: str = "blob", seed: int = 0, tile: int = 256, quality: int = 90,
+                level_factor: int = 4, min_level_size: int = 512) -> SlideTruth:
+    """Write a pyramidal, tiled, JPEG-compressed TIFF slide and return its truth.
+
+    ``flavour`` "aperio" writes an SVS-style description (needs ``mpp``); "generic" writes TIFF
+    resolution tags in centimetres, or none when ``mpp`` is None.
+    """
+    import tifffile
+
+    if flavour not in ("aperio", "generic"):
+        raise ValueError(f"unknown flavour {flavour!r}; choose aperio or generic")
+    if flavour == "aperio" and mpp is None:
+        raise ValueError("an Aperio-flavoured slide needs an mpp")
+    path = Path(path)
+    truth = SlideTruth(path, width, height, mpp, tissue_layout(layout, width, height))
+    atlas = _texture_atlas(seed)
+    downsamples = [1]
+    while max(width, height) // (downsamples[-1] * level_factor) >= min_level_size:
+        downsamples.append(downsamples[-1] * level_factor)
+    options = dict(tile=(tile, tile), compression="jpeg", compressionargs={"level": quality}, photometric="rgb", metadata=None)
+    with tifffile.TiffWriter(path, bigtiff=width * height > 2**31) as writer:
+        for i, ds in enumerate(downsamples):
+            lw, lh = -(-width // ds), -(-height // ds)
+            extra: dict[str, object] = {"subfiletype": 1} if i else {}
+            if i == 0 and flavour == "aperio":
+                extra["description"] = (f"Aperio Image Library v12.0.15\r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) "
+                                        f"JPEG/RGB Q={quality}|AppMag = {round(10 / mpp)}|MPP = {mpp}")
+            if flavour == "generic" and mpp is not None:
+                extra.update(resolution=(1e4 / (mpp * ds), 1e4 / (mpp * ds)), resolutionunit="CENTIMETER")
+            writer.write(_level_tiles(truth, atlas, ds, lw, lh, tile), shape=(lh, lw, 3), dtype=np.uint8, **options, **extra)
+    return truth
+
+
+def _level_tiles(truth: SlideTruth, atlas: np.ndarray, ds: int, lw: int, lh: int, tile: int) -> Iterator[np.ndarray]:
+    """Tiles of one pyramid level in row-major order, each the area-downsampled level-0 block."""
+    import cv2
+
+    glass = np.empty((tile, tile, 3), dtype=np.uint8)
+    glass[:] = GLASS
+    for ty in range(0, lh, tile):
+        for tx in range(0, lw, tile):
+            x0, y0, size = tx * ds, ty * ds, tile * ds
+            if not any(_overlaps(s.bounds(), (x0, y0, x0 + size, y0 + size)) for s in truth.shapes if not s.hole):
+                yield glass
+                continue
+            block = _render(truth, atlas, x0, y0, size)
+            yield block if ds == 1 else cv2.resize(block, (tile, tile), interpolation=cv2.INTER_AREA)
+
+
+def _render(truth: SlideTruth, atlas: np.ndarray, x0: int, y0: int, size: int) -> np.ndarray:
+    """Level-0 pixels of the square block at (x0, y0): texture where there is tissue, glass elsewhere."""
+    ys = (y0 + np.arange(size)) % ATLAS
+    xs = (x0 + np.arange(size)) % ATLAS
+    texture = atlas[ys[:, None], xs[None, :]]
+    mask = truth.mask(x0, y0, size, size)
+    return np.where(mask[..., None], texture, np.asarray(GLASS, dtype=np.uint8))
+
+
+def _texture_atlas(seed: int) -> np.ndarray:
+    """A periodic H&E-like texture: noisy pink stroma with dark purple nucleus-like blobs."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    atlas = np.empty((ATLAS, ATLAS, 3), dtype=np.float32)
+    atlas[:] = STROMA
+    atlas += rng.normal(0, 5, size=(ATLAS, ATLAS, 1))
+    for _ in range(ATLAS * ATLAS // 3000):  # about 2,800 nuclei per mm²
+        x, y = rng.integers(0, ATLAS, size=2)
+        r = int(rng.integers(8, 17))  # 4-8 µm across at 0.25 µm/px
+        color = np.asarray(NUCLEUS) + rng.normal(0, 12, size=3)
+        for dx in (-ATLAS, 0, ATLAS):  # draw wrapped copies so the texture tiles seamlessly
+            for dy in (-ATLAS, 0, ATLAS):
+                cv2.circle(atlas, (int(x + dx), int(y + dy)), r, color.tolist(), -1)
+    pad = 8  # blur a wrapped copy so the seams stay invisible
+    atlas = cv2.GaussianBlur(np.pad(atlas, ((pad, pad), (pad, pad), (0, 0)), mode="wrap"), (0, 0), 1.5)[pad:-pad, pad:-pad]
+    return atlas.clip(0, 255).astype(np.uint8)
+
+
+def _overlaps(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]

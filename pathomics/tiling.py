@@ -1,0 +1,317 @@
+"""Tile grid at an exact physical resolution, streamed into the Zarr patch store.
+
+A patch of ``patch_size`` pixels at ``target_mpp`` covers ``round(patch_size * target_mpp / mpp0)``
+level-0 pixels (a 0.263 µm/px slide at 0.5 µm/px × 256 px reads 487, not 512). Patches are read from
+the coarsest pyramid level at or below the target resolution and area-resampled to the target. For TIFF
+slides each needed tile is decoded once (``TiffTileSource``); other formats go through the backend's
+``read_region``. Patches are processed in vertical strips, so the tile cache, and with it memory, is
+bounded by the strip, not the slide. The store is written shard by shard and published atomically;
+an interrupted run resumes from its last full shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import shapely
+from shapely.geometry import MultiPolygon
+
+from pathomics import __version__
+from pathomics.errors import StoreError
+from pathomics.slide import SlideReader, TiffTileSource, open_slide
+from pathomics.store import PatchStore, PatchStoreWriter, atomic_path, open_patch_store, store_path
+from pathomics.tissue import Tissue, TissueConfig, detect_tissue, load_tissue, write_geojson
+
+log = logging.getLogger(__name__)
+STRIP_PIXELS = 4096  # width of a processing strip at the read level
+PROVENANCE_SKIP = ("pathomics_version", "complete", "patches_written")
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """What to tile: patch size and overlap in pixels at ``target_mpp``; keep patches with ≥ ``min_tissue`` tissue."""
+
+    target_mpp: float = 0.5
+    patch_size: int = 256
+    overlap: int = 0
+    min_tissue: float = 0.5
+    with_pixels: bool = True
+    tissue: TissueConfig = field(default_factory=TissueConfig)
+    batch_size: int = 64
+    threads: int = max(1, os.cpu_count() or 1)
+
+    def __post_init__(self) -> None:
+        if not self.target_mpp > 0:
+            raise ValueError(f"target MPP must be positive, got {self.target_mpp}")
+        if self.patch_size < 8:
+            raise ValueError(f"patch size must be at least 8 pixels, got {self.patch_size}")
+        if not 0 <= self.overlap < self.patch_size:
+            raise ValueError(f"overlap must be in [0, patch size), got {self.overlap}")
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise ValueError(f"min tissue fraction must be in [0, 1], got {self.min_tissue}")
+        if self.batch_size < 1 or self.threads < 1:
+            raise ValueError("batch size and threads must be at least 1")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The kept patches of a slide: level-0 top-left corners, in processing order, and their tissue fractions."""
+
+    coords: np.ndarray
+    tissue_fraction: np.ndarray
+    patch_size_level0: int
+    read_level: int
+    read_size: int
+
+
+@dataclass(frozen=True)
+class TileResult:
+    """The outcome of tiling one slide."""
+
+    slide_id: str
+    path: Path
+    n_patches: int
+    state: str  # "done" or "skipped"
+    seconds: float
+
+
+def patch_size_level0(patch_size: int, target_mpp: float, mpp0: float) -> int:
+    """Level-0 pixels covered by a patch of ``patch_size`` pixels at ``target_mpp`` (exact physical size)."""
+    return max(1, round(patch_size * target_mpp / mpp0))
+
+
+def plan_grid(slide: SlideReader, tissue: MultiPolygon, config: TileConfig) -> Grid:
+    """The patches whose tissue fraction is at least ``min_tissue``, in strip-major processing order."""
+    mpp0 = slide.mpp
+    size0 = patch_size_level0(config.patch_size, config.target_mpp, mpp0)
+    step0 = (config.patch_size - config.overlap) * config.target_mpp / mpp0
+    level = slide.best_level(config.target_mpp / mpp0)
+    read_size = max(1, round(size0 / slide.level_downsamples[level]))
+    empty = Grid(np.zeros((0, 2), np.int64), np.zeros(0, np.float32), size0, level, read_size)
+    width, height = slide.dimensions
+    if tissue.is_empty or size0 > min(width, height):
+        return empty
+    minx, miny, maxx, maxy = tissue.bounds
+    cols = np.arange(max(0, int((minx - size0) // step0)), int(min(width - size0, maxx) // step0) + 1)
+    rows = np.arange(max(0, int((miny - size0) // step0)), int(min(height - size0, maxy) // step0) + 1)
+    col, row = (a.ravel() for a in np.meshgrid(cols, rows))
+    xs, ys = np.rint(col * step0).astype(np.int64), np.rint(row * step0).astype(np.int64)
+    inside = (xs + size0 <= width) & (ys + size0 <= height)
+    col, row, xs, ys = col[inside], row[inside], xs[inside], ys[inside]
+    fraction = tissue_fractions(tissue, xs, ys, size0)
+    keep = fraction >= max(config.min_tissue, 1e-9)
+    per_strip = max(1, STRIP_PIXELS // max(1, round(step0 / slide.level_downsamples[level])))
+    order = np.lexsort((col[keep], row[keep], col[keep] // per_strip))
+    coords = np.stack([xs[keep], ys[keep]], axis=1)[order]
+    return Grid(coords, fraction[keep][order].astype(np.float32), size0, level, read_size)
+
+
+def tissue_fractions(tissue: MultiPolygon, xs: np.ndarray, ys: np.ndarray, size0: int) -> np.ndarray:
+    """Fraction of each square patch (level-0 top-left xs, ys) covered by the tissue polygons."""
+    boxes = shapely.box(xs, ys, xs + size0, ys + size0)
+    parts = np.asarray(list(tissue.geoms), dtype=object)
+    tree = shapely.STRtree(parts)
+    box_idx, part_idx = tree.query(boxes, predicate="intersects")
+    areas = shapely.area(shapely.intersection(boxes[box_idx], parts[part_idx]))
+    covered = np.zeros(len(xs), dtype=np.float64)
+    np.add.at(covered, box_idx, areas)
+    return np.clip(covered / float(size0 * size0), 0.0, 1.0)
+
+
+class PatchReader:
+    """Reads patches (level-0 top-left corners) at the target resolution, the fastest way the slide allows."""
+
+    def __init__(self, slide: SlideReader, level: int, read_size: int, patch_size: int, threads: int = 1) -> None:
+        self.slide, self.level, self.read_size, self.patch_size = slide, level, read_size, patch_size
+        self.downsample = slide.level_downsamples[level]
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="pathomics-read")
+        self.tiles = TiffTileSource.open(slide.path, slide.level_dimensions)
+        if self.tiles is not None:
+            tw, th = self.tiles.tile_shape(level)
+            cols = STRIP_PIXELS // tw + read_size // tw + 3
+            self.tiles.capacity = 2 * cols * (read_size // th + 3)
+
+    @property
+    def method(self) -> str:
+        return "tiff-tiles" if self.tiles is not None else f"{self.slide.backend}-read-region"
+
+    def read(self, coords: np.ndarray) -> np.ndarray:
+        """Patches at ``coords`` as (n, P, P, 3) uint8."""
+        if self.tiles is None:
+            return np.stack(list(self.pool.map(self._read_one, coords))) if len(coords) else self._empty()
+        boxes = self._boxes(coords)
+        self.tiles.prefetch(self.tiles.tiles_for(self.level, boxes), self.pool)
+        patches = self.pool.map(lambda box: self._resize(self.tiles.assemble(self.level, box)), boxes)
+        return np.stack(list(patches)) if len(coords) else self._empty()
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        if self.tiles is not None:
+            self.tiles.close()
+
+    def _boxes(self, coords: np.ndarray) -> list[tuple[int, int, int, int]]:
+        lw, lh = self.slide.level_dimensions[self.level]
+        s = self.read_size
+        xs = np.minimum(np.rint(coords[:, 0] / self.downsample).astype(int), lw - s)
+        ys = np.minimum(np.rint(coords[:, 1] / self.downsample).astype(int), lh - s)
+        return [(int(x), int(y), s, s) for x, y in zip(xs, ys)]
+
+    def _read_one(self, xy: np.ndarray) -> np.ndarray:
+        region = self.slide.read_region((int(xy[0]), int(xy[1])), self.level, (self.read_size, self.read_size))
+        return self._resize(region)
+
+    def _resize(self, region: np.ndarray) -> np.ndarray:
+        import cv2
+
+        if region.shape[0] == self.patch_size:
+            return region
+        return cv2.resize(region, (self.patch_size, self.patch_size), interpolation=cv2.INTER_AREA)
+
+    def _empty(self) -> np.ndarray:
+        return np.zeros((0, self.patch_size, self.patch_size, 3), dtype=np.uint8)
+
+
+def tile_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, config: TileConfig = TileConfig(),
+               mpp: float | None = None, slide_id: str | None = None, tissue_geojson: str | os.PathLike | None = None,
+               backend: str = "auto", progress: Callable[[int, int], None] | None = None) -> TileResult:
+    """Tile one slide into ``<out_dir>/tiles/<slide_id>.zarr``; skip it when an identical complete store exists."""
+    start_time = time.perf_counter()
+    slide_path = Path(slide_path).resolve()
+    slide_id = slide_id or slide_path.stem
+    final = store_path(out_dir, slide_id)
+    with open_slide(slide_path, mpp=mpp, backend=backend) as slide:
+        attrs = store_attributes(slide, slide_id, config, tissue_geojson)
+        if _unchanged(final, attrs):
+            log.info("%s: complete store with the same source and parameters exists; skipped", slide_id)
+            return TileResult(slide_id, final, int(attrs["n_patches"] or 0), "skipped", time.perf_counter() - start_time)
+        tissue = load_tissue(slide, tissue_geojson, config.tissue) if tissue_geojson else detect_tissue(slide, config.tissue)
+        grid = plan_grid(slide, tissue.polygons, config)
+        if len(grid.coords) == 0:
+            log.warning("%s: no tissue patches found (%s); writing an empty store — check the slide or lower --min-tissue",
+                        slide_path, "no tissue detected" if tissue.polygons.is_empty else f"none with ≥{config.min_tissue:.0%} tissue")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        write_geojson(tissue.polygons, final.with_name(f"{slide_id}.tissue.geojson"))
+        _write_thumbnail(tissue, grid, final.with_name(f"{slide_id}.thumb.png"))
+        attrs.update(n_patches=len(grid.coords), read_level=grid.read_level, read_size=grid.read_size,
+                     thumbnail_downsample=tissue.thumbnail_downsample)
+        writer = PatchStoreWriter(final, attrs, grid.coords, grid.tissue_fraction, with_pixels=config.with_pixels)
+        if 0 < writer.patches_written < len(grid.coords):
+            log.info("%s: resuming an interrupted store at patch %d of %d", slide_id, writer.patches_written, len(grid.coords))
+        if config.with_pixels:
+            _stream_patches(slide, grid, config, writer, progress)
+        writer.publish()
+    return TileResult(slide_id, final, len(grid.coords), "done", time.perf_counter() - start_time)
+
+
+def store_attributes(slide: SlideReader, slide_id: str, config: TileConfig, tissue_geojson: str | os.PathLike | None) -> dict:
+    """The provenance attributes of a store: source identity, resolution and every tiling parameter."""
+    stat = slide.path.stat()
+    level = slide.best_level(config.target_mpp / slide.mpp)
+    return {
+        "slide_id": slide_id, "source_path": str(slide.path), "source_size_bytes": stat.st_size,
+        "source_mtime": stat.st_mtime, "backend": slide.backend, "vendor": slide.vendor,
+        "slide_width": slide.dimensions[0], "slide_height": slide.dimensions[1],
+        "mpp_level0": slide.mpp, "mpp_source": slide.resolution.source, "target_mpp": config.target_mpp,
+        "read_level": level, "read_downsample": float(slide.level_downsamples[level]),
+        "downsample": config.target_mpp / slide.mpp, "patch_size": config.patch_size,
+        "patch_size_level0": patch_size_level0(config.patch_size, config.target_mpp, slide.mpp),
+        "overlap": config.overlap, "min_tissue": config.min_tissue, "pixels": config.with_pixels,
+        "tissue_method": f"geojson:{Path(tissue_geojson).resolve()}" if tissue_geojson else "otsu-saturation",
+        "tissue_config": asdict(config.tissue), "n_patches": None, "pathomics_version": __version__,
+    }
+
+
+def _unchanged(final: Path, attrs: dict) -> bool:
+    """True when ``final`` is a complete store built from the same source file with the same parameters."""
+    try:
+        stored = open_patch_store(final).attrs
+    except StoreError:
+        return False
+    same = all(stored.get(k) == v for k, v in attrs.items() if k not in PROVENANCE_SKIP and v is not None)
+    if same:
+        attrs["n_patches"] = stored.get("n_patches")
+    return same
+
+
+def _stream_patches(slide: SlideReader, grid: Grid, config: TileConfig, writer: PatchStoreWriter,
+                    progress: Callable[[int, int], None] | None) -> None:
+    """Read patches batch by batch and hand full shards to a writer thread (reading and compression overlap)."""
+    reader = PatchReader(slide, grid.read_level, grid.read_size, config.patch_size, config.threads)
+    shards: queue.Queue = queue.Queue(maxsize=1)
+    failure: list[BaseException] = []
+
+    def write_shards() -> None:
+        while (item := shards.get()) is not None:
+            if not failure:
+                try:
+                    writer.write(*item)
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the reading thread
+                    failure.append(exc)
+
+    thread = threading.Thread(target=write_shards, name="pathomics-write", daemon=True)
+    thread.start()
+    n, shard = len(grid.coords), writer.shard
+    try:
+        for shard_start in range(writer.patches_written, n, shard):
+            shard_stop = min(n, shard_start + shard)
+            batches = [reader.read(grid.coords[i:min(shard_stop, i + config.batch_size)])
+                       for i in range(shard_start, shard_stop, config.batch_size)]
+            if failure:
+                break
+            shards.put((shard_start, np.concatenate(batches)))
+            if progress:
+                progress(shard_stop, n)
+    finally:
+        shards.put(None)
+        thread.join()
+        reader.close()
+    if failure:
+        raise failure[0]
+
+
+def _write_thumbnail(tissue: Tissue, grid: Grid, path: Path) -> None:
+    """Save the thumbnail with the tissue outline (green) and the kept patches (blue) drawn on it."""
+    import cv2
+
+    image = cv2.cvtColor(tissue.thumbnail, cv2.COLOR_RGB2BGR)
+    scale = 1.0 / tissue.thumbnail_downsample
+    for x, y in grid.coords:
+        x0, y0 = int(x * scale), int(y * scale)
+        size = max(1, int(grid.patch_size_level0 * scale))
+        cv2.rectangle(image, (x0, y0), (x0 + size, y0 + size), (200, 90, 40), 1)
+    for poly in tissue.polygons.geoms:
+        for ring in [poly.exterior, *poly.interiors]:
+            pts = np.rint(np.asarray(ring.coords) * scale).astype(np.int32)
+            cv2.polylines(image, [pts], True, (0, 170, 0), 2)
+    ok, png = cv2.imencode(".png", image)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(png.tobytes())
+
+
+def read_patches(store: PatchStore, start: int, stop: int) -> np.ndarray:
+    """Patches ``start:stop`` of a store as (n, P, P, 3) uint8: its pixels, or re-read from the slide when coords-only."""
+    if store.has_pixels:
+        return store.read_images(start, stop)
+    attrs = store.attrs
+    source = Path(attrs["source_path"])
+    if not source.is_file() or source.stat().st_size != attrs["source_size_bytes"]:
+        raise StoreError(f"{store.path}: its source slide {source} is missing or has changed; re-run `pathomics tile`")
+    reader = _slide_reader(str(source), float(attrs["mpp_level0"]), int(attrs["read_level"]),
+                           int(attrs["read_size"]), int(attrs["patch_size"]))
+    return reader.read(store.coords[start:stop])
+
+
+@lru_cache(maxsize=4)
+def _slide_reader(source: str, mpp: float, level: int, read_size: int, patch_size: int) -> PatchReader:
+    """A per-process patch reader for coords-only stores (slides stay open for the next batch)."""
+    return PatchReader(open_slide(source, mpp=mpp), level, read_size, patch_size, threads=1)

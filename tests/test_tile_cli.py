@@ -1,0 +1,105 @@
+"""`pathomics tile` as a user runs it: bad inputs isolated, status.csv, exit codes, SIGKILL and resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from pathomics.cli.main import main
+from pathomics.store import open_patch_store, partial_path
+from pathomics.synthetic import write_slide
+
+
+def status(out) -> dict[str, dict]:
+    with open(out / "status.csv", newline="") as fh:
+        return {row["slide_id"]: row for row in csv.DictReader(fh)}
+
+
+def test_bad_inputs_fail_one_by_one_and_the_rest_is_tiled(tmp_path, aperio_slide, truncated_slide, text_slide, no_mpp_slide, capsys):
+    missing = tmp_path / "missing.svs"
+    code = main(["tile", str(aperio_slide.path), str(truncated_slide), str(text_slide), str(no_mpp_slide.path), str(missing),
+                 "--out", str(tmp_path / "out"), "--mpp", "1.0", "--patch-size", "64"])
+    assert code == 1
+    rows = status(tmp_path / "out")
+    assert rows["aperio"]["state"] == "done"
+    expected = {"truncated": "truncated.svs", "notes": "notes.svs: not a slide", "nompp": "--slide-mpp", "missing": "no such slide file"}
+    for slide_id, phrase in expected.items():
+        assert rows[slide_id]["state"] == "failed"
+        assert phrase in rows[slide_id]["error"]
+    report = capsys.readouterr().out
+    assert "1 done" in report and "4 failed" in report and "FAILED truncated" in report
+    assert not (tmp_path / "out" / "tiles" / "truncated.zarr").exists()
+    assert len(open_patch_store(tmp_path / "out" / "tiles" / "aperio.zarr")) > 0
+
+
+def test_manifest_mpp_rescues_a_slide_without_metadata(tmp_path, no_mpp_slide):
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"slide_path,slide_id,patient_id,mpp\n{no_mpp_slide.path},case-7,P7,0.25\n")
+    assert main(["tile", "--manifest", str(manifest), "--out", str(tmp_path), "--magnification", "10", "--patch-size", "64"]) == 0
+    store = open_patch_store(tmp_path / "tiles" / "case-7.zarr")
+    assert store.attrs["mpp_source"] == "user" and store.attrs["target_mpp"] == 1.0
+
+
+def test_unwritable_output_directory_is_a_usage_error(tmp_path, aperio_slide, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["tile", str(aperio_slide.path), "--out", str(blocker / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write to output directory" in err and str(blocker / "out") in err
+
+
+def test_usage_errors(tmp_path, aperio_slide):
+    with pytest.raises(SystemExit) as exc:
+        main(["tile", str(aperio_slide.path), "--out", str(tmp_path), "--mpp", "0.5", "--magnification", "20"])
+    assert exc.value.code == 2
+    assert main(["tile", "--out", str(tmp_path)]) == 2
+
+
+@pytest.fixture(scope="module")
+def big_slide(tmp_path_factory):
+    """Large enough for several shards at native resolution (about 1,500 patches of 256 px)."""
+    return write_slide(tmp_path_factory.mktemp("big") / "big.svs", 20480, 16384, mpp=0.25, layout="blob", seed=5)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_slide_then_rerun_resumes_to_identical_arrays(tmp_path, big_slide, caplog):
+    args = [str(big_slide.path), "--mpp", "0.25", "--threads", "1"]
+    killed_out, clean_out = tmp_path / "killed", tmp_path / "clean"
+    proc = subprocess.Popen([sys.executable, "-m", "pathomics.cli.main", "tile", *args, "--out", str(killed_out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meta = partial_path(killed_out / "tiles" / "big.zarr") / "zarr.json"
+    deadline = time.monotonic() + 120
+    written = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        if meta.exists():
+            try:
+                written = json.loads(meta.read_text())["attributes"].get("patches_written", 0)
+            except (ValueError, KeyError):
+                written = 0
+            if written > 0:
+                break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the tiler finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    final = killed_out / "tiles" / "big.zarr"
+    assert not final.exists() and meta.exists()
+    total = json.loads(meta.read_text())["attributes"]["n_patches"]
+    assert 0 < written < total
+
+    caplog.set_level("INFO", logger="pathomics.tiling")
+    assert main(["tile", *args, "--out", str(killed_out)]) == 0
+    assert f"resuming an interrupted store at patch {written} of {total}" in caplog.text
+    assert main(["tile", *args, "--out", str(clean_out)]) == 0
+    resumed, clean = open_patch_store(final), open_patch_store(clean_out / "tiles" / "big.zarr")
+    assert not partial_path(final).exists()
+    np.testing.assert_array_equal(resumed.coords, clean.coords)
+    np.testing.assert_array_equal(resumed.read_images(0, len(resumed)), clean.read_images(0, len(clean)))
