@@ -28,8 +28,8 @@ STORE_ATTRS = (
 )
 FEATURE_FILE_ATTRS = ("model", "weights", "weights_sha256", "embedding_dim", "precision", "slide_id", "pathomics_version")
 FEATURE_COORDS_ATTRS = ("patch_size", "patch_level", "patch_size_level0", "target_mpp")
-CHUNK_BYTES = 4 << 20   # one compressed unit: a few MB, so one patch read decodes little
-SHARD_BYTES = 64 << 20  # one file: a few hundred 256-px patches, so a batch is one read
+CHUNK_BYTES = 1 << 20   # one compressed unit (4 patches of 256 px): reading one patch decodes little
+SHARD_BYTES = 32 << 20  # one file (128 patches of 256 px): a batch of a few hundred is a few reads
 
 
 def store_path(out_dir: str | os.PathLike, slide_id: str) -> Path:
@@ -105,7 +105,7 @@ class PatchStoreWriter:
                 root.create_array(
                     "images", shape=(self.n, p, p, 3), dtype="uint8",
                     chunks=(patches_per_chunk(p), p, p, 3), shards=(self.shard, p, p, 3),
-                    compressors=zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=1),
+                    compressors=zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle", typesize=1),
                     fill_value=0,
                 )
             root.attrs.update({**wanted, "patches_written": 0 if with_pixels else self.n})

@@ -260,17 +260,17 @@ def _stream_patches(slide: SlideReader, grid: Grid, config: TileConfig, writer: 
 
     thread = threading.Thread(target=write_shards, name="pathomics-write", daemon=True)
     thread.start()
-    n, shard = len(grid.coords), writer.shard
+    n, shard, batch = len(grid.coords), writer.shard, config.batch_size
     try:
         for shard_start in range(writer.patches_written, n, shard):
-            shard_stop = min(n, shard_start + shard)
-            batches = [reader.read(grid.coords[i:min(shard_stop, i + config.batch_size)])
-                       for i in range(shard_start, shard_stop, config.batch_size)]
+            images = np.empty((min(n, shard_start + shard) - shard_start, config.patch_size, config.patch_size, 3), np.uint8)
+            for i in range(0, len(images), batch):
+                images[i:i + batch] = reader.read(grid.coords[shard_start + i:shard_start + min(len(images), i + batch)])
             if failure:
                 break
-            shards.put((shard_start, np.concatenate(batches)))
+            shards.put((shard_start, images))
             if progress:
-                progress(shard_stop, n)
+                progress(shard_start + len(images), n)
     finally:
         shards.put(None)
         thread.join()
