@@ -4,7 +4,9 @@ Slides are generated tile by tile (memory stays bounded whatever their size) and
 Aperio-SVS-flavoured (ImageDescription with ``MPP = ...``, so OpenSlide reports vendor ``aperio``) or
 as generic tiled TIFF with resolution tags (or none, for a slide without MPP). Every pyramid level is
 the area-downsampled level 0, as a scanner writes it. Tissue is a union of ellipses (holes allowed)
-filled with an H&E-like texture: pink stroma with purple nucleus-like blobs.
+filled with an H&E-like texture: pink stroma with purple nucleus-like blobs. Optional high-grade
+regions (also ellipses) carry denser, larger, darker and more irregular nuclei: the planted pathology
+signal of the demo cohort.
 """
 
 from __future__ import annotations
@@ -62,20 +64,27 @@ class SlideTruth:
     height: int
     mpp: float | None
     shapes: tuple[Ellipse, ...]
+    regions: tuple[Ellipse, ...] = ()
 
     def tissue(self) -> MultiPolygon:
         """The true tissue as polygons in level-0 pixels."""
         geom = MultiPolygon()
         for shape in self.shapes:
             geom = geom.difference(shape.polygon()) if shape.hole else geom.union(shape.polygon())
-        return geom if isinstance(geom, MultiPolygon) else MultiPolygon([geom] if not geom.is_empty else [])
+        return _multipolygon(geom)
 
-    def mask(self, x0: int, y0: int, width: int, height: int, step: float = 1.0) -> np.ndarray:
-        """True tissue at the centres of a ``step``-spaced pixel grid starting at level-0 (x0, y0)."""
+    def high_grade(self) -> MultiPolygon:
+        """The planted high-grade tissue as polygons in level-0 pixels."""
+        regions = MultiPolygon([r.polygon() for r in self.regions]) if self.regions else MultiPolygon()
+        return _multipolygon(regions.buffer(0).intersection(self.tissue()))
+
+    def mask(self, x0: int, y0: int, width: int, height: int, step: float = 1.0,
+             shapes: tuple[Ellipse, ...] | None = None) -> np.ndarray:
+        """True inside ``shapes`` (default: the tissue) at the centres of a ``step``-spaced grid from level-0 (x0, y0)."""
         ys = (y0 + (np.arange(height) + 0.5) * step)[:, None]
         xs = (x0 + (np.arange(width) + 0.5) * step)[None, :]
         inside = np.zeros((height, width), dtype=bool)
-        for shape in self.shapes:
+        for shape in self.shapes if shapes is None else shapes:
             if _overlaps(shape.bounds(), (x0, y0, x0 + width * step, y0 + height * step)):
                 hit = shape.inside(xs, ys)
                 inside = inside & ~hit if shape.hole else inside | hit
@@ -102,11 +111,13 @@ def tissue_layout(layout: str, width: int, height: int) -> tuple[Ellipse, ...]:
 
 def write_slide(path: str | os.PathLike, width: int, height: int, mpp: float | None = 0.25, flavour: str = "aperio",
                 layout: str = "blob", seed: int = 0, tile: int = 256, quality: int = 90,
-                level_factor: int = 4, min_level_size: int = 512) -> SlideTruth:
+                level_factor: int = 4, min_level_size: int = 512, shapes: tuple[Ellipse, ...] | None = None,
+                regions: tuple[Ellipse, ...] = ()) -> SlideTruth:
     """Write a pyramidal, tiled, JPEG-compressed TIFF slide and return its truth.
 
     ``flavour`` "aperio" writes an SVS-style description (needs ``mpp``); "generic" writes TIFF
-    resolution tags in centimetres, or none when ``mpp`` is None.
+    resolution tags in centimetres, or none when ``mpp`` is None. ``shapes`` replaces the named
+    ``layout``; ``regions`` are painted with the high-grade texture.
     """
     import tifffile
 
@@ -115,8 +126,8 @@ def write_slide(path: str | os.PathLike, width: int, height: int, mpp: float | N
     if flavour == "aperio" and mpp is None:
         raise ValueError("an Aperio-flavoured slide needs an mpp")
     path = Path(path)
-    truth = SlideTruth(path, width, height, mpp, tissue_layout(layout, width, height))
-    atlas = _texture_atlas(seed)
+    truth = SlideTruth(path, width, height, mpp, shapes if shapes is not None else tissue_layout(layout, width, height), regions)
+    atlas = (_texture_atlas(seed, LOW_GRADE), _texture_atlas(seed + 1, HIGH_GRADE))
     downsamples = [1]
     while max(width, height) // (downsamples[-1] * level_factor) >= min_level_size:
         downsamples.append(downsamples[-1] * level_factor)
@@ -134,7 +145,7 @@ def write_slide(path: str | os.PathLike, width: int, height: int, mpp: float | N
     return truth
 
 
-def _level_tiles(truth: SlideTruth, atlas: np.ndarray, ds: int, lw: int, lh: int, tile: int) -> Iterator[np.ndarray]:
+def _level_tiles(truth: SlideTruth, atlas: tuple[np.ndarray, np.ndarray], ds: int, lw: int, lh: int, tile: int) -> Iterator[np.ndarray]:
     """Tiles of one pyramid level in row-major order, each the area-downsampled level-0 block."""
     import cv2
 
@@ -150,33 +161,60 @@ def _level_tiles(truth: SlideTruth, atlas: np.ndarray, ds: int, lw: int, lh: int
             yield block if ds == 1 else cv2.resize(block, (tile, tile), interpolation=cv2.INTER_AREA)
 
 
-def _render(truth: SlideTruth, atlas: np.ndarray, x0: int, y0: int, size: int) -> np.ndarray:
+def _render(truth: SlideTruth, atlas: tuple[np.ndarray, np.ndarray], x0: int, y0: int, size: int) -> np.ndarray:
     """Level-0 pixels of the square block at (x0, y0): texture where there is tissue, glass elsewhere."""
     ys = (y0 + np.arange(size)) % ATLAS
     xs = (x0 + np.arange(size)) % ATLAS
-    texture = atlas[ys[:, None], xs[None, :]]
+    texture = atlas[0][ys[:, None], xs[None, :]]
+    if truth.regions and any(_overlaps(r.bounds(), (x0, y0, x0 + size, y0 + size)) for r in truth.regions):
+        high = truth.mask(x0, y0, size, size, shapes=truth.regions)
+        texture = np.where(high[..., None], atlas[1][ys[:, None], xs[None, :]], texture)
     mask = truth.mask(x0, y0, size, size)
     return np.where(mask[..., None], texture, np.asarray(GLASS, dtype=np.uint8))
 
 
-def _texture_atlas(seed: int) -> np.ndarray:
-    """A periodic H&E-like texture: noisy pink stroma with dark purple nucleus-like blobs."""
+@dataclass(frozen=True)
+class Nuclei:
+    """How nuclei look in a texture: count per 1024² px, radius range (px at 0.25 µm/px), colour, irregularity."""
+
+    per_atlas: int
+    radius: tuple[int, int]
+    color: tuple[int, int, int]
+    elongation: float
+
+
+LOW_GRADE = Nuclei(350, (8, 17), NUCLEUS, 0.1)
+HIGH_GRADE = Nuclei(1100, (12, 24), (60, 24, 100), 0.6)
+
+
+def _texture_atlas(seed: int, nuclei: Nuclei = LOW_GRADE) -> np.ndarray:
+    """A periodic H&E-like texture: noisy pink stroma with purple nucleus-like blobs."""
     import cv2
 
     rng = np.random.default_rng(seed)
     atlas = np.empty((ATLAS, ATLAS, 3), dtype=np.float32)
     atlas[:] = STROMA
     atlas += rng.normal(0, 5, size=(ATLAS, ATLAS, 1))
-    for _ in range(ATLAS * ATLAS // 3000):  # about 2,800 nuclei per mm²
+    for _ in range(nuclei.per_atlas):
         x, y = rng.integers(0, ATLAS, size=2)
-        r = int(rng.integers(8, 17))  # 4-8 µm across at 0.25 µm/px
-        color = np.asarray(NUCLEUS) + rng.normal(0, 12, size=3)
+        r = int(rng.integers(*nuclei.radius))
+        axes = (r, max(3, int(r * (1 - nuclei.elongation * rng.random()))))
+        angle = float(rng.uniform(0, 180))
+        color = np.asarray(nuclei.color) + rng.normal(0, 12, size=3)
         for dx in (-ATLAS, 0, ATLAS):  # draw wrapped copies so the texture tiles seamlessly
             for dy in (-ATLAS, 0, ATLAS):
-                cv2.circle(atlas, (int(x + dx), int(y + dy)), r, color.tolist(), -1)
+                cv2.ellipse(atlas, (int(x + dx), int(y + dy)), axes, angle, 0, 360, color.tolist(), -1)
     pad = 8  # blur a wrapped copy so the seams stay invisible
     atlas = cv2.GaussianBlur(np.pad(atlas, ((pad, pad), (pad, pad), (0, 0)), mode="wrap"), (0, 0), 1.5)[pad:-pad, pad:-pad]
     return atlas.clip(0, 255).astype(np.uint8)
+
+
+def _multipolygon(geom) -> MultiPolygon:
+    if isinstance(geom, MultiPolygon):
+        return geom
+    if isinstance(geom, Polygon):
+        return MultiPolygon([geom] if not geom.is_empty else [])
+    return MultiPolygon([g for g in getattr(geom, "geoms", []) if isinstance(g, Polygon)])
 
 
 def _overlaps(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
