@@ -139,7 +139,7 @@ class PatchReader:
         if self.tiles is not None:
             tw, th = self.tiles.tile_shape(level)
             cols = STRIP_PIXELS // tw + read_size // tw + 3
-            self.tiles.capacity = 2 * cols * (read_size // th + 3)
+            self.tiles.capacity = cols * (read_size // th + 3)  # a strip's row of patches, with margin
 
     @property
     def method(self) -> str:

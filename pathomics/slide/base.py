@@ -12,7 +12,7 @@ import numpy as np
 
 from pathomics.errors import SlideReadError
 
-THUMB_BAND_ROWS = 2048  # level rows read at a time when making a thumbnail
+THUMB_BAND_ROWS = 512  # level rows read at a time when making a thumbnail
 MPP_RANGE = (0.02, 50.0)  # µm/px a microscope slide can plausibly have at level 0
 _UNIT_UM = {"centimeter": 1e4, "inch": 25400.0, "millimeter": 1e3, "micrometer": 1.0}
 

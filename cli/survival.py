@@ -1,0 +1,144 @@
+"""``pathomics survival fit|evaluate``: Cox models of recurrence from clinical, radiology and slide-signature tables.
+
+Options left out keep the defaults of :class:`~pathomics.survival.config.SurvivalConfig` (shown in --help).
+Results go to ``<out>/survival/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from pathomics.survival.config import AGGREGATES, FUSIONS, MISSING_POLICIES, RISK_GROUPINGS, SurvivalConfig
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SurvivalConfig)}
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def _numbers(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(value) for value in text.split(",") if value.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+def _option(parser: argparse._ActionsContainer, flag: str, field: str, help: str, **kwargs: object) -> None:
+    """An option filling config ``field``; absent from the namespace unless given, so the config's default applies."""
+    default = _DEFAULTS[field]
+    if default is not None and "default" not in help:
+        help += f" (default: {','.join(map(str, default)) if isinstance(default, tuple) else default})"
+    parser.add_argument(flag, dest=field, default=argparse.SUPPRESS, help=help, **kwargs)
+
+
+def _add_tables(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--clinical", type=Path, required=True, metavar="CSV", help="clinical table: patient id, time, event, covariates"
+    )
+    parser.add_argument("--radiology", type=Path, metavar="CSV", help="radiology table: patient id, radiology score")
+    parser.add_argument("--signatures", type=Path, metavar="PARQUET", help="slide signatures (signatures.parquet)")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder; results go to DIR/survival/")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("survival", help="Cox models of recurrence: fit and validate, or evaluate a saved model")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    fit = actions.add_parser("fit", help="cross-validate and fit the clinical/radiology/pathology/combined models")
+    _add_tables(fit)
+    _option(fit, "--time", "time_col", "follow-up time column", metavar="COL")
+    _option(fit, "--event", "event_col", "event column (1 recurrence, 0 censored)", metavar="COL")
+    _option(fit, "--id-col", "id_col", "patient id column of every table", metavar="COL")
+    fit.add_argument(
+        "--covariates", dest="covariates", type=_names, required=True, metavar="A,B,C", help="clinical covariates ('' for none)"
+    )
+    _option(
+        fit,
+        "--categorical",
+        "categorical",
+        "covariates to one-hot encode even if numeric (non-numeric ones always are)",
+        type=_names,
+        metavar="A,B",
+    )
+    _option(fit, "--radiology-col", "radiology_col", "radiology score column", metavar="COL")
+    _option(fit, "--risk-col", "risk_col", "pathology risk column of the signatures", metavar="COL")
+    _option(fit, "--aggregate", "aggregate", "how several slides of a patient are combined", choices=AGGREGATES)
+    _option(
+        fit,
+        "--missing",
+        "missing",
+        "patients lacking a modality or covariate: error, drop (counted), impute (+ indicator)",
+        choices=MISSING_POLICIES,
+    )
+    _option(
+        fit,
+        "--fusion",
+        "fusion",
+        "features: covariates + signature PCs; decision: second-stage Cox on modality scores",
+        choices=FUSIONS,
+    )
+    _option(fit, "--components", "n_components", "principal components of sig_* in feature fusion", type=int, metavar="K")
+    split = fit.add_mutually_exclusive_group()
+    _option(split, "--folds", "folds", "patient-level cross-validation folds", type=int, metavar="K")
+    _option(
+        split,
+        "--split-by",
+        "split_by",
+        "hold out each value of this clinical column in turn, e.g. centre (instead of --folds)",
+        metavar="COL",
+    )
+    _option(
+        fit,
+        "--penalizer",
+        "penalizer",
+        "Cox penalty; several comma-separated values are chosen by inner CV",
+        type=_numbers,
+        metavar="X[,X...]",
+    )
+    _option(fit, "--l1-ratio", "l1_ratio", "share of L1 in the penalty (1 = LASSO-Cox)", type=float, metavar="Y")
+    _option(fit, "--inner-folds", "inner_folds", "inner folds for choosing the penalty", type=int, metavar="K")
+    _option(
+        fit,
+        "--times",
+        "times",
+        "td-AUC times, in the time unit (default: event-time quartiles)",
+        type=_numbers,
+        metavar="T[,T...]",
+    )
+    _option(fit, "--time-unit", "time_unit", "unit of the time column, stated in the report", metavar="UNIT")
+    _option(
+        fit,
+        "--calibration-time",
+        "calibration_time",
+        "time of the calibration plot (default: middle td-AUC time)",
+        type=float,
+        metavar="T",
+    )
+    _option(fit, "--risk-groups", "risk_groups", "Kaplan-Meier risk groups, cut at training quantiles", choices=RISK_GROUPINGS)
+    _option(fit, "--bootstrap", "n_bootstrap", "bootstrap resamples of the C-index CIs", type=int, metavar="N")
+    _option(fit, "--seed", "seed", "seed of the folds and the bootstrap", type=int, metavar="N")
+    evaluate = actions.add_parser("evaluate", help="apply a saved model set to another cohort")
+    evaluate.add_argument("--model", type=Path, required=True, metavar="DIR", help="the --out folder of 'pathomics survival fit'")
+    _add_tables(evaluate)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathomics.report import format_ci
+    from pathomics.survival import survival_evaluate, survival_fit
+
+    tables = (args.clinical, args.radiology, args.signatures)
+    if args.action == "fit":
+        config = SurvivalConfig(**{k: v for k, v in vars(args).items() if k in _DEFAULTS})
+        result = survival_fit(config, *tables, out=args.out)
+    else:
+        result = survival_evaluate(args.model, *tables, out=args.out)
+    cohort = result.cohort
+    print(f"{cohort['n']} patients, {cohort['events']} events, {cohort['dropped_total']} dropped; {result.validation}")
+    for name, model in result.models.items():
+        harrell, uno = format_ci(model.metrics["c_index_harrell"]), format_ci(model.metrics["c_index_uno"])
+        print(f"  {name:<10} Harrell C {harrell}  Uno C {uno}")
+    print(f"results in {args.out / 'survival'}")
+    return 0

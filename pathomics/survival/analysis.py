@@ -1,0 +1,357 @@
+"""Validation of the model set (patient-level K-fold, leave-one-group-out, external cohort) and the outputs.
+
+``survival_fit`` and ``survival_evaluate`` are what the CLI calls; they write ``<out>/survival/``:
+``metrics.json``, ``coefficients.csv``, the plots, ``report.html`` and (fit) the saved model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.base import clone
+from sklearn.model_selection import KFold, LeaveOneGroupOut, StratifiedKFold
+
+from pathomics import __version__
+from pathomics.errors import CohortError, PathomicsError
+from pathomics.survival import metrics as m
+from pathomics.survival.cohort import Cohort, TableSource, load_cohort
+from pathomics.survival.config import SurvivalConfig
+from pathomics.survival.models import SurvivalModel, build_models
+
+log = logging.getLogger(__name__)
+MODEL_FILE = "model.pkl"
+GRID_POINTS = 50
+CORE_METRICS = ("c_index_harrell", "c_index_uno", "td_auc", "ibs", "n", "events")
+
+
+@dataclass(frozen=True)
+class FittedStudy:
+    """What ``evaluate`` needs: the models fitted on the whole cohort, its outcomes and the risk cut-points."""
+
+    config: SurvivalConfig
+    models: dict[str, SurvivalModel]
+    train_time: np.ndarray
+    train_event: np.ndarray
+    cut_points: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ModelResult:
+    """Metrics (JSON-ready), coefficients and plot data of one model."""
+
+    metrics: dict[str, Any]
+    coefficients: pd.DataFrame
+    td_auc_curve: pd.Series  # validated td-AUC over the time grid
+    groups: pd.DataFrame  # time, event, group of the validated predictions
+    calibration: pd.DataFrame
+
+
+@dataclass(frozen=True)
+class SurvivalResult:
+    """Everything written to ``<out>/survival/``."""
+
+    config: SurvivalConfig
+    validation: str
+    cohort: dict[str, Any]
+    encoding: dict[str, Any]
+    models: dict[str, ModelResult]
+    study: FittedStudy
+
+
+def survival_fit(
+    config: SurvivalConfig,
+    clinical: TableSource,
+    radiology: TableSource | None = None,
+    signatures: TableSource | None = None,
+    out: str | Path | None = None,
+) -> SurvivalResult:
+    """Load the cohort, cross-validate and fit the model set; with ``out``, write and save to ``<out>/survival/``."""
+    result = cross_validate(load_cohort(config, clinical, radiology, signatures), config)
+    if out is not None:
+        directory = Path(out) / "survival"
+        write_results(result, directory)
+        save_study(result.study, directory)
+    return result
+
+
+def survival_evaluate(
+    model: str | Path,
+    clinical: TableSource,
+    radiology: TableSource | None = None,
+    signatures: TableSource | None = None,
+    out: str | Path | None = None,
+) -> SurvivalResult:
+    """Apply a saved model set to an external cohort; with ``out``, write ``<out>/survival/``."""
+    study = load_study(model)
+    cohort = load_cohort(dataclasses.replace(study.config, split_by=None), clinical, radiology, signatures)
+    result = evaluate_external(study, cohort)
+    if out is not None:
+        write_results(result, Path(out) / "survival")
+    return result
+
+
+def cross_validate(cohort: Cohort, config: SurvivalConfig) -> SurvivalResult:
+    """Validate each model (K-fold or leave-one-group-out), then refit on all patients for the in-sample block."""
+    config = resolve_config(config, cohort)
+    data, grid = cohort.data, _grid(config)
+    splits, validation = _splits(data, config)
+    results: dict[str, ModelResult] = {}
+    fitted: dict[str, SurvivalModel] = {}
+    cut_points: dict[str, np.ndarray] = {}
+    for name, model in build_models(config, cohort).items():
+        log.info("survival: %s model, %s", name, validation)
+        sets = [_fit_and_predict(clone(model), data.iloc[train], data.iloc[test], config, grid) for _, train, test in splits]
+        fitted[name] = clone(model).fit(data)
+        cut_points[name] = m.risk_cut_points(fitted[name].predict_risk(data), config.risk_groups)
+        in_sample = _assess([_predict(fitted[name], data, cut_points[name], data, config, grid)], fitted[name], config, grid)
+        folds = [_fold_summary(label, s) for (label, _, _), s in zip(splits, sets, strict=True)]
+        validated = _assess(sets, fitted[name], config, grid)
+        train_block = {k: v for k, v in in_sample.metrics.items() if k in CORE_METRICS}
+        results[name] = dataclasses.replace(validated, metrics={**validated.metrics, "folds": folds, "train": train_block})
+    study = FittedStudy(config, fitted, data["time"].to_numpy(), data["event"].to_numpy(), cut_points)
+    return SurvivalResult(config, validation, _cohort_summary(cohort, config), _encoding(fitted), results, study)
+
+
+def _fold_summary(label: str | int, s: m.EvalSet) -> dict[str, Any]:
+    return {
+        "fold": label,
+        "n": len(s.time),
+        "events": int(s.event.sum()),
+        "c_index_harrell": m.harrell_c(s),
+        "c_index_uno": m.uno_c(s),
+    }
+
+
+def evaluate_external(study: FittedStudy, cohort: Cohort) -> SurvivalResult:
+    """Metrics of the saved models on another cohort (risk groups with the training cut-points)."""
+    absent = sorted({"clinical", "radiology", "pathology"} & set(study.models) - set(cohort.modalities))
+    if absent:
+        raise CohortError(f"the saved model set uses {', '.join(absent)} data; give the matching table(s) for this cohort")
+    config, grid = study.config, _grid(study.config)
+    train = pd.DataFrame({"time": study.train_time, "event": study.train_event})
+    results = {}
+    for name, model in study.models.items():
+        predicted = _predict(model, train, study.cut_points[name], cohort.data, config, grid)
+        results[name] = _assess([predicted], model, config, grid)
+    validation = f"external cohort ({cohort.n} patients), models fitted on {len(study.train_time)} patients"
+    return SurvivalResult(config, validation, _cohort_summary(cohort, config), _encoding(study.models), results, study)
+
+
+def resolve_config(config: SurvivalConfig, cohort: Cohort) -> SurvivalConfig:
+    """The configuration with evaluation times, calibration time and categorical columns made explicit."""
+    event_times = cohort.data.loc[cohort.data["event"] == 1, "time"]
+    times = config.times or tuple(float(t) for t in np.quantile(event_times, [0.25, 0.5, 0.75]))
+    times = tuple(sorted(set(times)))
+    last = float(cohort.data["time"].max())
+    if times[-1] >= last:
+        raise CohortError(
+            f"evaluation time {times[-1]:g} is not before the last follow-up ({last:g} {config.time_unit}); "
+            "choose earlier --times"
+        )
+    calibration_time = config.calibration_time or times[len(times) // 2]
+    return dataclasses.replace(config, times=times, calibration_time=calibration_time, categorical=cohort.categorical)
+
+
+Splits = list[tuple[str | int, np.ndarray, np.ndarray]]
+
+
+def _splits(data: pd.DataFrame, config: SurvivalConfig) -> tuple[Splits, str]:
+    """(label, train rows, test rows) of patient-level folds (stratified by event where possible), or of one
+    held-out group per value of ``split_by``; and the scheme in words."""
+    if config.split_by:
+        groups = data[config.split_by]
+        if groups.nunique() < 2:
+            raise CohortError(f"--split-by {config.split_by!r} has a single value; it needs two or more groups to hold out")
+        splits = [(groups.iloc[test[0]], train, test) for train, test in LeaveOneGroupOut().split(data, groups=groups)]
+        return splits, f"leave-one-{config.split_by}-out ({len(splits)} groups)"
+    if data["event"].sum() < config.folds:
+        raise CohortError(f"{int(data['event'].sum())} events cannot fill {config.folds} folds; use fewer --folds")
+    smallest = min(int(data["event"].sum()), int((data["event"] == 0).sum()))
+    splitter = StratifiedKFold if smallest >= config.folds else KFold
+    folds = splitter(config.folds, shuffle=True, random_state=config.seed).split(data, data["event"])
+    return [(i, train, test) for i, (train, test) in enumerate(folds)], f"{config.folds}-fold patient-level cross-validation"
+
+
+def _grid(config: SurvivalConfig) -> np.ndarray:
+    """Time grid of the integrated Brier score and the td-AUC curve: the span of the evaluation times."""
+    times = config.times or ()
+    return np.linspace(times[0], times[-1], GRID_POINTS) if len(times) > 1 else np.asarray(times, dtype=float)
+
+
+def _fit_and_predict(
+    model: SurvivalModel, train: pd.DataFrame, test: pd.DataFrame, config: SurvivalConfig, grid: np.ndarray
+) -> m.EvalSet:
+    """Fit on ``train``; predict ``test`` with risk groups cut at the training risks' quantiles."""
+    model.fit(train)
+    cut_points = m.risk_cut_points(model.predict_risk(train), config.risk_groups)
+    return _predict(model, train, cut_points, test, config, grid)
+
+
+def _predict(
+    model: SurvivalModel,
+    train: pd.DataFrame,
+    cut_points: np.ndarray,
+    test: pd.DataFrame,
+    config: SurvivalConfig,
+    grid: np.ndarray,
+) -> m.EvalSet:
+    risk = model.predict_risk(test)
+    survival = model.predict_survival(test, [*grid, config.calibration_time])
+    train_time, train_event, time, event = (frame[c].to_numpy() for frame in (train, test) for c in ("time", "event"))
+    return m.EvalSet(
+        train_time=train_time,
+        train_event=train_event,
+        time=time,
+        event=event,
+        ipcw_event=m.supported_events(train_time, train_event, time, event),
+        risk=risk,
+        survival=survival[:, :-1],
+        event_probability=1.0 - survival[:, -1],
+        group=m.assign_groups(risk, cut_points, config.risk_groups),
+    )
+
+
+def _assess(sets: Sequence[m.EvalSet], model: SurvivalModel, config: SurvivalConfig, grid: np.ndarray) -> ModelResult:
+    """Fold-mean metrics with bootstrap CIs, and risk groups and calibration on the pooled test predictions."""
+    seed, level, n_boot = config.seed, config.ci_level, config.n_bootstrap
+    concordance = {
+        key: {
+            "estimate": m.fold_mean([metric(s) for s in sets]),
+            **dict(zip(("ci_low", "ci_high"), m.bootstrap_ci(metric, sets, n_boot, level, seed), strict=True)),
+        }
+        for key, metric in (("c_index_harrell", m.harrell_c), ("c_index_uno", m.uno_c))
+    }
+    auc = np.array([m.td_auc(s, config.times) for s in sets])
+    curve = np.array([m.td_auc(s, grid) for s in sets])
+    time, event, probability, group = (
+        np.concatenate([getattr(s, f) for s in sets]) for f in ("time", "event", "event_probability", "group")
+    )
+    calibration = m.calibration_table(time, event, probability, config.calibration_time)
+    groups = pd.DataFrame(
+        {"time": time, "event": event, "group": pd.Categorical(group, categories=m.GROUP_LABELS[config.risk_groups])}
+    )
+    metrics = {
+        **concordance,
+        "td_auc": {_time_key(t): m.fold_mean(auc[:, i]) for i, t in enumerate(config.times)},
+        "ibs": m.fold_mean([m.integrated_brier(s, grid) for s in sets]),
+        "n": len(time),
+        "events": int(event.sum()),
+        "risk_groups": {
+            "method": config.risk_groups,
+            "n": groups["group"].value_counts(sort=False).to_dict(),
+            "logrank_p": m.logrank_p(time, event, group),
+        },
+        "calibration": {"time": config.calibration_time, "groups": calibration.to_dict(orient="records")},
+        "penalizer": getattr(model, "penalizer_", None),
+    }
+    curve_series = pd.Series([m.fold_mean(curve[:, i]) for i in range(len(grid))], index=grid, name="td_auc")
+    return ModelResult(metrics, model.coefficients(), curve_series, groups, calibration)
+
+
+def _time_key(t: float) -> str:
+    return f"{t:.10g}"
+
+
+def _cohort_summary(cohort: Cohort, config: SurvivalConfig) -> dict[str, Any]:
+    return {
+        "clinical_rows": cohort.clinical_rows,
+        "n": cohort.n,
+        "events": cohort.events,
+        "dropped": dict(cohort.dropped),
+        "dropped_total": sum(cohort.dropped.values()),
+        "unmatched": dict(cohort.unmatched),
+        "modalities": list(cohort.modalities),
+        "missing_policy": config.missing,
+        "time_unit": config.time_unit,
+    }
+
+
+def _encoding(models: dict[str, SurvivalModel]) -> dict[str, Any]:
+    return next((model.encoding() for model in models.values() if model.encoding()), {})
+
+
+def write_results(result: SurvivalResult, directory: str | Path) -> Path:
+    """Write ``metrics.json``, ``coefficients.csv``, the plots and ``report.html`` into ``directory``."""
+    from pathomics.report import write_survival_report
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    document = {
+        "pathomics_version": __version__,
+        "config": result.config.to_dict(),
+        "validation": result.validation,
+        "cohort": result.cohort,
+        "encoding": result.encoding,
+        "models": {name: r.metrics for name, r in result.models.items()},
+    }
+    (directory / "metrics.json").write_text(json.dumps(_json_ready(document), indent=2) + "\n")
+    coefficients_table(result).to_csv(directory / "coefficients.csv", index=False)
+    write_survival_report(result, directory)
+    return directory
+
+
+def coefficients_table(result: SurvivalResult) -> pd.DataFrame:
+    """All models' coefficients, columns ``model, covariate, coef, hr, hr_low, hr_high, p``."""
+    return pd.concat([r.coefficients.assign(model=name) for name, r in result.models.items()], ignore_index=True)[
+        ["model", "covariate", "coef", "hr", "hr_low", "hr_high", "p"]
+    ]
+
+
+def _json_ready(value: Any) -> Any:
+    """Numpy scalars to Python, NaN to null, dict keys to strings."""
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, (np.integer, np.bool_)):
+        return value.item()
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def save_study(study: FittedStudy, directory: str | Path) -> None:
+    """``model.pkl`` (the fitted models, pickled) and ``model.json`` (their configuration and library versions)."""
+    import lifelines
+    import sksurv
+
+    directory = Path(directory)
+    with open(directory / MODEL_FILE, "wb") as file:
+        pickle.dump(study, file, protocol=pickle.HIGHEST_PROTOCOL)
+    provenance = {
+        "pathomics_version": __version__,
+        "lifelines_version": lifelines.__version__,
+        "sksurv_version": sksurv.__version__,
+        "config": study.config.to_dict(),
+        "models": list(study.models),
+        "n": len(study.train_time),
+        "events": int(study.train_event.sum()),
+        "cut_points": study.cut_points,
+    }
+    (directory / "model.json").write_text(json.dumps(_json_ready(provenance), indent=2) + "\n")
+
+
+def load_study(directory: str | Path) -> FittedStudy:
+    """The model set saved by ``survival fit``; ``directory`` is its ``--out`` or the ``survival/`` folder in it.
+
+    The file is a pickle: load only models you made or trust, as unpickling can run code.
+    """
+    directory = Path(directory)
+    path = next((p for p in (directory / MODEL_FILE, directory / "survival" / MODEL_FILE) if p.is_file()), None)
+    if path is None:
+        raise PathomicsError(f"no saved survival model in {directory}; pass the --out folder of 'pathomics survival fit'")
+    with open(path, "rb") as file:
+        study = pickle.load(file)
+    if not isinstance(study, FittedStudy):
+        raise PathomicsError(f"{path} is not a pathomics survival model; re-run 'pathomics survival fit'")
+    return study

@@ -1,0 +1,253 @@
+"""Cox models of recurrence: design encoding, penalised Cox fits and the four-model set with fusion.
+
+Estimators follow the scikit-learn contract (hyper-parameters in the constructor, ``fit()`` returns
+self, fitted attributes end in ``_``); the Cox fits themselves are lifelines' ``CoxPHFitter`` (Efron
+ties, its only method), never re-implemented here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from lifelines import CoxPHFitter
+from sklearn.base import BaseEstimator, clone
+from sklearn.decomposition import PCA
+from sklearn.model_selection import StratifiedKFold
+from sksurv.metrics import concordance_index_censored
+
+from pathomics.errors import CohortError
+from pathomics.survival.cohort import Cohort
+from pathomics.survival.config import SurvivalConfig
+
+MODEL_NAMES = ("clinical", "radiology", "pathology", "combined")
+CLINICAL_LP = "clinical_lp"
+# Newton-Raphson tolerance tighter than lifelines' default, so coefficients agree with a direct fit to 1e-6.
+_FIT_OPTIONS = {"precision": 1e-10}
+
+
+class Design(BaseEstimator):
+    """Raw cohort columns to the Cox design matrix on the covariates' original scale.
+
+    Categorical covariates are one-hot encoded against the first level in sorted order (the stated
+    reference level), ``sig_*`` columns are reduced to their first ``n_components`` principal
+    components, and with ``impute`` missing numeric values take the training mean plus an indicator.
+    """
+
+    def __init__(
+        self,
+        numeric: tuple[str, ...] = (),
+        categorical: tuple[str, ...] = (),
+        signature_columns: tuple[str, ...] = (),
+        n_components: int = 0,
+        impute: bool = False,
+    ) -> None:
+        self.numeric = numeric
+        self.categorical = categorical
+        self.signature_columns = signature_columns
+        self.n_components = n_components
+        self.impute = impute
+
+    def fit(self, data: pd.DataFrame) -> Design:
+        self.levels_ = {c: sorted(data[c].dropna().unique()) for c in self.categorical}
+        self.fill_ = data[list(self.numeric)].mean()
+        self.indicators_ = [c for c in self.numeric if self.impute and data[c].isna().any()]
+        if self.signature_columns:
+            signatures = data[list(self.signature_columns)]
+            self.signature_fill_ = signatures.mean()
+            self.signature_indicator_ = bool(self.impute and signatures.isna().any(axis=None))
+            self.pca_ = PCA(n_components=self.n_components).fit(signatures.fillna(self.signature_fill_).to_numpy())
+        self.columns_ = list(self.transform(data).columns)
+        return self
+
+    def transform(self, data: pd.DataFrame) -> pd.DataFrame:
+        """The encoded design matrix (unstandardised), one row per patient."""
+        parts = [data[list(self.numeric)].fillna(self.fill_) if self.impute else data[list(self.numeric)]]
+        parts += [data[c].isna().astype(float).rename(f"{c}[missing]") for c in self.indicators_]
+        for column, levels in self.levels_.items():
+            unseen = sorted(set(data[column].dropna()) - set(levels))
+            if unseen:
+                raise CohortError(
+                    f"covariate {column!r} has level(s) {unseen} not seen in the training data (levels {levels}); "
+                    "merge rare levels or recode the column"
+                )
+            parts += [(data[column] == level).astype(float).rename(f"{column}[{level}]") for level in levels[1:]]
+        if self.signature_columns:
+            signatures = data[list(self.signature_columns)]
+            scores = self.pca_.transform(signatures.fillna(self.signature_fill_).to_numpy())
+            parts.append(pd.DataFrame(scores, index=data.index, columns=[f"sig_pc{i + 1}" for i in range(scores.shape[1])]))
+            if self.signature_indicator_:
+                parts.append(signatures.isna().all(axis=1).astype(float).rename("sig[missing]"))
+        return pd.concat(parts, axis=1).astype(float)
+
+    def encoding(self) -> dict[str, dict[str, Any]]:
+        """Reference level and levels of each categorical covariate, for the outputs."""
+        return {c: {"reference": levels[0], "levels": list(levels)} for c, levels in self.levels_.items()}
+
+
+class CoxModel(BaseEstimator):
+    """Cox proportional-hazards model on a :class:`Design`, standardised on the training data.
+
+    ``penalizer`` is one value or a sequence; with several, the value with the best mean Harrell C over
+    ``inner_folds`` inner folds of the training data is chosen (ties: the larger penalty). Reported
+    coefficients are per unit of the encoded covariates (standardisation undone).
+    """
+
+    def __init__(
+        self,
+        design: Design,
+        penalizer: float | Sequence[float] = 0.0,
+        l1_ratio: float = 0.0,
+        inner_folds: int = 3,
+        alpha: float = 0.05,
+        seed: int = 0,
+    ) -> None:
+        self.design = design
+        self.penalizer = penalizer
+        self.l1_ratio = l1_ratio
+        self.inner_folds = inner_folds
+        self.alpha = alpha
+        self.seed = seed
+
+    def fit(self, data: pd.DataFrame) -> CoxModel:
+        grid = [float(p) for p in np.atleast_1d(self.penalizer)]
+        self.inner_scores_ = {p: self._inner_score(data, p) for p in grid} if len(grid) > 1 else {}
+        self.penalizer_ = max(self.inner_scores_, key=lambda p: (self.inner_scores_[p], p)) if self.inner_scores_ else grid[0]
+        self.design_ = clone(self.design).fit(data)
+        encoded = self.design_.transform(data)
+        self.mean_, self.scale_ = encoded.mean(), encoded.std(ddof=0)
+        constant = list(self.scale_.index[~(self.scale_ > 1e-12 * (1 + self.mean_.abs()))])
+        if constant:
+            raise CohortError(f"covariate column(s) {constant} are constant in the training data; remove or recode them")
+        frame = self._standardise(data).assign(time=data["time"].to_numpy(), event=data["event"].to_numpy())
+        self.cph_ = CoxPHFitter(penalizer=self.penalizer_, l1_ratio=self.l1_ratio, alpha=self.alpha)
+        self.cph_.fit(frame, duration_col="time", event_col="event", fit_options=_FIT_OPTIONS)
+        return self
+
+    def _standardise(self, data: pd.DataFrame) -> pd.DataFrame:
+        return (self.design_.transform(data) - self.mean_) / self.scale_
+
+    def _inner_score(self, data: pd.DataFrame, penalizer: float) -> float:
+        """Mean Harrell C of a fixed-penalty model over inner folds of ``data``."""
+        model = clone(self).set_params(penalizer=penalizer)
+        splits = StratifiedKFold(self.inner_folds, shuffle=True, random_state=self.seed).split(data, data["event"])
+        scores = [
+            concordance_index_censored(
+                data["event"].iloc[test].astype(bool).to_numpy(),
+                data["time"].iloc[test].to_numpy(),
+                model.fit(data.iloc[train]).predict_risk(data.iloc[test]),
+            )[0]
+            for train, test in splits
+        ]
+        return float(np.mean(scores))
+
+    def predict_risk(self, data: pd.DataFrame) -> np.ndarray:
+        """Linear predictor (log partial hazard): higher means earlier recurrence."""
+        return self.cph_.predict_log_partial_hazard(self._standardise(data)).to_numpy()
+
+    def predict_survival(self, data: pd.DataFrame, times: Sequence[float]) -> np.ndarray:
+        """Survival probabilities, shape (patients, times), from the Breslow baseline."""
+        return self.cph_.predict_survival_function(self._standardise(data), times=list(times)).to_numpy().T
+
+    def coefficients(self) -> pd.DataFrame:
+        """Per-unit coefficients, hazard ratios with confidence interval, and Wald p-values."""
+        summary = self.cph_.summary
+        scale = self.scale_.reindex(summary.index).to_numpy()
+        low, high = (summary[f"coef {side} {100 * (1 - self.alpha):g}%"].to_numpy() / scale for side in ("lower", "upper"))
+        coef = summary["coef"].to_numpy() / scale
+        return pd.DataFrame(
+            {
+                "covariate": summary.index,
+                "coef": coef,
+                "hr": np.exp(coef),
+                "hr_low": np.exp(low),
+                "hr_high": np.exp(high),
+                "p": summary["p"].to_numpy(),
+            }
+        )
+
+    def encoding(self) -> dict[str, dict[str, Any]]:
+        return self.design_.encoding()
+
+
+class DecisionFusion(BaseEstimator):
+    """Decision-level fusion: a second-stage Cox on the clinical linear predictor and the modality scores.
+
+    ``clinical`` (optional) is fitted first on the training data; its in-sample linear predictor joins
+    the ``scores`` columns (radiology score, pathology risk) in an unpenalised second-stage Cox model.
+    """
+
+    def __init__(self, clinical: CoxModel | None, scores: tuple[str, ...], impute: bool = False, alpha: float = 0.05) -> None:
+        self.clinical = clinical
+        self.scores = scores
+        self.impute = impute
+        self.alpha = alpha
+
+    def fit(self, data: pd.DataFrame) -> DecisionFusion:
+        self.clinical_ = clone(self.clinical).fit(data) if self.clinical is not None else None
+        numeric = ((CLINICAL_LP,) if self.clinical_ is not None else ()) + self.scores
+        self.stage_ = CoxModel(Design(numeric=numeric, impute=self.impute), alpha=self.alpha).fit(self._stage_inputs(data))
+        return self
+
+    def _stage_inputs(self, data: pd.DataFrame) -> pd.DataFrame:
+        inputs = data[["time", "event", *self.scores]]
+        if self.clinical_ is None:
+            return inputs
+        return inputs.assign(**{CLINICAL_LP: self.clinical_.predict_risk(data)})
+
+    def predict_risk(self, data: pd.DataFrame) -> np.ndarray:
+        return self.stage_.predict_risk(self._stage_inputs(data))
+
+    def predict_survival(self, data: pd.DataFrame, times: Sequence[float]) -> np.ndarray:
+        return self.stage_.predict_survival(self._stage_inputs(data), times)
+
+    def coefficients(self) -> pd.DataFrame:
+        return self.stage_.coefficients()
+
+    def encoding(self) -> dict[str, dict[str, Any]]:
+        return self.clinical_.encoding() if self.clinical_ is not None else {}
+
+
+SurvivalModel = CoxModel | DecisionFusion
+
+
+def build_models(config: SurvivalConfig, cohort: Cohort) -> dict[str, SurvivalModel]:
+    """The unfitted model set: one model per modality present, plus ``combined`` when there are two or more."""
+    impute = config.missing == "impute"
+    blocks: dict[str, dict[str, Any]] = {}
+    if "clinical" in cohort.modalities:
+        numeric = tuple(c for c in config.covariates if c not in cohort.categorical)
+        blocks["clinical"] = {"numeric": numeric, "categorical": cohort.categorical}
+    if "radiology" in cohort.modalities:
+        blocks["radiology"] = {"numeric": (config.radiology_col,)}
+    if "pathology" in cohort.modalities:
+        features = {"signature_columns": cohort.signature_columns, "n_components": config.n_components}
+        blocks["pathology"] = features if config.fusion == "features" else {"numeric": (config.risk_col,)}
+
+    def cox(block: dict[str, Any]) -> CoxModel:
+        penalizer = config.penalizer if len(config.penalizer) > 1 else config.penalizer[0]
+        return CoxModel(
+            Design(**block, impute=impute),
+            penalizer=penalizer,
+            l1_ratio=config.l1_ratio,
+            inner_folds=config.inner_folds,
+            alpha=1 - config.ci_level,
+            seed=config.seed,
+        )
+
+    models: dict[str, SurvivalModel] = {name: cox(block) for name, block in blocks.items()}
+    if len(blocks) < 2:
+        return models
+    if config.fusion == "features":
+        merged: dict[str, Any] = {}
+        for block in blocks.values():
+            for key, value in block.items():
+                merged[key] = merged.get(key, ()) + value if isinstance(value, tuple) else value
+        models["combined"] = cox(merged)
+    else:
+        scores = tuple(block["numeric"][0] for name, block in blocks.items() if name != "clinical")
+        clinical = models.get("clinical")
+        models["combined"] = DecisionFusion(clinical, scores, impute=impute, alpha=1 - config.ci_level)
+    return models

@@ -1,0 +1,98 @@
+"""The HTML report: self-contained, escaped, and it opens with every image decoded in a real browser."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest_survival import SYNTHETIC_COVARIATES
+
+from pathomics.cohort_sim import simulate_cohort_tables
+from pathomics.report import Section, html_report, image_html, table_html
+from pathomics.survival import SurvivalConfig, survival_fit
+
+CHROMIUM = next(
+    (p for p in (shutil.which("chromium"), "/usr/bin/chromium", shutil.which("chromium-browser")) if p and Path(p).exists()), None
+)
+# Writes each image's decoded width into the DOM once the page has loaded; dumped with --dump-dom.
+PROBE = """<script>window.addEventListener("load", () => {
+  const widths = Array.from(document.images, img => img.complete ? img.naturalWidth : -1);
+  const out = document.createElement("pre"); out.id = "probe"; out.textContent = "widths=" + widths.join(",");
+  document.body.appendChild(out);
+});</script>"""
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    clinical, radiology, signatures, _ = simulate_cohort_tables(250, seed=11)
+    out = tmp_path_factory.mktemp("report")
+    survival_fit(
+        SurvivalConfig(covariates=SYNTHETIC_COVARIATES, n_bootstrap=10, time_unit="days"),
+        clinical,
+        radiology,
+        signatures,
+        out=out,
+    )
+    return out / "survival" / "report.html"
+
+
+def test_html_helpers_escape_and_embed() -> None:
+    png = b"\x89PNG\r\n\x1a\nnot really"
+    page = html_report(
+        "A <b> title", [Section("x & y", table_html(pd.DataFrame({"a<": [1.23456, float("nan")]})) + image_html(png, 'say "hi"'))]
+    )
+    assert "<title>A &lt;b&gt; title</title>" in page and "<h2>x &amp; y</h2>" in page
+    assert "<th>a&lt;</th>" in page and "<td>1.23</td>" in page and "<td>—</td>" in page
+    assert 'alt="say &quot;hi&quot;" src="data:image/png;base64,iVBORw0KGgpub3QgcmVhbGx5"' in page
+
+
+def test_survival_report_is_self_contained(report: Path) -> None:
+    page = report.read_text(encoding="utf-8")
+    sources = re.findall(r'(?:src|href)="([^"]*)"', page)
+    assert len(sources) == 3 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert "http" not in page.replace("http-equiv", "")
+    for heading in (
+        "Cohort",
+        "Model comparison",
+        "Kaplan–Meier risk groups",
+        "Time-dependent AUC",
+        "Calibration",
+        "Hazard ratios",
+    ):
+        assert f"<h2>{heading}</h2>" in page
+    assert "time unit: days" in page and "Follow-up time unit: days" in page
+    assert all(f"<td>{name}</td>" in page for name in ("clinical", "radiology", "pathology", "combined"))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_report_opens_in_headless_chromium(report: Path, tmp_path: Path) -> None:
+    probed = tmp_path / "probed.html"
+    probed.write_text(report.read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"), encoding="utf-8")
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    done = subprocess.run(
+        [CHROMIUM, *flags, "--dump-dom", "--virtual-time-budget=5000", probed.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "<h1>pathomics survival report</h1>" in done.stdout
+    widths = re.search(r"<pre id=\"probe\">widths=([-\d,]+)</pre>", done.stdout)
+    assert widths, done.stdout[-2000:]
+    decoded = [int(w) for w in widths.group(1).split(",")]
+    assert len(decoded) == 3 and all(w > 100 for w in decoded), decoded
