@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from pathomics.cli.common import add_slide_arguments, slide_entries, writable_dir
+from pathomics.errors import PathomicsError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -13,6 +14,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                    description="Tile slides into Zarr v3 patch stores at an exact physical resolution.")
     add_slide_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="output directory (stores go to OUT/tiles)")
+    add_tile_options(parser)
+    parser.add_argument("--backend", choices=("auto", "openslide", "tiffslide"), default="auto")
+    parser.set_defaults(run=run)
+
+
+def add_tile_options(parser: argparse.ArgumentParser) -> None:
+    """The tiling parameters, shared with `pathomics run`."""
     resolution = parser.add_mutually_exclusive_group()
     resolution.add_argument("--mpp", type=float, default=None, help="target microns per pixel (default 0.5)")
     resolution.add_argument("--magnification", type=float, help="target magnification, converted as 10/mag µm/px (20 → 0.5)")
@@ -22,24 +30,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-pixels", action="store_true", help="write coords-only stores (the embedder reads the slide)")
     parser.add_argument("--tissue-dir", type=Path, help="folder of <slide_id>.geojson tissue annotations to use instead of detection")
     parser.add_argument("--threads", type=int, default=None, help="decoding threads per slide (default: all cores)")
-    parser.add_argument("--backend", choices=("auto", "openslide", "tiffslide"), default="auto")
-    parser.set_defaults(run=run)
+
+
+def tile_config(args: argparse.Namespace):  # noqa: ANN201 - TileConfig, imported lazily
+    """The TileConfig the tiling options describe (magnification converted to MPP here, at the edge)."""
+    import dataclasses
+
+    from pathomics.slide import magnification_to_mpp
+    from pathomics.tiling import TileConfig
+
+    target = magnification_to_mpp(args.magnification) if args.magnification else (args.mpp or 0.5)
+    try:
+        config = TileConfig(target_mpp=target, patch_size=args.patch_size, overlap=args.overlap,
+                            min_tissue=args.min_tissue, with_pixels=not args.no_pixels)
+        return dataclasses.replace(config, threads=args.threads) if args.threads else config
+    except ValueError as exc:
+        raise PathomicsError(f"invalid tiling options: {exc}") from exc
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from pathomics.batch import SlideJob, exit_code, run_jobs, summarize
-    from pathomics.slide import magnification_to_mpp
-    from pathomics.tiling import TileConfig, tile_slide
+    from pathomics.tiling import tile_slide
 
     entries = slide_entries(args)
+    config = tile_config(args)
     out = writable_dir(args.out)
-    target = magnification_to_mpp(args.magnification) if args.magnification else (args.mpp or 0.5)
-    config = TileConfig(target_mpp=target, patch_size=args.patch_size, overlap=args.overlap,
-                        min_tissue=args.min_tissue, with_pixels=not args.no_pixels)
-    if args.threads:
-        config = dataclasses.replace(config, threads=args.threads)
 
     def job(entry) -> SlideJob:
         geojson = entry.tissue_geojson or (args.tissue_dir / f"{entry.slide_id}.geojson" if args.tissue_dir else None)

@@ -6,11 +6,13 @@ others go on. ``<out>/status.csv`` keeps one row per (slide_id, stage), updated 
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -74,13 +76,40 @@ def read_status(out_dir: str | os.PathLike) -> list[StatusRow]:
 
 
 def update_status(out_dir: str | os.PathLike, rows: Iterable[StatusRow]) -> None:
-    """Merge ``rows`` into ``status.csv``, replacing earlier rows of the same slide and stage."""
-    merged = {(r.slide_id, r.stage): r for r in read_status(out_dir)}
-    merged.update({(r.slide_id, r.stage): r for r in rows})
-    with atomic_path(Path(out_dir) / STATUS_FILE) as tmp, tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=[f.name for f in fields(StatusRow)])
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in merged.values())
+    """Merge ``rows`` into ``status.csv``, replacing earlier rows of the same slide and stage.
+
+    The read-merge-replace runs under an exclusive lock, so concurrent runs on one output directory
+    never lose each other's rows.
+    """
+    out_dir = Path(out_dir)
+    with exclusive_lock(out_dir / "locks" / "status.lock", wait=True):
+        merged = {(r.slide_id, r.stage): r for r in read_status(out_dir)}
+        merged.update({(r.slide_id, r.stage): r for r in rows})
+        with atomic_path(out_dir / STATUS_FILE) as tmp, tmp.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=[f.name for f in fields(StatusRow)])
+            writer.writeheader()
+            writer.writerows(asdict(r) for r in merged.values())
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, wait: bool = False) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``path``; yields False at once if another process holds it and not ``wait``.
+
+    The kernel grants the lock atomically and drops it when the holder's file is closed or the holder
+    dies, so a killed run leaves no stale lock behind (unlike check-then-create lock files).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
 
 
 def exit_code(rows: Sequence[StatusRow]) -> int:

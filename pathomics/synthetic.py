@@ -219,3 +219,88 @@ def _multipolygon(geom) -> MultiPolygon:
 
 def _overlaps(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+@dataclass(frozen=True)
+class CohortFiles:
+    """Where a synthetic cohort was written."""
+
+    root: Path
+    manifest: Path
+    clinical: Path
+    radiology: Path
+    truth: Path
+
+
+def write_cohort(out_dir: str | os.PathLike, n_patients: int = 80, seed: int = 0, slide_size: tuple[int, int] = (4096, 3072),
+                 mpp: float = 0.5, max_slides: int = 2) -> CohortFiles:
+    """A cohort with a planted pathology signal: slides, manifest, clinical and radiology tables, and the truth.
+
+    Each patient's pathology component (from ``simulate_cohort_tables``, which also plants the clinical
+    and radiology effects on a Weibull–Cox recurrence time) sets the fraction of their tissue that is
+    high grade: 2% at the lowest, about 50% at the highest. Slides are Aperio-flavoured SVS files.
+    """
+    import json
+
+    from scipy.stats import norm
+
+    from pathomics.cohort_sim import simulate_cohort_tables
+
+    root = Path(out_dir)
+    (root / "slides").mkdir(parents=True, exist_ok=True)
+    clinical, radiology, signatures, truth = simulate_cohort_tables(n_patients, seed, max_slides=max_slides)
+    rng = np.random.default_rng(seed + 1)
+    records, slides_truth = [], {}
+    for slide_id, patient_id in signatures[["slide_id", "patient_id"]].itertuples(index=False):
+        grade = float(truth.components.loc[patient_id, "pathology"])
+        fraction = 0.02 + 0.5 * float(norm.cdf(grade + 0.2 * rng.standard_normal()))
+        tissue, regions = _planted_layout(slide_size, fraction, rng)
+        path = root / "slides" / f"{slide_id}.svs"
+        if not path.exists():
+            tmp = path.with_name(f".{path.name}.partial")
+            write_slide(tmp, *slide_size, mpp=mpp, shapes=(tissue,), regions=regions, seed=int(rng.integers(1 << 30)))
+            os.replace(tmp, path)
+        records.append({"slide_path": f"slides/{path.name}", "slide_id": slide_id, "patient_id": patient_id})
+        slides_truth[slide_id] = {"patient_id": patient_id, "latent_grade": grade, "high_grade_fraction": fraction,
+                                  "regions": [vars(r) for r in regions], "tissue": vars(tissue)}
+    files = CohortFiles(root, root / "manifest.csv", root / "clinical.csv", root / "radiology.csv", root / "truth.json")
+    import pandas as pd
+
+    pd.DataFrame(records).to_csv(files.manifest, index=False)
+    clinical.to_csv(files.clinical, index=False)
+    radiology.to_csv(files.radiology, index=False)
+    files.truth.write_text(json.dumps({
+        "strengths": truth.strengths, "weibull_shape": truth.weibull_shape, "weibull_scale": truth.weibull_scale,
+        "patients": truth.components.reset_index().to_dict("records"), "slides": slides_truth,
+        "slide_size": list(slide_size), "mpp": mpp, "seed": seed,
+    }, indent=1))
+    return files
+
+
+def read_cohort_truth(path: str | os.PathLike) -> dict[str, SlideTruth]:
+    """The per-slide truth saved by ``write_cohort``, keyed by slide_id (paths relative to the cohort folder)."""
+    import json
+
+    data = json.loads(Path(path).read_text())
+    width, height = data["slide_size"]
+    return {sid: SlideTruth(Path(path).parent / "slides" / f"{sid}.svs", width, height, data["mpp"],
+                            (Ellipse(**s["tissue"]),), tuple(Ellipse(**r) for r in s["regions"]))
+            for sid, s in data["slides"].items()}
+
+
+def _planted_layout(size: tuple[int, int], fraction: float, rng: np.random.Generator) -> tuple[Ellipse, tuple[Ellipse, ...]]:
+    """A tissue ellipse and 1-3 high-grade ellipses inside it covering about ``fraction`` of its area."""
+    w, h = size
+    tissue = Ellipse(w * rng.uniform(0.45, 0.55), h * rng.uniform(0.45, 0.55), w * rng.uniform(0.34, 0.42),
+                     h * rng.uniform(0.34, 0.42), float(rng.uniform(-20, 20)))
+    count = int(rng.integers(1, 4))
+    area = fraction * tissue.rx * tissue.ry / count  # per region, in units of pi
+    regions = []
+    for _ in range(count):
+        aspect = rng.uniform(0.7, 1.4)
+        rx, ry = (area * aspect) ** 0.5, (area / aspect) ** 0.5
+        t, r = rng.uniform(0, 2 * math.pi), rng.uniform(0, 0.45)
+        cx = tissue.cx + r * (tissue.rx - rx) * math.cos(t)
+        cy = tissue.cy + r * (tissue.ry - ry) * math.sin(t)
+        regions.append(Ellipse(cx, cy, rx, ry, float(rng.uniform(0, 180))))
+    return tissue, tuple(regions)
