@@ -15,7 +15,7 @@ import sys
 from pathomics import __version__
 from pathomics.errors import PathomicsError
 
-VERBS = ("tile", "demo")
+VERBS = ("tile", "embed", "mil", "survival", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -82,7 +82,10 @@ def _panels(n: int, width: float = 4.2, height: float = 3.6) -> tuple[Figure, np
 
 
 def _save(figure: Figure, path: Path) -> Path:
-    figure.savefig(path, format="png", dpi=110)
+    from pathomics.store import atomic_path
+
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
     return path
 
 
@@ -173,6 +176,22 @@ def _cohort_section(result: SurvivalResult) -> Section:
 
 def write_survival_report(result: SurvivalResult, directory: Path) -> Path:
     """``km.png``, ``td_auc.png``, ``calibration.png`` and ``report.html`` in ``directory``."""
+    sections = survival_sections(result, directory)
+    return write_report(directory / "report.html", "pathomics survival report", sections,
+                        subtitle=f"time unit: {result.config.time_unit}")
+
+
+def write_report(path: Path, title: str, sections: Sequence[Section], subtitle: str = "") -> Path:
+    """Write a self-contained HTML report atomically."""
+    from pathomics.store import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(html_report(title, sections, subtitle=subtitle), encoding="utf-8")
+    return path
+
+
+def survival_sections(result: SurvivalResult, directory: Path) -> list[Section]:
+    """The prognosis report's sections; its plots are written to ``directory``."""
     from pathomics.survival import coefficients_table
 
     config, unit = result.config, result.config.time_unit
@@ -187,7 +206,7 @@ def write_survival_report(result: SurvivalResult, directory: Path) -> Path:
         {n: r.calibration for n, r in result.models.items()}, config.calibration_time, directory / "calibration.png", unit
     )
     settings = pd.DataFrame([(k, str(v)) for k, v in config.to_dict().items()], columns=["setting", "value"])
-    sections = [
+    return [
         _cohort_section(result),
         Section(
             "Model comparison",
@@ -211,6 +230,3 @@ def write_survival_report(result: SurvivalResult, directory: Path) -> Path:
         ),
         Section("Configuration", table_html(settings)),
     ]
-    path = directory / "report.html"
-    path.write_text(html_report("pathomics survival report", sections, subtitle=f"time unit: {unit}"), encoding="utf-8")
-    return path

@@ -315,3 +315,6 @@ def read_patches(store: PatchStore, start: int, stop: int) -> np.ndarray:
 def _slide_reader(source: str, mpp: float, level: int, read_size: int, patch_size: int) -> PatchReader:
     """A per-process patch reader for coords-only stores (slides stay open for the next batch)."""
     return PatchReader(open_slide(source, mpp=mpp), level, read_size, patch_size, threads=1)
+
+
+os.register_at_fork(after_in_child=_slide_reader.cache_clear)  # a forked child must not reuse the parent's thread pool

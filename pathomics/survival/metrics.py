@@ -103,7 +103,10 @@ def supported_events(train_time: np.ndarray, train_event: np.ndarray, time: np.n
     for test events at or beyond the last training follow-up, and never in-sample.
     """
     censoring = CensoringDistributionEstimator().fit(Surv.from_arrays(train_event, train_time))
-    return event.astype(bool) & (censoring.predict_proba(time) > 0.0)
+    within = time < censoring.unique_time_[-1]  # sksurv refuses to extrapolate past the last training time
+    positive = np.zeros(len(time), dtype=bool)
+    positive[within] = censoring.predict_proba(time[within]) > 0.0
+    return event.astype(bool) & positive
 
 
 def fold_mean(values: Sequence[float]) -> float:

@@ -1,0 +1,157 @@
+"""Embedding throughput: the backbone alone on in-memory tensors vs the whole pipeline from a patch store.
+
+For each backbone (shufflenet-v2, resnet50-trunc) and precision (fp32 and the device's fast one), at the
+same batch size: model-only patches/s (prepared tensors already on the device, forward passes only) and
+end-to-end patches/s of ``embed_store`` (store read in background workers, copy, normalise and resize,
+forward, HDF5 write). The ratio pipeline/model-only shows how much of the I/O is hidden (target ≥ 0.9).
+Random weights (throughput does not depend on them) and random-noise patches (the costliest to decompress).
+
+    python benchmarks/embedding.py --quick               # a couple of minutes on a 2-core CPU
+    python benchmarks/embedding.py --device cuda --patches 16384 --batch-size 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pathomics.extract import EmbedConfig, Encoder, default_workers, embed_store, resolve_device, resolve_precision
+from pathomics.models.backbones import Backbone, load_backbone
+from pathomics.store import STORE_ATTRS, PatchStoreWriter, store_path
+
+MODELS = ("shufflenet-v2", "resnet50-trunc")
+DEFAULT_JSON = Path(__file__).parent / "results" / "embedding.json"
+
+
+def build_store(out: Path, n: int, patch_size: int) -> Path:
+    """A patch store of ``n`` random-noise patches (no slide needed; pixels are what the pipeline reads)."""
+    attrs = {key: 0 for key in STORE_ATTRS} | {
+        "slide_id": "bench", "source_path": "none", "backend": "none", "mpp_source": "user", "tissue_method": "none",
+        "pathomics_version": "bench", "patch_size": patch_size, "target_mpp": 0.5, "complete": False}
+    coords = np.stack([np.arange(n), np.zeros(n, dtype=np.int64)], axis=1) * patch_size
+    writer = PatchStoreWriter(store_path(out, "bench"), attrs, coords, np.ones(n, np.float32), with_pixels=True)
+    rng = np.random.default_rng(0)
+    for start in range(0, n, writer.shard):
+        writer.write(start, rng.integers(0, 256, (min(writer.shard, n - start), patch_size, patch_size, 3), dtype=np.uint8))
+    return writer.publish()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def paired_medians(runs: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, float]:
+    """Median wall time of each run after one warm-up each, alternating them so that load hits all alike."""
+    for run in runs.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            synchronize(device)
+            start = time.perf_counter()
+            run()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def model_only(encoder: Encoder, n: int, batch_size: int, patch_size: int) -> Callable[[], None]:
+    """Forward passes alone over the pipeline's batch sizes, on one prepared batch already on the device."""
+    images = torch.randint(0, 256, (batch_size, patch_size, patch_size, 3), dtype=torch.uint8)
+    sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
+    with torch.inference_mode():
+        x = encoder.prepare(images)
+
+    def run() -> None:
+        with torch.inference_mode():
+            for size in sizes:
+                encoder.forward(x[:size])
+
+    return run
+
+
+def pipeline(store: Path, out: Path, config: EmbedConfig, backbone: Backbone) -> Callable[[], None]:
+    """``embed_store`` end to end, each run into a fresh output folder (nothing skipped)."""
+    runs = iter(range(1 << 30))
+    return lambda: embed_store(store, out / f"run{next(runs)}", config, backbone=backbone)
+
+
+def measure(args: argparse.Namespace, store: Path, work: Path) -> list[dict]:
+    device = resolve_device(args.device)
+    fast = resolve_precision("auto", device)
+    rows = []
+    for model in args.models:
+        backbone = load_backbone(model, "random")
+        for precision in dict.fromkeys(("fp32", fast)):
+            config = EmbedConfig(model=model, weights="random", device=str(device), precision=precision,
+                                 batch_size=args.batch_size, num_workers=args.num_workers)
+            runs = {"model_only": model_only(Encoder(backbone, device, precision), args.patches, args.batch_size, args.patch_size),
+                    "pipeline": pipeline(store, work / f"{model}-{precision}", config, backbone)}
+            seconds = paired_medians(runs, args.repeats, device)
+            alone, whole = args.patches / seconds["model_only"], args.patches / seconds["pipeline"]
+            rows.append({"model": model, "precision": precision, "model_only_patches_per_s": round(alone, 1),
+                         "pipeline_patches_per_s": round(whole, 1), "ratio": round(whole / alone, 3)})
+            print(f"{model:16s} {precision:5s} {alone:12.1f} {whole:12.1f} {whole / alone:7.3f}", flush=True)
+    return rows
+
+
+def environment(args: argparse.Namespace) -> dict:
+    device = resolve_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {"device": str(device), "device_name": name, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "patches": args.patches, "patch_size": args.patch_size,
+            "input_size": 224, "batch_size": args.batch_size, "num_workers": args.num_workers, "repeats": args.repeats,
+            "channels_last": True, "load_average_1min": round(os.getloadavg()[0], 2),  # other processes skew CPU figures
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--patches", type=int, help="patches in the store (default: 4096 on a GPU, 512 on a CPU; --quick: 1024 and 128)")
+    parser.add_argument("--batch-size", type=int, help="default: 512 on a GPU, 32 on a CPU")
+    parser.add_argument("--num-workers", type=int, default=default_workers())
+    parser.add_argument("--patch-size", type=int, default=256, help="stored patch side (resized to 224 on the device)")
+    parser.add_argument("--repeats", type=int, help="timed runs per measurement, median reported (default 3; --quick 2)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--threads", type=int, help="torch CPU threads in the main process (default: torch's, one per core); "
+                                                    "1 leaves a core to the readers and resists load from other processes")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a couple of minutes on a 2-core CPU")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    args = parser.parse_args(argv)
+    gpu = resolve_device(args.device).type == "cuda"
+    if args.patches is None:
+        args.patches = (1024 if args.quick else 4096) if gpu else (128 if args.quick else 512)
+    args.batch_size = args.batch_size or (512 if gpu else 32)
+    args.repeats = args.repeats or (2 if args.quick else 3)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"{'model':16s} {'prec':5s} {'model-only/s':>12s} {'pipeline/s':>12s} {'ratio':>7s}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="pathomics-bench-") as tmp:
+        store = build_store(Path(tmp), args.patches, args.patch_size)
+        rows = measure(args, store, Path(tmp))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"environment": environment(args), "results": rows}, indent=2) + "\n")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

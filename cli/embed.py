@@ -1,0 +1,59 @@
+"""`pathomics embed`: patch stores → CLAM/TRIDENT feature files under <out>/features."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pathomics.cli.common import writable_dir
+from pathomics.errors import PathomicsError
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("embed", help="embed patch stores with a backbone into HDF5 feature files",
+                                   description="Embed every patch of each store into OUT/features/<slide_id>.h5 "
+                                               "(CLAM/TRIDENT layout). Up-to-date files are skipped.")
+    parser.add_argument("stores", nargs="*", type=Path, metavar="STORES",
+                        help="patch stores (<slide_id>.zarr); default: every store under OUT/tiles")
+    parser.add_argument("--out", type=Path, required=True, help="output directory (features go to OUT/features)")
+    parser.add_argument("--model", help="resnet50-trunc (default), shufflenet-v2, torchvision:<name> or torchscript:<path>")
+    parser.add_argument("--weights", help="state-dict file, or 'random' for an untrained backbone "
+                                          "(default: torchvision's file in the torch hub checkpoint cache)")
+    parser.add_argument("--device", help="auto (default: a GPU if present), cpu, cuda or cuda:N")
+    parser.add_argument("--precision", help="auto (default: bf16/fp16 on GPU, bf16 on CPUs with native bf16), fp32, bf16, fp16")
+    parser.add_argument("--batch-size", type=int, help="patches per batch (default 256)")
+    parser.add_argument("--num-workers", type=int, help="background reader processes (default: one per core, up to 8)")
+    parser.add_argument("--input-size", type=int, help="resize patches to this side (default: the backbone's own)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathomics.batch import exit_code, run_jobs, summarize
+    from pathomics.extract import EmbedConfig, embed_job, resolve_device, resolve_precision
+    from pathomics.models.backbones import load_backbone
+
+    options = {"model": args.model, "weights": args.weights, "device": args.device, "precision": args.precision,
+               "batch_size": args.batch_size, "num_workers": args.num_workers, "input_size": args.input_size}
+    try:
+        config = EmbedConfig(**{k: v for k, v in options.items() if v is not None})
+    except ValueError as exc:
+        raise PathomicsError(str(exc)) from exc
+    out = writable_dir(args.out)
+    stores = args.stores or discover_stores(out)
+    if not stores:
+        raise PathomicsError(f"no patch stores under {out / 'tiles'}; run `pathomics tile` first or name the stores")
+    backbone = load_backbone(config.model, config.weights, config.input_size)
+    device = resolve_device(config.device)
+    print(f"embedding {len(stores)} store(s) with {backbone.name} ({backbone.embedding_dim}-d, weights: {backbone.weights}) "
+          f"on {device} at {resolve_precision(config.precision, device)}")
+    rows = run_jobs("embed", [embed_job(s, out, config, backbone) for s in stores], out)
+    print(summarize("embed", rows))
+    return exit_code(rows)
+
+
+def discover_stores(out: Path) -> list[Path]:
+    """Every store under OUT/tiles, including ones an interrupted tiling left partial (they fail, named)."""
+    from pathomics.store import PARTIAL_SUFFIX, store_path
+
+    names = [p.name.removesuffix(PARTIAL_SUFFIX) for p in (out / "tiles").glob("*.zarr*") if p.is_dir()]
+    return [store_path(out, name.removesuffix(".zarr")) for name in sorted(set(names)) if name.endswith(".zarr")]

@@ -1,0 +1,265 @@
+"""Patch store → embeddings: ``<out>/features/<slide_id>.h5`` (CLAM/TRIDENT layout, same order as the coords).
+
+Background DataLoader workers read and decode batches (from the store's pixels, or from the slide for a
+coords-only store) while the device encodes the previous one: uint8 batches travel in pinned memory with
+non-blocking copies (on a GPU), are resized and normalised on the device, and run channels_last under
+``torch.inference_mode`` and autocast (bf16/fp16 on a GPU, bf16 on CPUs with native bf16). Results are
+copied back one batch behind, so the device never waits for the host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch.utils.data import DataLoader, Dataset
+
+from pathomics import __version__
+from pathomics.batch import DONE, SKIPPED, SlideJob
+from pathomics.errors import PathomicsError
+from pathomics.models.backbones import Backbone, check_embeddings, load_backbone
+from pathomics.store import PatchStore, feature_path, open_patch_store, write_feature_file
+from pathomics.tiling import read_patches
+
+log = logging.getLogger(__name__)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Attributes that determine the numbers in a feature file: when all match, the file is reused.
+RESULT_KEYS = ("model", "weights_sha256", "precision", "input_size", "embedding_dim", "store_fingerprint")
+
+
+def default_workers() -> int:
+    """Background readers: one per core up to 8 (a coords-only store decodes ~1,300 patches/s per core)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(8, cores)
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Settings of the embedding stage; their resolved values are written into every feature file.
+
+    ``weights``: a state-dict path, ``"random"``, or None for torchvision's file in the torch hub cache.
+    ``input_size``: the side patches are resized to (None: the backbone's own).
+    """
+
+    model: str = "resnet50-trunc"
+    weights: str | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 256
+    num_workers: int = field(default_factory=default_workers)
+    input_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"number of workers must be 0 or more, got {self.num_workers}")
+        if self.input_size is not None and self.input_size < 16:
+            raise ValueError(f"input size must be at least 16 pixels, got {self.input_size}")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → the first GPU if CUDA is available, else the CPU; an unavailable GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PathomicsError(f"--device {device} asked for, but no CUDA device is visible; use --device cpu or auto")
+    return torch.device(device)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX), where autocast bf16 is ~3x fp32, not emulated."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` → bf16 on GPUs that have it (else fp16), bf16 on CPUs with native bf16, else fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+class Encoder:
+    """A backbone placed on a device at a precision: uint8 (n, P, P, 3) batches in, float32 (n, D) out.
+
+    The backbone's module is moved to the device in place, so one loaded backbone serves many slides.
+    """
+
+    def __init__(self, backbone: Backbone, device: torch.device, precision: str) -> None:
+        self.backbone, self.device, self.precision = backbone, device, precision
+        self.module = backbone.module.to(device).to(memory_format=torch.channels_last).eval()
+        std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1)
+        mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
+        self.scale, self.shift = 1.0 / (255.0 * std), -mean / std  # (x/255 - mean)/std as one multiply-add
+
+    def prepare(self, batch: torch.Tensor) -> torch.Tensor:
+        """Copy a uint8 NHWC batch to the device; resize and normalise it there; channels_last float32.
+
+        The resize is torchvision's antialiased bilinear on uint8 (PIL's result, as CLAM and TRIDENT
+        preprocess; on a CPU its uint8 kernel is ~10x cheaper than resizing floats).
+        """
+        x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC memory is channels_last
+        size = self.backbone.input_size
+        if x.shape[-2:] != (size, size):
+            x = TF.resize(x, [size, size], antialias=True)
+        x = torch.addcmul(self.shift, x.float(), self.scale)
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embed a prepared batch at the configured precision; float32 (n, D) on the device."""
+        with torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES.get(self.precision), enabled=self.precision != "fp32"):
+            out = self.module(x)
+        check_embeddings(out, len(x), self.backbone.name)
+        return out.float()
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        """Prepare and embed a uint8 batch."""
+        return self.forward(self.prepare(batch))
+
+
+class PatchBatches(Dataset):
+    """Item i is batch i of a patch store: patches [i·b, (i+1)·b) as one uint8 tensor (n, P, P, 3)."""
+
+    def __init__(self, store: PatchStore, batch_size: int) -> None:
+        self.store, self.batch_size = store, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.store) // self.batch_size)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        start = i * self.batch_size
+        return torch.from_numpy(read_patches(self.store, start, min(start + self.batch_size, len(self.store))))
+
+
+def encode_store(store: PatchStore, encoder: Encoder, batch_size: int, num_workers: int) -> np.ndarray:
+    """Embeddings (N, D) float32 of every patch of ``store``, in store order."""
+    features = np.empty((len(store), encoder.backbone.embedding_dim), dtype=np.float32)
+    if len(store) == 0:
+        return features
+    batches = PatchBatches(store, batch_size)
+    loader = DataLoader(batches, batch_size=None, num_workers=min(num_workers, len(batches)),
+                        pin_memory=encoder.device.type == "cuda")
+    in_flight: deque[tuple[int, torch.Tensor, torch.cuda.Event | None]] = deque()
+    start = 0
+    with torch.inference_mode():
+        for batch in loader:
+            in_flight.append((start, *_to_host(encoder(batch))))
+            start += len(batch)
+            if len(in_flight) > 1:  # collect the previous batch while this one runs on the device
+                _collect(features, *in_flight.popleft())
+        while in_flight:
+            _collect(features, *in_flight.popleft())
+    return features
+
+
+def _to_host(out: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start copying a device result to (pinned) host memory; the event marks when it has landed."""
+    if out.device.type != "cuda":
+        return out, None
+    host = out.to("cpu", non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+def _collect(features: np.ndarray, start: int, host: torch.Tensor, event: torch.cuda.Event | None) -> None:
+    """Wait for one batch's copy and put it in place."""
+    if event is not None:
+        event.synchronize()
+    features[start:start + len(host)] = host.numpy()
+
+
+def store_fingerprint(store: PatchStore) -> str:
+    """SHA-256 of a store's provenance attributes and coordinates: changes whenever the store is rebuilt differently."""
+    digest = hashlib.sha256(json.dumps(store.attrs, sort_keys=True, default=str).encode())
+    digest.update(np.ascontiguousarray(store.coords, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def feature_attributes(store: PatchStore, backbone: Backbone, config: EmbedConfig, device: torch.device,
+                       precision: str) -> dict[str, Any]:
+    """The feature file's attributes: DESIGN's provenance plus every EmbedConfig value, resolved."""
+    resolved = {"model": backbone.name, "weights": backbone.weights, "device": str(device), "precision": precision,
+                "input_size": backbone.input_size}
+    return {
+        **asdict(config), **resolved, "weights_sha256": backbone.weights_sha256, "embedding_dim": backbone.embedding_dim,
+        "mean": list(backbone.mean), "std": list(backbone.std), "slide_id": store.slide_id,
+        "store_path": str(store.path), "store_fingerprint": store_fingerprint(store), "pathomics_version": __version__,
+    }
+
+
+def coords_attributes(store: PatchStore) -> dict[str, Any]:
+    """The attributes CLAM and TRIDENT readers expect on ``coords``."""
+    a = store.attrs
+    return {"patch_size": a["patch_size"], "patch_level": a["read_level"], "patch_size_level0": a["patch_size_level0"],
+            "target_mpp": a["target_mpp"]}
+
+
+def is_current(path: Path, attrs: dict[str, Any], n: int) -> bool:
+    """Whether ``path`` is a complete feature file computed from the same store by the same model and precision."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            stored = dict(h5.attrs)
+            shape = h5["features"].shape
+    except (OSError, KeyError):
+        return False
+    return shape == (n, attrs["embedding_dim"]) and all(stored.get(k) == attrs[k] for k in RESULT_KEYS)
+
+
+def embed_store(store_path: str | os.PathLike, out_dir: str | os.PathLike, config: EmbedConfig | None = None,
+                *, backbone: Backbone | None = None) -> Path:
+    """Embed every patch of a store into ``<out_dir>/features/<slide_id>.h5``; reuse an up-to-date file.
+
+    ``backbone``: an already loaded backbone of ``config.model``, to load it once for many slides.
+    """
+    return _embed(Path(store_path), Path(out_dir), config or EmbedConfig(), backbone)[0]
+
+
+def embed_job(store_path: str | os.PathLike, out_dir: str | os.PathLike, config: EmbedConfig,
+              backbone: Backbone | None = None) -> SlideJob:
+    """``embed_store`` as a batch job (named after the store directory) returning ``done`` or ``skipped``."""
+    store_path = Path(store_path)
+    return SlideJob(store_path.name.removesuffix(".zarr"),
+                    lambda: _embed(store_path, Path(out_dir), config, backbone)[1])
+
+
+def _embed(store_path: Path, out_dir: Path, config: EmbedConfig, backbone: Backbone | None) -> tuple[Path, str]:
+    store = open_patch_store(store_path)
+    if backbone is None:
+        backbone = load_backbone(config.model, config.weights, config.input_size)
+    elif backbone.name != config.model:
+        raise ValueError(f"backbone {backbone.name!r} given for a config of model {config.model!r}")
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    attrs = feature_attributes(store, backbone, config, device, precision)
+    path = feature_path(out_dir, store.slide_id)
+    if is_current(path, attrs, len(store)):
+        log.info("%s: features from the same store, model and precision exist; skipped", store.slide_id)
+        return path, SKIPPED
+    start = time.perf_counter()
+    features = encode_store(store, Encoder(backbone, device, precision), config.batch_size, config.num_workers)
+    write_feature_file(path, features, store.coords, attrs, coords_attributes(store))
+    seconds = time.perf_counter() - start
+    log.info("%s: %d patches embedded in %.1f s (%.0f patches/s, %s, %s)", store.slide_id, len(store), seconds,
+             len(store) / max(seconds, 1e-9), device, precision)
+    return path, DONE

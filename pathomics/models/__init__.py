@@ -1,0 +1,1 @@
+"""Backbones (feature extractors) and multiple-instance aggregators."""

@@ -1,0 +1,258 @@
+"""Backbones: patch encoders mapping normalised RGB batches (n, 3, S, S) to embeddings (n, D).
+
+A registry by decorator (refusing duplicate names) holds the named backbones; ``torchvision:<name>``
+takes any torchvision classifier's penultimate features and ``torchscript:<path>`` a user's exported
+encoder. Weights come from ``--weights PATH``, else torchvision's file in the torch hub checkpoint cache,
+else ``random`` when explicitly asked; nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from pathomics.errors import ModelError
+
+RANDOM = "random"
+TORCHVISION_PREFIX = "torchvision:"
+TORCHSCRIPT_PREFIX = "torchscript:"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RANDOM_SEED = 0  # random weights are reproducible: the same seed gives the same untrained backbone
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What a backbone is before loading: how to build it, where its weights live, what it expects."""
+
+    name: str
+    build: Callable[[], nn.Module]  # the full architecture, untrained, whose state dict the weights file holds
+    trunk: Callable[[nn.Module], nn.Module]  # carves the encoder out of the (loaded) architecture
+    weights_file: str  # torchvision's checkpoint file name, looked up in the torch hub cache
+    input_size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    embedding_dim: int | None = None  # None: learnt from a probe forward pass
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A loaded encoder (eval mode, on the CPU) with its provenance."""
+
+    name: str
+    module: nn.Module
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    embedding_dim: int
+    weights: str  # the weights file, or "random"
+    weights_sha256: str  # of the weights file, or "random"
+
+
+_REGISTRY: dict[str, Callable[[], BackboneSpec]] = {}
+
+
+def register_backbone(name: str) -> Callable[[Callable[[], BackboneSpec]], Callable[[], BackboneSpec]]:
+    """Register a zero-argument factory of a BackboneSpec under ``name``; a name can be taken once."""
+
+    def register(factory: Callable[[], BackboneSpec]) -> Callable[[], BackboneSpec]:
+        if name in _REGISTRY:
+            raise ValueError(f"backbone {name!r} is already registered")
+        _REGISTRY[name] = factory
+        return factory
+
+    return register
+
+
+def list_backbones() -> list[str]:
+    """Registered backbone names (``torchvision:<name>`` and ``torchscript:<path>`` are also accepted)."""
+    return sorted(_REGISTRY)
+
+
+def get_backbone_spec(name: str) -> BackboneSpec:
+    """The spec of a registered backbone or of ``torchvision:<name>``."""
+    if name.startswith(TORCHVISION_PREFIX):
+        return torchvision_spec(name.removeprefix(TORCHVISION_PREFIX), name=name)
+    if name not in _REGISTRY:
+        raise ModelError(f"unknown model {name!r}; choose one of {', '.join(list_backbones())}, "
+                         f"{TORCHVISION_PREFIX}<name> or {TORCHSCRIPT_PREFIX}<path>")
+    return _REGISTRY[name]()
+
+
+def torchvision_spec(arch: str, name: str, trunk: Callable[[nn.Module], nn.Module] | None = None,
+                     weights_enum: str = "DEFAULT", embedding_dim: int | None = None) -> BackboneSpec:
+    """A torchvision classifier as a backbone: its own input size, normalisation and checkpoint file name."""
+    import torchvision
+
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise ModelError(f"{arch!r} is not a torchvision classification model (see torchvision.models.list_models())")
+    weights = torchvision.models.get_model_weights(arch)[weights_enum]
+    preset = weights.transforms()
+    return BackboneSpec(
+        name=name,
+        build=lambda: torchvision.models.get_model(arch, weights=None),
+        trunk=trunk or drop_classifier,
+        weights_file=Path(urlparse(weights.url).path).name,
+        input_size=int(preset.crop_size[0]),
+        mean=tuple(preset.mean),
+        std=tuple(preset.std),
+        embedding_dim=embedding_dim,
+    )
+
+
+def drop_classifier(model: nn.Module) -> nn.Module:
+    """Replace the last linear layer by the identity, so the model returns its penultimate features."""
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise ModelError(f"{type(model).__name__} has no linear classifier to remove; "
+                         f"export your encoder and use {TORCHSCRIPT_PREFIX}<path>")
+    parent, _, child = linears[-1].rpartition(".")
+    setattr(model.get_submodule(parent), child, nn.Identity())
+    return model
+
+
+def resnet_to_layer3(model: nn.Module) -> nn.Module:
+    """ResNet stem and layers 1-3 then global average pooling (CLAM/TRIDENT's resnet50_trunc), names kept."""
+    names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
+    layers = [(n, getattr(model, n)) for n in names] + [("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten())]
+    return nn.Sequential(OrderedDict(layers))
+
+
+@register_backbone("resnet50-trunc")
+def resnet50_trunc() -> BackboneSpec:
+    """ResNet50 (ImageNet V1 weights, as CLAM and TRIDENT) truncated after layer3: 1024-d."""
+    return torchvision_spec("resnet50", name="resnet50-trunc", trunk=resnet_to_layer3,
+                            weights_enum="IMAGENET1K_V1", embedding_dim=1024)
+
+
+@register_backbone("shufflenet-v2")
+def shufflenet_v2() -> BackboneSpec:
+    """ShuffleNetV2 x1.0 without its classifier: 1024-d (the soft-tissue-sarcoma study's backbone)."""
+    return torchvision_spec("shufflenet_v2_x1_0", name="shufflenet-v2", embedding_dim=1024)
+
+
+def hub_checkpoint(file_name: str) -> Path:
+    """Where torchvision caches a downloaded checkpoint (``torch.hub.get_dir()/checkpoints``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / file_name
+
+
+def load_backbone(name: str, weights: str | None = None, input_size: int | None = None) -> Backbone:
+    """Build backbone ``name`` with ``weights`` (a path, ``"random"``, or None for the hub cache).
+
+    ``input_size`` overrides the backbone's own (patches are resized to it). A probe forward pass checks
+    that the encoder maps a batch to a 2-D (n, D) output before any patch is read.
+    """
+    if name.startswith(TORCHSCRIPT_PREFIX):
+        return _load_torchscript(Path(name.removeprefix(TORCHSCRIPT_PREFIX)), name, weights, input_size)
+    spec = get_backbone_spec(name)
+    path = _weights_path(spec, weights)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        model = spec.build()
+    module = spec.trunk(model) if path is None else _load_state(model, spec.trunk, path)
+    size = input_size or spec.input_size
+    dim = probe_embedding_dim(module.eval(), size, spec.embedding_dim, name)
+    label, digest = (RANDOM, RANDOM) if path is None else (str(path), sha256_file(path))
+    return Backbone(name, module, size, spec.mean, spec.std, dim, label, digest)
+
+
+def _weights_path(spec: BackboneSpec, weights: str | None) -> Path | None:
+    """The weights file to load (None for random weights), or a ModelError saying how to provide one."""
+    if weights == RANDOM:
+        return None
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise ModelError(f"weights file {path} does not exist")
+        return path
+    cached = hub_checkpoint(spec.weights_file)
+    if cached.is_file():
+        return cached
+    raise ModelError(f"no weights for {spec.name}: pass --weights PATH (a torchvision state dict or a checkpoint "
+                     f"with a 'state_dict'), or place torchvision's {spec.weights_file} in {cached.parent}, "
+                     f"or pass --weights random for an untrained backbone (outputs are labelled random)")
+
+
+def _load_state(model: nn.Module, trunk: Callable[[nn.Module], nn.Module], path: Path) -> nn.Module:
+    """Load a state dict into the full architecture, then carve the trunk; every trunk tensor must be given."""
+    state = read_state_dict(path)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ModelError(f"{path} does not fit this architecture: {exc}") from exc
+    module = trunk(model)
+    missing = sorted(set(missing) & set(module.state_dict()))
+    if unexpected or missing:
+        raise ModelError(f"{path} is not a state dict of this architecture "
+                         f"(unexpected keys {unexpected[:3]}, missing keys {missing[:3]})")
+    return module
+
+
+def read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
+    """A torchvision-style state dict, bare or under a checkpoint's ``state_dict`` key (tensors only)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+        raise ModelError(f"{path} is not a PyTorch state dict ({exc})") from exc
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path} holds no state dict of tensors (nor a checkpoint with a 'state_dict')")
+    return state
+
+
+def _load_torchscript(path: Path, name: str, weights: str | None, input_size: int | None) -> Backbone:
+    """A user's TorchScript encoder: it carries its own weights and expects ImageNet-normalised RGB."""
+    if weights is not None:
+        raise ModelError(f"{name} carries its own weights; drop --weights")
+    if not path.is_file():
+        raise ModelError(f"TorchScript file {path} does not exist")
+    try:
+        with warnings.catch_warnings():
+            # The user chose TorchScript by name; torch's deprecation of the format is not theirs to act on per run.
+            warnings.filterwarnings("ignore", message="`torch.jit.load` is deprecated", category=FutureWarning)
+            module = torch.jit.load(str(path), map_location="cpu")
+    except (RuntimeError, ValueError) as exc:
+        raise ModelError(f"{path} is not a TorchScript model ({exc})") from exc
+    size = input_size or 224
+    dim = probe_embedding_dim(module.eval(), size, None, name)
+    return Backbone(name, module, size, IMAGENET_MEAN, IMAGENET_STD, dim, str(path), sha256_file(path))
+
+
+def probe_embedding_dim(module: nn.Module, input_size: int, expected: int | None, name: str) -> int:
+    """Run two blank patches through ``module`` and return D, refusing outputs that are not (2, D)."""
+    with torch.inference_mode():
+        try:
+            out = module(torch.zeros(2, 3, input_size, input_size))
+        except RuntimeError as exc:
+            raise ModelError(f"{name} cannot encode {input_size}-px patches ({exc})") from exc
+    dim = check_embeddings(out, 2, name)
+    if expected is not None and dim != expected:
+        raise ModelError(f"{name} returned {dim}-d embeddings, expected {expected}")
+    return dim
+
+
+def check_embeddings(out: object, n: int, name: str) -> int:
+    """The embedding dimension of a model output, which must be one (n, D) tensor."""
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != n:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(f"{name} must return one (batch, dim) tensor per batch of {n} patches, got {shape}")
+    return int(out.shape[1])
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,365 @@
+"""Training of MIL aggregators: objectives (classification, Cox and discrete-time survival), the epoch loop
+with early stopping, patient-level folds and out-of-fold metrics.
+
+A survival loss is a property of a set of bags, never of one: the Cox partial likelihood compares each
+event with everyone still at risk, so bags are trained in batches of several and the risk set is the batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pathomics.errors import CohortError, ModelError
+from pathomics.models.mil import MILAggregator, MILOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Per-slide targets, indexed like the cohort's bags: class indices, or follow-up times and events."""
+
+    label: np.ndarray | None = None
+    time: np.ndarray | None = None
+    event: np.ndarray | None = None
+
+
+class Objective(ABC):
+    """What the head's scores mean: how many there are, their loss, and the risk (higher = worse) they imply."""
+
+    n_outputs: int
+
+    @abstractmethod
+    def loss(self, scores: Tensor, targets: Targets, index: np.ndarray) -> Tensor:
+        """Loss of ``scores`` (B, n_outputs) for the bags ``index`` of the cohort."""
+
+    @abstractmethod
+    def risk(self, scores: Tensor) -> Tensor:
+        """Risk (B,), higher = worse, from scores (B, n_outputs)."""
+
+    @abstractmethod
+    def state(self) -> dict[str, Any]:
+        """Plain values that rebuild this objective with ``objective_from_state`` (saved in checkpoints)."""
+
+    def instance_label(self, targets: Targets, i: int) -> int | None:
+        """The class of bag ``i`` for instance-level auxiliary losses (None when there is no class)."""
+        return None
+
+    def informative(self, targets: Targets, index: np.ndarray) -> bool:
+        """Whether a batch of bags ``index`` carries any signal for this loss."""
+        return True
+
+
+class Classification(Objective):
+    """Weighted cross-entropy over ``classes``; risk is the expected class rank scaled to [0, 1]
+    (for two classes, the probability of the second)."""
+
+    def __init__(self, classes: Sequence[str], weights: Sequence[float] | None = None) -> None:
+        self.classes = tuple(classes)
+        self.n_outputs = len(self.classes)
+        self.weights = None if weights is None else torch.tensor(weights, dtype=torch.float32)
+
+    def loss(self, scores: Tensor, targets: Targets, index: np.ndarray) -> Tensor:
+        weights = None if self.weights is None else self.weights.to(scores.device)
+        return F.cross_entropy(scores, torch.as_tensor(targets.label[index], device=scores.device), weight=weights)
+
+    def probabilities(self, scores: Tensor) -> Tensor:
+        return torch.softmax(scores, dim=-1)
+
+    def risk(self, scores: Tensor) -> Tensor:
+        ranks = torch.linspace(0, 1, self.n_outputs, device=scores.device)
+        return self.probabilities(scores) @ ranks
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": "classification", "classes": list(self.classes)}
+
+    def instance_label(self, targets: Targets, i: int) -> int | None:
+        return int(targets.label[i])
+
+
+class CoxSurvival(Objective):
+    """Negative Cox partial log-likelihood over the batch, with Efron or Breslow handling of tied times.
+
+    The log-hazard of a Cox model has an arbitrary origin and scale, so risk is the log-hazard standardised
+    over the model's training bags: out-of-fold risks of different fold models then share one scale.
+    """
+
+    n_outputs = 1
+
+    def __init__(self, ties: str = "efron", center: float = 0.0, scale: float = 1.0) -> None:
+        self.ties, self.center, self.scale = ties, center, scale
+
+    def loss(self, scores: Tensor, targets: Targets, index: np.ndarray) -> Tensor:
+        time = torch.as_tensor(targets.time[index], device=scores.device)
+        event = torch.as_tensor(targets.event[index], device=scores.device)
+        return cox_partial_nll(scores[:, 0], time, event, self.ties)
+
+    def risk(self, scores: Tensor) -> Tensor:
+        return (scores[:, 0] - self.center) / self.scale
+
+    def standardized(self, scores: Tensor) -> CoxSurvival:
+        """This objective with risk standardised over ``scores``, the training bags' head outputs."""
+        log_hazard = scores[:, 0].double()
+        scale = max(log_hazard.std().item(), 1e-8) if len(log_hazard) > 1 else 1.0
+        return CoxSurvival(self.ties, log_hazard.mean().item(), scale)
+
+    def informative(self, targets: Targets, index: np.ndarray) -> bool:
+        return len(index) > 1 and bool(targets.event[index].any())  # an event and someone to compare it with
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": "cox", "ties": self.ties, "center": self.center, "scale": self.scale}
+
+
+class DiscreteSurvival(Objective):
+    """Discrete-time survival NLL (Zadeh & Schmid 2020) on hazard logits over time bins cut at ``edges``.
+
+    Risk is minus the expected number of bins survived, so higher means earlier failure.
+    """
+
+    def __init__(self, edges: Sequence[float]) -> None:
+        self.edges = tuple(float(e) for e in edges)  # interior cut points; len(edges) + 1 bins
+        self.n_outputs = len(self.edges) + 1
+
+    def loss(self, scores: Tensor, targets: Targets, index: np.ndarray) -> Tensor:
+        bins = torch.as_tensor(np.searchsorted(self.edges, targets.time[index], side="right"), device=scores.device)
+        event = torch.as_tensor(targets.event[index], device=scores.device, dtype=scores.dtype)
+        return discrete_time_nll(scores, bins, event)
+
+    def risk(self, scores: Tensor) -> Tensor:
+        return -torch.exp(torch.cumsum(F.logsigmoid(-scores), dim=-1)).sum(-1)
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": "discrete", "edges": list(self.edges)}
+
+
+def objective_from_state(state: dict[str, Any]) -> Objective:
+    """Rebuild an objective saved with ``Objective.state``."""
+    kind = state.get("kind")
+    if kind == "classification":
+        return Classification(state["classes"])
+    if kind == "cox":
+        return CoxSurvival(state["ties"], state["center"], state["scale"])
+    if kind == "discrete":
+        return DiscreteSurvival(state["edges"])
+    raise ModelError(f"checkpoint has an unknown objective {kind!r}; was it written by a newer pathomics?")
+
+
+def cox_partial_nll(risk: Tensor, time: Tensor, event: Tensor, ties: str = "efron") -> Tensor:
+    """Negative Cox log partial likelihood of ``risk`` (B,), averaged over events; 0 when there is none.
+
+    Efron: each of the d events tied at time t sees the risk set minus l/d of the tied events' weight,
+    l = 0..d-1; Breslow uses the full risk set for all of them.
+    """
+    events = event.bool()
+    if not events.any():
+        return risk.sum() * 0.0
+    shifted = risk - risk.detach().max()  # the likelihood is invariant to a shift; this avoids overflow
+    weight = torch.exp(shifted)
+    event_time = time[events][:, None]
+    at_risk = weight * (time[None, :] >= event_time)
+    denominator = at_risk.sum(1)
+    if ties == "efron":
+        tied = (time[None, :] == event_time) & events[None, :]  # (E, B): events sharing each event's time
+        d = tied.sum(1)
+        earlier = torch.tril(tied[:, events], diagonal=-1).sum(1)  # l: rank of the event within its tie
+        denominator = denominator - earlier / d * (weight * tied).sum(1)
+    elif ties != "breslow":
+        raise ModelError(f"ties must be 'efron' or 'breslow', got {ties!r}")
+    return -(shifted[events] - torch.log(denominator)).sum() / events.sum()
+
+
+def discrete_time_nll(logits: Tensor, bins: Tensor, event: Tensor) -> Tensor:
+    """Mean discrete-time NLL: an event in bin j survived bins < j and failed in j; a censoring survived bins ≤ j."""
+    log_survive = F.logsigmoid(-logits)                        # log(1 - h_j)
+    cum = F.pad(torch.cumsum(log_survive, dim=-1), (1, 0))     # log S before bin j, j = 0..K
+    before = cum.gather(1, bins[:, None]).squeeze(1)
+    through = cum.gather(1, bins[:, None] + 1).squeeze(1)
+    failed = F.logsigmoid(logits).gather(1, bins[:, None]).squeeze(1)
+    return -(event * (before + failed) + (1 - event) * through).mean()
+
+
+def time_bin_edges(time: np.ndarray, event: np.ndarray, bins: int) -> list[float]:
+    """Interior cut points at quantiles of the event times, so each bin holds about as many events."""
+    cuts = np.unique(np.quantile(time[event.astype(bool)], np.linspace(0, 1, bins + 1)[1:-1]))
+    return cuts.tolist()
+
+
+def class_weights(labels: np.ndarray, n_classes: int) -> list[float]:
+    """Inverse-frequency weights n / (C · n_c), so every class carries equal total weight."""
+    counts = np.bincount(labels, minlength=n_classes).astype(float)
+    return (len(labels) / (n_classes * np.maximum(counts, 1))).tolist()
+
+
+def patient_folds(groups: np.ndarray, strata: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Fold number of each slide: patients (``groups``) never straddle folds; folds are stratified by ``strata``."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n_patients = len(np.unique(groups))
+    if folds > n_patients:
+        raise CohortError(f"{folds} folds but only {n_patients} patients; lower --folds")
+    for value in np.unique(strata).tolist():
+        n = len(np.unique(groups[strata == value]))
+        if n < folds:
+            raise CohortError(f"only {n} patient(s) with label/event {value!r}, fewer than the {folds} folds; lower --folds")
+    assignment = np.empty(len(groups), dtype=np.int64)
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for fold, (_, test) in enumerate(splitter.split(np.zeros(len(groups)), strata, groups)):
+        assignment[test] = fold
+    return assignment
+
+
+def validation_split(groups: np.ndarray, strata: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Mask of a validation subset: about ``fraction`` of the patients of each stratum, whole patients only."""
+    rng = np.random.default_rng(seed)
+    patients, first = np.unique(groups, return_index=True)
+    chosen: list[str] = []
+    for stratum in np.unique(strata[first]):
+        members = rng.permutation(patients[strata[first] == stratum])
+        chosen.extend(members[:round(fraction * len(members))])
+    return np.isin(groups, chosen)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The optimisation knobs the epoch loop needs (a view of the stage config)."""
+
+    epochs: int
+    patience: int
+    min_epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    max_patches: int | None
+    aux_weight: float
+    seed: int
+
+
+@dataclass
+class FitResult:
+    """The outcome of one training run: the best epoch (1-based) and the loss history."""
+
+    best_epoch: int
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+
+
+BagLoader = Callable[[int], tuple[np.ndarray, np.ndarray]]  # cohort index → (features (N, D), coords (N, 2))
+
+
+def fit(model: MILAggregator, objective: Objective, targets: Targets, load: BagLoader,
+        train: np.ndarray, val: np.ndarray, settings: TrainSettings, device: torch.device) -> FitResult:
+    """Train ``model`` on bags ``train`` with AdamW; after ``min_epochs``, stop early once the loss on ``val``
+    has not improved for ``patience`` epochs, and restore the best weights (with no ``val``, run all epochs).
+
+    MIL training often sits on a plateau until attention finds the informative patches, hence ``min_epochs``.
+    """
+    rng = np.random.default_rng(settings.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    result, best_state, best = FitResult(best_epoch=settings.epochs), None, math.inf
+    for epoch in range(1, settings.epochs + 1):
+        result.train_loss.append(_train_epoch(model, objective, targets, load, rng.permutation(train),
+                                              settings, rng, optimizer, device))
+        if len(val) == 0:
+            continue
+        val_loss = float(objective.loss(_scores(model, load, val, device), targets, val))
+        result.val_loss.append(val_loss)
+        log.debug("epoch %d: train %.4f, validation %.4f", epoch, result.train_loss[-1], val_loss)
+        if val_loss < best - 1e-6:
+            best, result.best_epoch, best_state = val_loss, epoch, copy.deepcopy(model.state_dict())
+        elif epoch >= settings.min_epochs and epoch - result.best_epoch >= settings.patience:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return result
+
+
+def _train_epoch(model: MILAggregator, objective: Objective, targets: Targets, load: BagLoader, order: np.ndarray,
+                 settings: TrainSettings, rng: np.random.Generator, optimizer: torch.optim.Optimizer,
+                 device: torch.device) -> float:
+    """One pass over ``order`` in batches of bags; returns the mean batch loss."""
+    model.train()
+    losses = []
+    for start in range(0, len(order), settings.batch_size):
+        batch = order[start:start + settings.batch_size]
+        if not objective.informative(targets, batch):
+            continue
+        outputs = [model(*_to_tensors(_subsample(*load(i), settings.max_patches, rng), device)) for i in batch]
+        loss = objective.loss(torch.stack([o.scores for o in outputs]), targets, batch)
+        if settings.aux_weight:
+            aux = [model.auxiliary_loss(o, objective.instance_label(targets, i)) for o, i in zip(outputs, batch)]
+            loss = loss + settings.aux_weight * torch.stack(aux).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return float(np.mean(losses)) if losses else math.nan
+
+
+def _subsample(features: np.ndarray, coords: np.ndarray, max_patches: int | None,
+               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A random subset of at most ``max_patches`` patches (all of them when None or the bag is small)."""
+    if max_patches is None or len(features) <= max_patches:
+        return features, coords
+    keep = np.sort(rng.choice(len(features), max_patches, replace=False))
+    return features[keep], coords[keep]
+
+
+def _to_tensors(bag: tuple[np.ndarray, np.ndarray], device: torch.device) -> tuple[Tensor, Tensor]:
+    features, coords = bag
+    return torch.from_numpy(features).to(device), torch.from_numpy(coords).to(device)
+
+
+def _scores(model: MILAggregator, load: BagLoader, index: np.ndarray, device: torch.device) -> Tensor:
+    """Head scores (len(index), C) of whole bags in evaluation mode."""
+    return torch.stack([o.scores for o in predict(model, load, index, device)])
+
+
+@torch.no_grad()
+def predict(model: MILAggregator, load: BagLoader, index: Sequence[int], device: torch.device) -> list[MILOutput]:
+    """Evaluation-mode outputs of whole bags (no subsampling, no dropout)."""
+    model.eval()
+    return [model(*_to_tensors(load(i), device)) for i in index]
+
+
+def evaluate(predictions: np.ndarray, targets: Targets, index: np.ndarray, groups: np.ndarray) -> dict[str, float]:
+    """Metrics of per-slide ``predictions`` for bags ``index``, averaged within each group (patient or slide).
+
+    Classification (``predictions`` are class probabilities (n, C)): AUC, one-vs-rest beyond two classes,
+    and balanced accuracy. Survival (``predictions`` are risks (n,)): Harrell's C-index.
+    """
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    _, first, inverse = np.unique(groups[index], return_index=True, return_inverse=True)
+    first = index[first]
+    if targets.label is not None:
+        probs, y = _group_mean(predictions, inverse, len(first)), targets.label[first]
+        if len(np.unique(y)) < 2:
+            auc = math.nan
+        elif probs.shape[1] == 2:
+            auc = roc_auc_score(y, probs[:, 1])
+        else:
+            auc = roc_auc_score(y, probs, multi_class="ovr", labels=np.arange(probs.shape[1]))
+        return {"auc": float(auc), "balanced_accuracy": float(balanced_accuracy_score(y, probs.argmax(1))), "n": len(y)}
+    from lifelines.utils import concordance_index
+
+    risk, event = _group_mean(predictions[:, None], inverse, len(first))[:, 0], targets.event[first]
+    c_index = concordance_index(targets.time[first], -risk, event) if event.any() else math.nan
+    return {"c_index": float(c_index), "n": len(first), "events": int(event.sum())}
+
+
+def _group_mean(values: np.ndarray, inverse: np.ndarray, n_groups: int) -> np.ndarray:
+    """Row means of ``values`` (n, k) per group label in ``inverse``."""
+    sums = np.zeros((n_groups, values.shape[1]))
+    np.add.at(sums, inverse, values)
+    return sums / np.bincount(inverse, minlength=n_groups)[:, None]
