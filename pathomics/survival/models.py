@@ -157,15 +157,10 @@ class CoxModel(BaseEstimator):
         scale = self.scale_.reindex(summary.index).to_numpy()
         low, high = (summary[f"coef {side} {100 * (1 - self.alpha):g}%"].to_numpy() / scale for side in ("lower", "upper"))
         coef = summary["coef"].to_numpy() / scale
+        with np.errstate(over="ignore"):  # per unit of a covariate with a tiny spread the HR is honestly inf
+            hr, hr_low, hr_high = np.exp(coef), np.exp(low), np.exp(high)
         return pd.DataFrame(
-            {
-                "covariate": summary.index,
-                "coef": coef,
-                "hr": np.exp(coef),
-                "hr_low": np.exp(low),
-                "hr_high": np.exp(high),
-                "p": summary["p"].to_numpy(),
-            }
+            {"covariate": summary.index, "coef": coef, "hr": hr, "hr_low": hr_low, "hr_high": hr_high, "p": summary["p"].to_numpy()}
         )
 
     def encoding(self) -> dict[str, dict[str, Any]]:

@@ -1,0 +1,97 @@
+"""Archive scaling: the per-slide stages (tile + embed) of one archive on 1, 2, ... Dask workers.
+
+The same synthetic archive (cached) is processed from scratch with each worker count, side by side in
+one run; prints slides/hour and the speed-up over one worker, and writes JSON. Embedding uses
+``shufflenet-v2`` with random weights (labelled as such) so that nothing needs downloading.
+
+    python benchmarks/archive.py [--slides 8] [--workers 1 2] [--json benchmarks/results/archive.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from pathomics.extract import EmbedConfig
+from pathomics.manifest import SlideEntry
+from pathomics.pipeline import RunConfig, dask_client, run_slides, worker_backbone
+from pathomics.store import open_patch_store
+from pathomics.synthetic import write_slide
+from pathomics.tiling import TileConfig
+
+
+def archive(cache: Path, n: int, size: tuple[int, int]) -> list[SlideEntry]:
+    """``n`` Aperio-style slides at 0.5 µm/px, written once and cached."""
+    cache.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i in range(n):
+        path = cache / f"archive_{size[0]}x{size[1]}_{i}.svs"
+        if not path.exists():
+            tmp = path.with_name(f".{path.name}.partial")
+            write_slide(tmp, *size, mpp=0.5, layout=("blob", "pieces", "ring")[i % 3], seed=100 + i)
+            os.replace(tmp, path)
+        entries.append(SlideEntry(path, path.stem, f"P{i}"))
+    return entries
+
+
+def _warm_up(embed: EmbedConfig) -> None:
+    """Import the stages and build the backbone on a worker, as a long-running cluster already has."""
+    import pathomics.tiling  # noqa: F401
+
+    worker_backbone(embed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slides", type=int, default=8)
+    parser.add_argument("--size", type=int, nargs=2, default=(8192, 6144), metavar=("W", "H"))
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--cache", type=Path, default=Path(__file__).parent / "out")
+    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "archive.json")
+    args = parser.parse_args()
+
+    entries = archive(args.cache, args.slides, tuple(args.size))
+    tile = TileConfig(target_mpp=1.0, patch_size=128)
+    embed = EmbedConfig(model="shufflenet-v2", weights="random", precision="fp32", batch_size=64)
+    results = []
+    for workers in args.workers:
+        out = Path(tempfile.mkdtemp(prefix=f"bench-archive-{workers}-"))
+        config = RunConfig(tile=tile, embed=embed, workers=workers)
+        try:
+            with dask_client(config) as client:
+                client.run(_warm_up, embed)  # cluster start, imports and model build are not archive throughput
+                start = time.perf_counter()
+                rows = run_slides(entries, out, config, client=client)
+                seconds = time.perf_counter() - start
+            failed = [r for r in rows if r.state == "failed"]
+            if failed:
+                raise SystemExit(f"benchmark slides failed: {failed}")
+            patches = sum(len(open_patch_store(p)) for p in (out / "tiles").glob("*.zarr"))
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        results.append({"workers": workers, "seconds": seconds, "slides": len(entries),
+                        "slides_per_hour": len(entries) / seconds * 3600, "patches": patches,
+                        "patches_per_s": patches / seconds})
+    base = results[0]["slides_per_hour"]
+    for r in results:
+        r["speedup"] = r["slides_per_hour"] / base
+    document = {"slides": args.slides, "size": list(args.size), "cpu_count": os.cpu_count(),
+                "tile": {"target_mpp": tile.target_mpp, "patch_size": tile.patch_size},
+                "embed": {"model": embed.model, "weights": "random", "precision": embed.precision}, "runs": results}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(document, indent=2))
+    print(f"Archive benchmark: {args.slides} slides of {args.size[0]}x{args.size[1]} px, tile + embed "
+          f"(shufflenet-v2, RANDOM weights), {os.cpu_count()} cores")
+    print(f"  {'workers':>7} {'seconds':>9} {'slides/hour':>12} {'speed-up':>9}")
+    for r in results:
+        print(f"  {r['workers']:>7} {r['seconds']:>9.1f} {r['slides_per_hour']:>12.0f} {r['speedup']:>8.2f}x")
+    print(f"JSON: {args.json}")
+
+
+if __name__ == "__main__":
+    main()
