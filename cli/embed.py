@@ -16,6 +16,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("stores", nargs="*", type=Path, metavar="STORES",
                         help="patch stores (<slide_id>.zarr); default: every store under OUT/tiles")
     parser.add_argument("--out", type=Path, required=True, help="output directory (features go to OUT/features)")
+    add_embed_options(parser)
+    parser.set_defaults(run=run)
+
+
+def add_embed_options(parser: argparse.ArgumentParser) -> None:
+    """The embedding options, shared with `pathomics run`."""
     parser.add_argument("--model", help="resnet50-trunc (default), shufflenet-v2, torchvision:<name> or torchscript:<path>")
     parser.add_argument("--weights", help="state-dict file, or 'random' for an untrained backbone "
                                           "(default: torchvision's file in the torch hub checkpoint cache)")
@@ -24,20 +30,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, help="patches per batch (default 256)")
     parser.add_argument("--num-workers", type=int, help="background reader processes (default: one per core, up to 8)")
     parser.add_argument("--input-size", type=int, help="resize patches to this side (default: the backbone's own)")
-    parser.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from pathomics.batch import exit_code, run_jobs, summarize
-    from pathomics.extract import EmbedConfig, embed_job, resolve_device, resolve_precision
-    from pathomics.models.backbones import load_backbone
+def embed_config(args: argparse.Namespace):  # noqa: ANN201 - EmbedConfig, imported lazily
+    """The EmbedConfig the embedding options describe (unset options keep its defaults)."""
+    from pathomics.extract import EmbedConfig
 
     options = {"model": args.model, "weights": args.weights, "device": args.device, "precision": args.precision,
                "batch_size": args.batch_size, "num_workers": args.num_workers, "input_size": args.input_size}
     try:
-        config = EmbedConfig(**{k: v for k, v in options.items() if v is not None})
+        return EmbedConfig(**{k: v for k, v in options.items() if v is not None})
     except ValueError as exc:
         raise PathomicsError(str(exc)) from exc
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathomics.batch import exit_code, run_jobs, summarize
+    from pathomics.extract import embed_job, resolve_device, resolve_precision
+    from pathomics.models.backbones import load_backbone
+
+    config = embed_config(args)
     out = writable_dir(args.out)
     stores = args.stores or discover_stores(out)
     if not stores:

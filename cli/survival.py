@@ -48,6 +48,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     fit = actions.add_parser("fit", help="cross-validate and fit the clinical/radiology/pathology/combined models")
     _add_tables(fit)
+    add_survival_options(fit)
+    evaluate = actions.add_parser("evaluate", help="apply a saved model set to another cohort")
+    evaluate.add_argument("--model", type=Path, required=True, metavar="DIR", help="the --out folder of 'pathomics survival fit'")
+    _add_tables(evaluate)
+    parser.set_defaults(run=run)
+
+
+def add_survival_options(fit: argparse.ArgumentParser) -> None:
+    """The model options of `survival fit`, shared with `pathomics run`."""
     _option(fit, "--time", "time_col", "follow-up time column", metavar="COL")
     _option(fit, "--event", "event_col", "event column (1 recurrence, 0 censored)", metavar="COL")
     _option(fit, "--id-col", "id_col", "patient id column of every table", metavar="COL")
@@ -119,10 +128,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _option(fit, "--risk-groups", "risk_groups", "Kaplan-Meier risk groups, cut at training quantiles", choices=RISK_GROUPINGS)
     _option(fit, "--bootstrap", "n_bootstrap", "bootstrap resamples of the C-index CIs", type=int, metavar="N")
     _option(fit, "--seed", "seed", "seed of the folds and the bootstrap", type=int, metavar="N")
-    evaluate = actions.add_parser("evaluate", help="apply a saved model set to another cohort")
-    evaluate.add_argument("--model", type=Path, required=True, metavar="DIR", help="the --out folder of 'pathomics survival fit'")
-    _add_tables(evaluate)
-    parser.set_defaults(run=run)
+
+
+def survival_config(args: argparse.Namespace) -> SurvivalConfig:
+    """The SurvivalConfig the options describe (options not given keep its defaults)."""
+    return SurvivalConfig(**{k: v for k, v in vars(args).items() if k in _DEFAULTS})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -131,8 +141,7 @@ def run(args: argparse.Namespace) -> int:
 
     tables = (args.clinical, args.radiology, args.signatures)
     if args.action == "fit":
-        config = SurvivalConfig(**{k: v for k, v in vars(args).items() if k in _DEFAULTS})
-        result = survival_fit(config, *tables, out=args.out)
+        result = survival_fit(survival_config(args), *tables, out=args.out)
     else:
         result = survival_evaluate(args.model, *tables, out=args.out)
     cohort = result.cohort

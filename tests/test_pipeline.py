@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -12,6 +20,7 @@ from pathomics.extract import EmbedConfig
 from pathomics.manifest import SlideEntry, read_manifest
 from pathomics.mil import MILConfig
 from pathomics.pipeline import RunConfig, run_archive, run_slides
+from pathomics.store import read_feature_file
 from pathomics.survival.config import SurvivalConfig
 from pathomics.synthetic import write_cohort
 from pathomics.tiling import TileConfig
@@ -58,3 +67,83 @@ def test_run_archive_chains_mil_and_survival(tmp_path, cohort):
     assert (tmp_path / "survival" / "metrics.json").exists() and (tmp_path / "survival" / "report.html").exists()
     assert {("cohort", "mil"), ("cohort", "survival")} <= {(r.slide_id, r.stage) for r in read_status(tmp_path)}
     assert Path(tmp_path / "labels.csv").exists()
+
+
+def run_command(cohort, out: Path, *extra: str) -> list[str]:
+    """`pathomics run` on the small cohort, as a user types it."""
+    return [sys.executable, "-m", "pathomics.cli.main", "run", "--manifest", str(cohort.manifest), "--clinical", str(cohort.clinical),
+            "--radiology", str(cohort.radiology), "--out", str(out), "--mpp", "2.0", "--patch-size", "64", "--threads", "1",
+            "--model", "shufflenet-v2", "--weights", "random", "--precision", "fp32", "--input-size", "64", "--num-workers", "0",
+            "--covariates", "age,tumour_size", "--folds", "2", "--bootstrap", "10", "--penalizer", "0.5",
+            "--mil-folds", "2", "--mil-epochs", "3", *extra]
+
+
+def feature_mtimes(out: Path) -> dict[str, int]:
+    return {p.stem: p.stat().st_mtime_ns for p in (out / "features").glob("*.h5")}
+
+
+@pytest.mark.slow
+def test_sigkill_during_embedding_then_rerun_resumes(tmp_path, cohort):
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    proc = subprocess.Popen(run_command(cohort, killed), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and len(feature_mtimes(killed)) < 3:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed during embedding"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = feature_mtimes(killed)
+    assert 3 <= len(before) < 12 and not (killed / "signatures.parquet").exists()
+
+    assert subprocess.run(run_command(cohort, killed), capture_output=True).returncode == 0
+    status = {(r.slide_id, r.stage): r.state for r in read_status(killed)}
+    for slide_id, mtime in before.items():
+        assert feature_mtimes(killed)[slide_id] == mtime  # finished slides were not redone
+        assert status[(slide_id, "embed")] == "skipped" and status[(slide_id, "tile")] == "skipped"
+    assert subprocess.run(run_command(cohort, clean), capture_output=True).returncode == 0
+    for slide_id in feature_mtimes(clean):
+        a, b = read_feature_file(killed / "features" / f"{slide_id}.h5"), read_feature_file(clean / "features" / f"{slide_id}.h5")
+        np.testing.assert_array_equal(a.coords, b.coords)
+        np.testing.assert_allclose(a.features, b.features, rtol=1e-5, atol=1e-7)
+    resumed = pd.read_parquet(killed / "signatures.parquet").set_index("slide_id").sort_index()
+    uninterrupted = pd.read_parquet(clean / "signatures.parquet").set_index("slide_id").sort_index()
+    np.testing.assert_allclose(resumed["risk"], uninterrupted["risk"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_output_directory_share_the_slides(tmp_path, cohort):
+    procs = [subprocess.Popen(run_command(cohort, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    done = [int(re.search(r"tile \+ embed: (\d+) done", out).group(1)) for out in outputs]
+    assert sum(done) == 2 * 12  # every slide tiled and embedded exactly once, by one of the two runs
+    for slide_id in feature_mtimes(tmp_path):
+        assert len(read_feature_file(tmp_path / "features" / f"{slide_id}.h5").features) > 0
+    assert len(pd.read_parquet(tmp_path / "signatures.parquet")) == 12
+    rows = read_status(tmp_path)
+    assert len(rows) == len({(r.slide_id, r.stage) for r in rows}) and {r.state for r in rows} <= {"done", "skipped"}
+
+
+@pytest.mark.slow
+def test_run_against_an_existing_dask_scheduler(tmp_path, cohort):
+    dask = Path(sys.executable).with_name("dask")
+    scheduler_file = tmp_path / "scheduler.json"
+    procs = [subprocess.Popen([str(dask), "scheduler", "--scheduler-file", str(scheduler_file), "--no-dashboard", "--host", "127.0.0.1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        procs.append(subprocess.Popen([str(dask), "worker", "--scheduler-file", str(scheduler_file), "--nworkers", "1",
+                                       "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        address = json.loads(scheduler_file.read_text())["address"]
+        out = tmp_path / "out"
+        result = subprocess.run(run_command(cohort, out, "--scheduler", address), capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert len(feature_mtimes(out)) == 12 and (out / "survival" / "metrics.json").exists()
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            proc.wait(timeout=30)

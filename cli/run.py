@@ -1,0 +1,55 @@
+"""`pathomics run`: every stage over an archive (tile → embed → MIL → survival), resumable, on Dask."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pathomics.cli.common import add_slide_arguments, slide_entries, writable_dir
+from pathomics.cli.embed import add_embed_options, embed_config
+from pathomics.cli.survival import add_survival_options, survival_config
+from pathomics.cli.tile import add_tile_options, tile_config
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("run", help="all stages over an archive, resumable, on a local or remote Dask cluster",
+                                   description="Tile and embed every slide (one Dask task per slide, finished outputs "
+                                               "skipped), then train or apply a MIL model and fit the survival models.")
+    add_slide_arguments(parser)
+    parser.add_argument("--clinical", type=Path, required=True, metavar="CSV", help="clinical table (patient_id, time, event, covariates)")
+    parser.add_argument("--radiology", type=Path, metavar="CSV", help="radiology table (patient_id, radiology_score)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory of every stage")
+    cluster = parser.add_mutually_exclusive_group()
+    cluster.add_argument("--workers", type=int, default=1, help="local Dask worker processes (default 1)")
+    cluster.add_argument("--scheduler", help="address of an existing Dask scheduler, e.g. tcp://host:8786")
+    add_tile_options(parser.add_argument_group("tiling"))
+    add_embed_options(parser.add_argument_group("embedding"))
+    mil = parser.add_argument_group("MIL")
+    mil.add_argument("--aggregator", default="abmil", help="mean, max, abmil, gated-abmil, clam-sb or transmil (default abmil)")
+    mil.add_argument("--mil-folds", type=int, default=5, help="patient-level folds of the MIL cross-validation")
+    mil.add_argument("--mil-epochs", type=int, default=40)
+    mil.add_argument("--mil-model", type=Path, help="apply this trained MIL run (directory or .pt) instead of training one")
+    add_survival_options(parser.add_argument_group("survival"))
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathomics.batch import exit_code, summarize
+    from pathomics.mil import MILConfig
+    from pathomics.pipeline import RunConfig, run_archive
+    from pathomics.report import format_ci
+
+    entries = slide_entries(args)
+    survival = survival_config(args)
+    mil = MILConfig(task="survival", model=args.aggregator, folds=args.mil_folds, epochs=args.mil_epochs,
+                    time_col="time", event_col="event")
+    config = RunConfig(tile=tile_config(args), embed=embed_config(args), mil=mil, survival=survival,
+                       mil_model=args.mil_model, workers=args.workers, scheduler=args.scheduler)
+    out = writable_dir(args.out)
+    result = run_archive(entries, args.clinical, out, config, radiology=args.radiology)
+    slide_rows = [r for r in result.rows if r.slide_id != "cohort"]
+    print(summarize("tile + embed", slide_rows))
+    for name, model in result.survival.models.items():
+        print(f"  {name:<10} Harrell C {format_ci(model.metrics['c_index_harrell'])}")
+    print(f"signatures: {result.signatures}; survival results: {out / 'survival'}; status: {out / 'status.csv'}")
+    return exit_code(slide_rows)

@@ -1,0 +1,130 @@
+"""The demo: a synthetic cohort with a planted signal, the whole pipeline on it, and a report of what it recovered.
+
+Embedding uses ``shufflenet-v2`` with RANDOM weights (nothing can be downloaded here); every output
+says so. The report compares the four survival models and shows, for the highest-risk slides, the
+attention heatmap beside the planted high-grade regions, with the share of attention that falls on them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pathomics.extract import EmbedConfig
+from pathomics.manifest import read_manifest
+from pathomics.mil import MILConfig
+from pathomics.pipeline import RunConfig, RunResult, run_archive
+from pathomics.survival.config import SurvivalConfig
+from pathomics.synthetic import SlideTruth, read_cohort_truth, write_cohort
+from pathomics.tiling import TileConfig
+
+log = logging.getLogger(__name__)
+
+
+def demo_config(workers: int = 1) -> RunConfig:
+    """Stage settings sized for a few minutes on two CPU cores."""
+    return RunConfig(
+        tile=TileConfig(target_mpp=1.0, patch_size=128, min_tissue=0.5),
+        embed=EmbedConfig(model="shufflenet-v2", weights="random", precision="fp32", batch_size=128, input_size=128,
+                          num_workers=0),  # stores of ~100 patches: forking readers costs more than it saves
+        mil=MILConfig(task="survival", model="abmil", folds=5, epochs=40, hidden_dim=128, seed=0),
+        survival=SurvivalConfig(covariates=("age", "stage", "tumour_size"), categorical=("stage",), folds=5,
+                                n_bootstrap=200, risk_groups="median"),
+        workers=workers,
+    )
+
+
+@dataclass(frozen=True)
+class PlantedAttention:
+    """How much of a slide's attention falls on its planted high-grade patches, against their share of patches."""
+
+    slide_id: str
+    risk: float
+    planted_patch_share: float
+    attention_on_planted: float
+
+
+def attention_on_planted(out_dir: Path, truth: dict[str, SlideTruth], slide_ids: list[str]) -> list[PlantedAttention]:
+    """For each slide: attention mass on patches whose centre lies in a planted region, vs those patches' share."""
+    import shapely
+
+    from pathomics.mil import read_attention
+    from pathomics.store import open_patch_store, store_path
+
+    signatures = pd.read_parquet(out_dir / "signatures.parquet").set_index("slide_id")
+    found = []
+    for slide_id in slide_ids:
+        result = read_attention(out_dir / "attention" / f"{slide_id}.h5")
+        half = int(open_patch_store(store_path(out_dir, slide_id)).attrs["patch_size_level0"]) / 2
+        centres = result.coords + half
+        planted = shapely.contains_xy(truth[slide_id].high_grade(), centres[:, 0], centres[:, 1])
+        attention = result.attention / result.attention.sum()
+        found.append(PlantedAttention(slide_id, float(signatures.loc[slide_id, "risk"]), float(planted.mean()),
+                                      float(attention[planted].sum())))
+    return found
+
+
+def run_demo(out_dir: Path, n_patients: int = 80, seed: int = 0, workers: int = 1, top: int = 4) -> tuple[RunResult, list[PlantedAttention]]:
+    """Write the cohort (once), run the pipeline on it, and write ``<out>/report.html``."""
+    out_dir = Path(out_dir)
+    cohort = write_cohort(out_dir / "cohort", n_patients=n_patients, seed=seed)
+    result = run_archive(read_manifest(cohort.manifest), cohort.clinical, out_dir, demo_config(workers), radiology=cohort.radiology)
+    truth = read_cohort_truth(cohort.truth)
+    signatures = pd.read_parquet(out_dir / "signatures.parquet")
+    everyone = attention_on_planted(out_dir, truth, list(signatures.slide_id))
+    highest = sorted(everyone, key=lambda a: -a.risk)[:top]
+    write_demo_report(out_dir, result, truth, everyone, highest)
+    return result, everyone
+
+
+def write_demo_report(out_dir: Path, result: RunResult, truth: dict[str, SlideTruth],
+                      everyone: list[PlantedAttention], highest: list[PlantedAttention]) -> Path:
+    """``<out>/report.html``: the survival comparison plus attention heatmaps beside the planted regions."""
+    from pathomics.mil import render_heatmap
+    from pathomics.report import Section, image_html, paragraph, survival_sections, table_html, write_report
+
+    heat_dir = out_dir / "heatmaps"
+    panels = ""
+    for item in highest:
+        heatmap = render_heatmap(out_dir / "attention" / f"{item.slide_id}.h5", out_dir, heat_dir / f"{item.slide_id}.png")
+        planted = _planted_png(out_dir, truth[item.slide_id], heat_dir / f"{item.slide_id}.planted.png")
+        panels += paragraph(f"{item.slide_id}: risk {item.risk:.3f}; {item.attention_on_planted:.0%} of attention on planted "
+                            f"patches, which are {item.planted_patch_share:.0%} of its patches")
+        panels += image_html(heatmap, f"attention heatmap of {item.slide_id}") + image_html(planted, f"planted regions of {item.slide_id}")
+    table = pd.DataFrame([vars(a) for a in highest])
+    mean_on, mean_share = np.mean([a.attention_on_planted for a in highest]), np.mean([a.planted_patch_share for a in highest])
+    sections = [
+        Section("About this demo", paragraph(
+            "A synthetic cohort with planted clinical, radiology and pathology effects on recurrence. Patch embeddings "
+            "come from shufflenet-v2 with RANDOM weights (no pretrained weights are downloaded): the pathology signal "
+            "is recovered from texture alone. Planted high-grade regions carry denser, larger, darker nuclei.")),
+        *survival_sections(result.survival, out_dir / "survival"),
+        Section("Attention on planted regions", paragraph(
+            f"Highest-risk {len(highest)} slides: on average {mean_on:.0%} of attention falls on planted high-grade patches, "
+            f"which make up {mean_share:.0%} of their patches (all slides: {np.mean([a.attention_on_planted for a in everyone]):.0%} "
+            f"vs {np.mean([a.planted_patch_share for a in everyone]):.0%}). Left: attention (rank within slide); "
+            "right: the planted regions in red.") + table_html(table) + panels),
+    ]
+    return write_report(out_dir / "report.html", "pathomics demo report (RANDOM backbone weights)", sections)
+
+
+def _planted_png(out_dir: Path, truth: SlideTruth, path: Path) -> Path:
+    """The store's thumbnail with the planted high-grade regions outlined in red."""
+    import cv2
+
+    from pathomics.store import atomic_path, open_patch_store, store_path
+
+    slide_id = truth.path.stem
+    store = open_patch_store(store_path(out_dir, slide_id))
+    image = cv2.imread(str(store.path.with_name(f"{slide_id}.thumb.png")))
+    scale = image.shape[1] / float(store.attrs["slide_width"])
+    for polygon in truth.high_grade().geoms:
+        cv2.polylines(image, [np.rint(np.asarray(polygon.exterior.coords) * scale).astype(np.int32)], True, (0, 0, 230), 2)
+    ok, png = cv2.imencode(".png", image)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(png.tobytes())
+    return path
