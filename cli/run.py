@@ -34,13 +34,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from pathomics.batch import exit_code, summarize
     from pathomics.mil import MILConfig
-    from pathomics.pipeline import RunConfig, run_archive
+    from pathomics.pipeline import RUN_FUSION, RunConfig, run_archive
     from pathomics.report import format_ci
 
     entries = slide_entries(args)
     survival = survival_config(args)
+    if "fusion" not in vars(args):  # see pipeline.RUN_FUSION
+        survival = dataclasses.replace(survival, fusion=RUN_FUSION)
     mil = MILConfig(task="survival", model=args.aggregator, folds=args.mil_folds, epochs=args.mil_epochs,
                     time_col="time", event_col="event")
     config = RunConfig(tile=tile_config(args), embed=embed_config(args), mil=mil, survival=survival,

@@ -17,7 +17,7 @@ import pandas as pd
 from pathomics.extract import EmbedConfig
 from pathomics.manifest import read_manifest
 from pathomics.mil import MILConfig
-from pathomics.pipeline import RunConfig, RunResult, run_archive
+from pathomics.pipeline import RUN_FUSION, RunConfig, RunResult, run_archive
 from pathomics.survival.config import SurvivalConfig
 from pathomics.synthetic import SlideTruth, read_cohort_truth, write_cohort
 from pathomics.tiling import TileConfig
@@ -33,7 +33,7 @@ def demo_config(workers: int = 1) -> RunConfig:
                           num_workers=0),  # stores of ~100 patches: forking readers costs more than it saves
         mil=MILConfig(task="survival", model="abmil", folds=5, epochs=40, hidden_dim=128, seed=0),
         survival=SurvivalConfig(covariates=("age", "stage", "tumour_size"), categorical=("stage",), folds=5,
-                                n_bootstrap=200, risk_groups="median"),
+                                n_bootstrap=200, risk_groups="median", fusion=RUN_FUSION),
         workers=workers,
     )
 

@@ -9,7 +9,6 @@ and carries the stage config (provenance).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ import pandas as pd
 from pathomics import __version__
 from pathomics.batch import DONE, SKIPPED, SlideJob, StatusRow, run_jobs
 from pathomics.errors import CohortError, ModelError, StoreError
-from pathomics.store import atomic_path, open_patch_store, read_feature_file, store_path
+from pathomics.store import atomic_path, open_patch_store, read_feature_file, sha256_file, store_path
 
 if TYPE_CHECKING:
     import torch
@@ -451,15 +450,7 @@ def _save_checkpoint(path: Path, model: MILAggregator, objective: Objective, con
                   "config": config.to_dict(), "fold": fold, "best_epoch": best_epoch, "pathomics_version": __version__}
     with atomic_path(path) as tmp:
         torch.save(checkpoint, tmp)
-        return _sha256(tmp)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return sha256_file(tmp)
 
 
 @dataclass(frozen=True, eq=False)
@@ -496,7 +487,7 @@ def load_trained(path: str | os.PathLike, device: str = "cpu") -> TrainedMIL:
         raise ModelError(f"{path}: not a pathomics MIL checkpoint ({exc})") from exc
     model.to(resolve_device(device)).eval()
     config = MILConfig.from_dict(checkpoint["config"])
-    return TrainedMIL(model, objective, config, int(checkpoint["fold"]), _sha256(path), path)
+    return TrainedMIL(model, objective, config, int(checkpoint["fold"]), sha256_file(path), path)
 
 
 def apply_trained(trained: TrainedMIL, features_path: str | os.PathLike, patient_id: str) -> SlideResult:

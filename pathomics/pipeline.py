@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 BUSY = "busy"
+# Out-of-fold signatures come from a different MIL model per fold, so their sig_* spaces do not line up
+# across folds while the per-fold standardised risk does: archive runs fuse modalities at decision level.
+RUN_FUSION = "decision"
 COHORT = "cohort"  # the slide_id of cohort-level rows in status.csv
 
 
@@ -47,7 +50,7 @@ class RunConfig:
     tile: TileConfig = field(default_factory=TileConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     mil: MILConfig = field(default_factory=lambda: MILConfig(task="survival"))
-    survival: SurvivalConfig = field(default_factory=SurvivalConfig)
+    survival: SurvivalConfig = field(default_factory=lambda: SurvivalConfig(fusion=RUN_FUSION))
     mil_model: Path | None = None  # apply this trained MIL checkpoint instead of cross-validated training
     workers: int = 1
     scheduler: str | None = None

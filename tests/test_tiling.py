@@ -145,3 +145,4 @@ def test_invalid_config_is_refused():
     for bad in [dict(target_mpp=0), dict(patch_size=4), dict(overlap=256), dict(min_tissue=1.5)]:
         with pytest.raises(ValueError):
             TileConfig(**bad)
+

@@ -8,7 +8,6 @@ else ``random`` when explicitly asked; nothing is ever downloaded.
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import warnings
 from collections import OrderedDict
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from pathomics.errors import ModelError
+from pathomics.store import sha256_file
 
 RANDOM = "random"
 TORCHVISION_PREFIX = "torchvision:"
@@ -247,12 +247,3 @@ def check_embeddings(out: object, n: int, name: str) -> int:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ModelError(f"{name} must return one (batch, dim) tensor per batch of {n} patches, got {shape}")
     return int(out.shape[1])
-
-
-def sha256_file(path: Path) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
