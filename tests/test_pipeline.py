@@ -147,3 +147,17 @@ def test_run_against_an_existing_dask_scheduler(tmp_path, cohort):
         for proc in reversed(procs):
             proc.terminate()
             proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_run_lists_failed_slides_and_exits_1(tmp_path, cohort, truncated_slide):
+    manifest = pd.read_csv(cohort.manifest)
+    manifest["slide_path"] = [str(cohort.root / p) for p in manifest.slide_path]
+    broken = pd.DataFrame({"slide_path": [str(truncated_slide)], "slide_id": ["broken"], "patient_id": ["P0000"]})
+    pd.concat([manifest, broken]).to_csv(tmp_path / "manifest.csv", index=False)
+    argv = run_command(cohort, tmp_path / "out")
+    argv[argv.index("--manifest") + 1] = str(tmp_path / "manifest.csv")
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "FAILED broken" in result.stdout and "truncated.svs" in result.stdout
+    assert (tmp_path / "out" / "survival" / "metrics.json").exists()  # the other slides went all the way
