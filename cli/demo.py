@@ -29,12 +29,11 @@ def run(args: argparse.Namespace) -> int:
     out = writable_dir(args.out)
     print(f"demo: {args.patients} synthetic patients in {out / 'cohort'}; backbone shufflenet-v2 with RANDOM weights")
     result, attention = run_demo(out, n_patients=args.patients, seed=args.seed, workers=args.workers)
-    slide_rows = [r for r in result.rows if r.slide_id != "cohort"]
-    print(summarize("tile + embed", slide_rows))
+    print(summarize("tile + embed", result.slide_rows))
     for name, model in result.survival.models.items():
         print(f"  {name:<10} out-of-fold Harrell C {format_ci(model.metrics['c_index_harrell'])}")
     top = sorted(attention, key=lambda a: -a.risk)[:4]
     print(f"  highest-risk slides: {np.mean([a.attention_on_planted for a in top]):.0%} of attention on planted regions "
           f"covering {np.mean([a.planted_patch_share for a in top]):.0%} of their patches")
     print(f"report: {out / 'report.html'} ({time.perf_counter() - start:.0f} s)")
-    return exit_code(slide_rows)
+    return exit_code(result.slide_rows)

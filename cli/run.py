@@ -51,9 +51,8 @@ def run(args: argparse.Namespace) -> int:
                        mil_model=args.mil_model, workers=args.workers, scheduler=args.scheduler)
     out = writable_dir(args.out)
     result = run_archive(entries, args.clinical, out, config, radiology=args.radiology)
-    slide_rows = [r for r in result.rows if r.slide_id != "cohort"]
-    print(summarize("tile + embed", slide_rows))
+    print(summarize("tile + embed", result.slide_rows))
     for name, model in result.survival.models.items():
         print(f"  {name:<10} Harrell C {format_ci(model.metrics['c_index_harrell'])}")
     print(f"signatures: {result.signatures}; survival results: {out / 'survival'}; status: {out / 'status.csv'}")
-    return exit_code(slide_rows)
+    return exit_code(result.slide_rows)

@@ -46,7 +46,7 @@ class SlideJob:
 def run_jobs(stage: str, jobs: Sequence[SlideJob], out_dir: str | os.PathLike, show_progress: bool = True) -> list[StatusRow]:
     """Run ``jobs`` one after another, isolating failures; record every outcome in ``status.csv``."""
     rows: list[StatusRow] = []
-    with _progress(stage, len(jobs), show_progress) as advance:
+    with progress(stage, len(jobs), show_progress) as advance:
         for job in jobs:
             row = run_one(stage, job)
             rows.append(row)
@@ -125,7 +125,7 @@ def summarize(stage: str, rows: Sequence[StatusRow]) -> str:
     return "\n".join(lines)
 
 
-class _progress:
+class progress:
     """A rich progress bar on a terminal, a log line per slide elsewhere."""
 
     def __init__(self, stage: str, total: int, enabled: bool) -> None:

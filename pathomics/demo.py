@@ -7,7 +7,6 @@ attention heatmap beside the planted high-grade regions, with the share of atten
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +20,6 @@ from pathomics.pipeline import RUN_FUSION, RunConfig, RunResult, run_archive
 from pathomics.survival.config import SurvivalConfig
 from pathomics.synthetic import SlideTruth, read_cohort_truth, write_cohort
 from pathomics.tiling import TileConfig
-
-log = logging.getLogger(__name__)
 
 
 def demo_config(workers: int = 1) -> RunConfig:
@@ -116,7 +113,7 @@ def _planted_png(out_dir: Path, truth: SlideTruth, path: Path) -> Path:
     """The store's thumbnail with the planted high-grade regions outlined in red."""
     import cv2
 
-    from pathomics.store import atomic_path, open_patch_store, store_path
+    from pathomics.store import open_patch_store, store_path, write_png
 
     slide_id = truth.path.stem
     store = open_patch_store(store_path(out_dir, slide_id))
@@ -124,7 +121,4 @@ def _planted_png(out_dir: Path, truth: SlideTruth, path: Path) -> Path:
     scale = image.shape[1] / float(store.attrs["slide_width"])
     for polygon in truth.high_grade().geoms:
         cv2.polylines(image, [np.rint(np.asarray(polygon.exterior.coords) * scale).astype(np.int32)], True, (0, 0, 230), 2)
-    ok, png = cv2.imencode(".png", image)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(png.tobytes())
-    return path
+    return write_png(path, image)

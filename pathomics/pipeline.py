@@ -15,7 +15,7 @@ import logging
 import multiprocessing
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from pathomics.batch import DONE, FAILED, SlideJob, StatusRow, exclusive_lock, run_one, update_status
+from pathomics.batch import DONE, FAILED, SlideJob, StatusRow, exclusive_lock, progress, run_one, update_status
 from pathomics.errors import CohortError
 from pathomics.extract import EmbedConfig, embed_job
 from pathomics.manifest import SlideEntry
@@ -69,8 +69,9 @@ class RunResult:
     survival: SurvivalResult
 
     @property
-    def failed(self) -> list[StatusRow]:
-        return [r for r in self.rows if r.state == FAILED]
+    def slide_rows(self) -> list[StatusRow]:
+        """The per-slide rows (tile, embed), without the cohort-level ones."""
+        return [r for r in self.rows if r.slide_id != COHORT]
 
 
 def process_slide(entry: SlideEntry, out_dir: Path, tile: TileConfig, embed: EmbedConfig, wait: bool = False) -> list[StatusRow]:
@@ -99,8 +100,8 @@ def worker_backbone(config: EmbedConfig):  # noqa: ANN202 - a torch module, impo
     return load_backbone(config.model, config.weights, config.input_size)
 
 
-def run_slides(entries: Sequence[SlideEntry], out_dir: Path, config: RunConfig,
-               on_done: Callable[[str, list[StatusRow]], None] | None = None, client: object | None = None) -> list[StatusRow]:
+def run_slides(entries: Sequence[SlideEntry], out_dir: Path, config: RunConfig, client: object | None = None,
+               show_progress: bool = True) -> list[StatusRow]:
     """Tile and embed every slide on Dask; slides another run holds are waited for at the end, then skipped.
 
     ``client``: a connected ``distributed.Client`` to use instead of the one ``config`` describes.
@@ -108,10 +109,14 @@ def run_slides(entries: Sequence[SlideEntry], out_dir: Path, config: RunConfig,
     from distributed import as_completed
 
     rows: list[StatusRow] = []
-    with contextlib.nullcontext(client) if client is not None else dask_client(config) as client:
-        pending = {client.submit(process_slide, e, out_dir, config.tile, config.embed, key=f"slide-{e.slide_id}-{time.time_ns()}",
-                                 pure=False): e for e in entries}
-        busy: list[SlideEntry] = []
+    with contextlib.nullcontext(client) if client is not None else dask_client(config) as client, \
+            progress("tile + embed", len(entries), show_progress) as advance:
+
+        def submit(batch: Sequence[SlideEntry], wait: bool) -> dict:
+            return {client.submit(process_slide, e, out_dir, config.tile, config.embed, wait,
+                                  key=f"slide-{e.slide_id}-{time.time_ns()}", pure=False): e for e in batch}
+
+        pending, busy = submit(entries, wait=False), []
         for wait in (False, True):
             for future in as_completed(list(pending)):
                 entry = pending.pop(future)
@@ -121,11 +126,8 @@ def run_slides(entries: Sequence[SlideEntry], out_dir: Path, config: RunConfig,
                     continue
                 rows += slide_rows
                 update_status(out_dir, slide_rows)
-                if on_done:
-                    on_done(entry.slide_id, slide_rows)
-            pending = {client.submit(process_slide, e, out_dir, config.tile, config.embed, True,
-                                     key=f"slide-wait-{e.slide_id}-{time.time_ns()}", pure=False): e for e in busy}
-            busy = []
+                advance(entry.slide_id, FAILED if any(r.state == FAILED for r in slide_rows) else slide_rows[-1].state)
+            pending, busy = submit(busy, wait=True), []
     return rows
 
 
@@ -173,15 +175,14 @@ def mil_labels(entries: Sequence[SlideEntry], clinical: pd.DataFrame, out_dir: P
 
 
 def run_archive(entries: Sequence[SlideEntry], clinical: Path, out_dir: Path, config: RunConfig = RunConfig(),
-                radiology: Path | None = None,
-                on_done: Callable[[str, list[StatusRow]], None] | None = None) -> RunResult:
+                radiology: Path | None = None) -> RunResult:
     """Tile → embed every slide, then MIL (trained by cross-validation, or ``mil_model`` applied) → survival."""
     from pathomics.mil import predict_mil, train_mil
     from pathomics.survival import survival_fit
 
     out_dir = Path(out_dir)
     clinical_table = pd.read_csv(clinical, dtype={config.survival.id_col: str})
-    rows = run_slides(entries, out_dir, config, on_done)
+    rows = run_slides(entries, out_dir, config)
     with exclusive_lock(out_dir / "locks" / f"{COHORT}.lock", wait=True):
         labels = mil_labels(entries, clinical_table, out_dir, config.survival)
         start = time.perf_counter()

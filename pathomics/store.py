@@ -67,6 +67,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def write_png(path: str | os.PathLike, image_bgr: np.ndarray) -> Path:
+    """Encode an OpenCV (BGR) image as PNG and write it atomically."""
+    import cv2
+
+    ok, png = cv2.imencode(".png", image_bgr)
+    if not ok:
+        raise StoreError(f"{path}: could not encode a PNG of shape {image_bgr.shape}")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(png.tobytes())
+    return Path(path)
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """SHA-256 of a file, read in 1 MiB blocks (provenance of weights and checkpoints)."""
     digest = hashlib.sha256()

@@ -29,7 +29,7 @@ from shapely.geometry import MultiPolygon
 from pathomics import __version__
 from pathomics.errors import StoreError
 from pathomics.slide import SlideReader, TiffTileSource, open_slide
-from pathomics.store import PatchStore, PatchStoreWriter, atomic_path, open_patch_store, store_path
+from pathomics.store import PatchStore, PatchStoreWriter, open_patch_store, store_path, write_png
 from pathomics.tissue import Tissue, TissueConfig, detect_tissue, load_tissue, write_geojson
 
 log = logging.getLogger(__name__)
@@ -293,9 +293,7 @@ def _write_thumbnail(tissue: Tissue, grid: Grid, path: Path) -> None:
         for ring in [poly.exterior, *poly.interiors]:
             pts = np.rint(np.asarray(ring.coords) * scale).astype(np.int32)
             cv2.polylines(image, [pts], True, (0, 170, 0), 2)
-    ok, png = cv2.imencode(".png", image)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(png.tobytes())
+    write_png(path, image)
 
 
 def read_patches(store: PatchStore, start: int, stop: int) -> np.ndarray:
