@@ -4,12 +4,17 @@ The same synthetic archive (cached) is processed from scratch with each worker c
 one run; prints slides/hour and the speed-up over one worker, and writes JSON. Embedding uses
 ``shufflenet-v2`` with random weights (labelled as such) so that nothing needs downloading.
 
-    python benchmarks/archive.py [--slides 8] [--workers 1 2] [--json benchmarks/results/archive.json]
+Two thread settings are measured. ``auto`` is what ``pathomics run`` does: the cores are shared out,
+cores / workers threads each, so the speed-up is what more workers add on this machine. ``1`` pins every
+worker to one thread: its speed-up is how well the scale-out itself scales when each worker has a core.
+
+    python benchmarks/archive.py [--slides 16] [--workers 1 2] [--threads-per-worker auto 1] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -48,9 +53,10 @@ def _warm_up(embed: EmbedConfig) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--slides", type=int, default=8)
+    parser.add_argument("--slides", type=int, default=16)
     parser.add_argument("--size", type=int, nargs=2, default=(8192, 6144), metavar=("W", "H"))
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--threads-per-worker", nargs="+", default=["auto", "1"], help="'auto' (cores / workers) or a number")
     parser.add_argument("--cache", type=Path, default=Path(__file__).parent / "out")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "archive.json")
     args = parser.parse_args()
@@ -59,9 +65,9 @@ def main() -> None:
     tile = TileConfig(target_mpp=1.0, patch_size=128)
     embed = EmbedConfig(model="shufflenet-v2", weights="random", precision="fp32", batch_size=64)
     results = []
-    for workers in args.workers:
+    for threads, workers in itertools.product(args.threads_per_worker, args.workers):
         out = Path(tempfile.mkdtemp(prefix=f"bench-archive-{workers}-"))
-        config = RunConfig(tile=tile, embed=embed, workers=workers)
+        config = RunConfig(tile=tile, embed=embed, workers=workers, threads_per_worker=None if threads == "auto" else int(threads))
         try:
             with dask_client(config) as client:
                 client.run(_warm_up, embed)  # cluster start, imports and model build are not archive throughput
@@ -74,12 +80,13 @@ def main() -> None:
             patches = sum(len(open_patch_store(p)) for p in (out / "tiles").glob("*.zarr"))
         finally:
             shutil.rmtree(out, ignore_errors=True)
-        results.append({"workers": workers, "seconds": seconds, "slides": len(entries),
+        results.append({"threads_per_worker": threads, "worker_threads": config.worker_threads, "workers": workers,
+                        "seconds": seconds, "slides": len(entries),
                         "slides_per_hour": len(entries) / seconds * 3600, "patches": patches,
                         "patches_per_s": patches / seconds})
-    base = results[0]["slides_per_hour"]
-    for r in results:
-        r["speedup"] = r["slides_per_hour"] / base
+    for r in results:  # over the fewest workers of the same thread setting
+        base = next(b for b in results if b["threads_per_worker"] == r["threads_per_worker"])
+        r["speedup"] = r["slides_per_hour"] / base["slides_per_hour"]
     document = {"slides": args.slides, "size": list(args.size), "cpu_count": os.cpu_count(),
                 "tile": {"target_mpp": tile.target_mpp, "patch_size": tile.patch_size},
                 "embed": {"model": embed.model, "weights": "random", "precision": embed.precision}, "runs": results}
@@ -87,9 +94,11 @@ def main() -> None:
     args.json.write_text(json.dumps(document, indent=2))
     print(f"Archive benchmark: {args.slides} slides of {args.size[0]}x{args.size[1]} px, tile + embed "
           f"(shufflenet-v2, RANDOM weights), {os.cpu_count()} cores")
-    print(f"  {'workers':>7} {'seconds':>9} {'slides/hour':>12} {'speed-up':>9}")
+    print(f"  {'threads/worker':>14} {'workers':>7} {'seconds':>9} {'slides/hour':>12} {'patches/s':>10} {'speed-up':>9}")
     for r in results:
-        print(f"  {r['workers']:>7} {r['seconds']:>9.1f} {r['slides_per_hour']:>12.0f} {r['speedup']:>8.2f}x")
+        threads = f"{r['threads_per_worker']} ({r['worker_threads']})" if r["threads_per_worker"] == "auto" else r["threads_per_worker"]
+        print(f"  {threads:>14} {r['workers']:>7} {r['seconds']:>9.1f} {r['slides_per_hour']:>12.0f} "
+              f"{r['patches_per_s']:>10.0f} {r['speedup']:>8.2f}x")
     print(f"JSON: {args.json}")
 
 

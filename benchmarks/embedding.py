@@ -4,6 +4,8 @@ For each backbone (shufflenet-v2, resnet50-trunc) and precision (fp32 and the de
 same batch size: model-only patches/s (prepared tensors already on the device, forward passes only) and
 end-to-end patches/s of ``embed_store`` (store read in background workers, copy, normalise and resize,
 forward, HDF5 write). The ratio pipeline/model-only shows how much of the I/O is hidden (target ≥ 0.9).
+On a CPU, model-only is also timed with whole batches in one forward pass, against the micro-batches the
+encoder uses there (``Encoder.micro_batch``): the ratio micro/whole is what micro-batching gains.
 Random weights (throughput does not depend on them) and random-noise patches (the costliest to decompress).
 
     python benchmarks/embedding.py --quick               # a couple of minutes on a 2-core CPU
@@ -67,17 +69,20 @@ def paired_medians(runs: dict[str, Callable[[], None]], repeats: int, device: to
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def model_only(encoder: Encoder, n: int, batch_size: int, patch_size: int) -> Callable[[], None]:
-    """Forward passes alone over the pipeline's batch sizes, on one prepared batch already on the device."""
+def model_only(encoder: Encoder, n: int, batch_size: int, patch_size: int, whole: bool = False) -> Callable[[], None]:
+    """Forward passes alone over the pipeline's batch sizes, on one prepared batch already on the device,
+    in the encoder's micro-batches (or in ``whole`` batches)."""
     images = torch.randint(0, 256, (batch_size, patch_size, patch_size, 3), dtype=torch.uint8)
     sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
+    step = batch_size if whole or encoder.micro_batch is None else encoder.micro_batch
     with torch.inference_mode():
         x = encoder.prepare(images)
 
     def run() -> None:
         with torch.inference_mode():
             for size in sizes:
-                encoder.forward(x[:size])
+                for part in x[:size].split(step):
+                    encoder.forward(part)
 
     return run
 
@@ -97,13 +102,22 @@ def measure(args: argparse.Namespace, store: Path, work: Path) -> list[dict]:
         for precision in dict.fromkeys(("fp32", fast)):
             config = EmbedConfig(model=model, weights="random", device=str(device), precision=precision,
                                  batch_size=args.batch_size, num_workers=args.num_workers)
-            runs = {"model_only": model_only(Encoder(backbone, device, precision), args.patches, args.batch_size, args.patch_size),
+            encoder = Encoder(backbone, device, precision)
+            runs = {"model_only": model_only(encoder, args.patches, args.batch_size, args.patch_size),
                     "pipeline": pipeline(store, work / f"{model}-{precision}", config, backbone)}
-            seconds = paired_medians(runs, args.repeats, device)
-            alone, whole = args.patches / seconds["model_only"], args.patches / seconds["pipeline"]
-            rows.append({"model": model, "precision": precision, "model_only_patches_per_s": round(alone, 1),
-                         "pipeline_patches_per_s": round(whole, 1), "ratio": round(whole / alone, 3)})
-            print(f"{model:16s} {precision:5s} {alone:12.1f} {whole:12.1f} {whole / alone:7.3f}", flush=True)
+            if encoder.micro_batch:
+                runs["whole_batches"] = model_only(encoder, args.patches, args.batch_size, args.patch_size, whole=True)
+            rate = {name: args.patches / t for name, t in paired_medians(runs, args.repeats, device).items()}
+            alone, whole = rate["model_only"], rate["pipeline"]
+            row = {"model": model, "precision": precision, "model_only_patches_per_s": round(alone, 1),
+                   "pipeline_patches_per_s": round(whole, 1), "ratio": round(whole / alone, 3), "micro_batch": encoder.micro_batch}
+            if encoder.micro_batch:
+                row |= {"whole_batch_patches_per_s": round(rate["whole_batches"], 1),
+                        "micro_batch_gain": round(alone / rate["whole_batches"], 3)}
+            rows.append(row)
+            print(f"{model:16s} {precision:5s} {alone:12.1f} {whole:12.1f} {whole / alone:7.3f} "
+                  f"{row.get('whole_batch_patches_per_s', float('nan')):12.1f} {row.get('micro_batch_gain', float('nan')):7.2f}",
+                  flush=True)
     return rows
 
 
@@ -143,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"{'model':16s} {'prec':5s} {'model-only/s':>12s} {'pipeline/s':>12s} {'ratio':>7s}", flush=True)
+    print(f"{'model':16s} {'prec':5s} {'model-only/s':>12s} {'pipeline/s':>12s} {'ratio':>7s} {'whole-batch/s':>12s} "
+          f"{'gain':>7s}", flush=True)
     with tempfile.TemporaryDirectory(prefix="pathomics-bench-") as tmp:
         store = build_store(Path(tmp), args.patches, args.patch_size)
         rows = measure(args, store, Path(tmp))

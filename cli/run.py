@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
     mil = MILConfig(task="survival", model=args.aggregator, folds=args.mil_folds, epochs=args.mil_epochs,
                     time_col="time", event_col="event")
     config = RunConfig(tile=tile_config(args), embed=embed_config(args), mil=mil, survival=survival,
-                       mil_model=args.mil_model, workers=args.workers, scheduler=args.scheduler)
+                       mil_model=args.mil_model, workers=args.workers, threads_per_worker=args.threads,
+                       scheduler=args.scheduler)
     out = writable_dir(args.out)
     result = run_archive(entries, args.clinical, out, config, radiology=args.radiology)
     print(summarize("tile + embed", result.slide_rows))

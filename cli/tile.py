@@ -29,7 +29,8 @@ def add_tile_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-tissue", type=float, default=0.5, help="keep patches at least this fraction tissue")
     parser.add_argument("--no-pixels", action="store_true", help="write coords-only stores (the embedder reads the slide)")
     parser.add_argument("--tissue-dir", type=Path, help="folder of <slide_id>.geojson tissue annotations to use instead of detection")
-    parser.add_argument("--threads", type=int, default=None, help="decoding threads per slide (default: all cores)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="decoding threads per slide (default: all cores; in `run`: cores / workers, for torch too)")
 
 
 def tile_config(args: argparse.Namespace):  # noqa: ANN201 - TileConfig, imported lazily
@@ -50,16 +51,16 @@ def tile_config(args: argparse.Namespace):  # noqa: ANN201 - TileConfig, importe
 
 def run(args: argparse.Namespace) -> int:
     from pathomics.batch import SlideJob, exit_code, run_jobs, summarize
-    from pathomics.tiling import tile_slide
+    from pathomics.manifest import SlideEntry
+    from pathomics.tiling import tile_job
 
     entries = slide_entries(args)
     config = tile_config(args)
     out = writable_dir(args.out)
 
-    def job(entry) -> SlideJob:
-        geojson = entry.tissue_geojson or (args.tissue_dir / f"{entry.slide_id}.geojson" if args.tissue_dir else None)
-        return SlideJob(entry.slide_id, lambda: tile_slide(entry.slide_path, out, config, mpp=entry.mpp, slide_id=entry.slide_id,
-                                                           tissue_geojson=geojson, backend=args.backend).state)
+    def job(entry: SlideEntry) -> SlideJob:
+        geojson = args.tissue_dir / f"{entry.slide_id}.geojson" if args.tissue_dir and not entry.tissue_geojson else None
+        return tile_job(entry, out, config, tissue_geojson=geojson, backend=args.backend)
 
     rows = run_jobs("tile", [job(e) for e in entries], out)
     print(summarize("tile", rows))

@@ -33,14 +33,18 @@ class StatusRow:
     state: str
     seconds: float
     error: str = ""
+    patches: int = 0  # patches the stage produced or read (0 where it does not apply)
+
+
+Outcome = tuple[str, int]  # (DONE or SKIPPED, patches)
 
 
 @dataclass(frozen=True)
 class SlideJob:
-    """One unit of batch work: ``run`` returns DONE or SKIPPED, or raises."""
+    """One unit of batch work: ``run`` returns (DONE or SKIPPED, patches), or raises."""
 
     slide_id: str
-    run: Callable[[], str]
+    run: Callable[[], Outcome]
 
 
 def run_jobs(stage: str, jobs: Sequence[SlideJob], out_dir: str | os.PathLike, show_progress: bool = True) -> list[StatusRow]:
@@ -51,7 +55,7 @@ def run_jobs(stage: str, jobs: Sequence[SlideJob], out_dir: str | os.PathLike, s
             row = run_one(stage, job)
             rows.append(row)
             update_status(out_dir, [row])
-            advance(job.slide_id, row.state)
+            advance(job.slide_id, row.state, row.patches if row.state == DONE else 0)
     return rows
 
 
@@ -59,11 +63,10 @@ def run_one(stage: str, job: SlideJob) -> StatusRow:
     """Run one job, turning an expected failure (bad slide, bad store, I/O error) into a failed row."""
     start = time.perf_counter()
     try:
-        state = job.run()
-        error = ""
+        (state, patches), error = job.run(), ""
     except (PathomicsError, OSError, ValueError) as exc:
-        state, error = FAILED, f"{type(exc).__name__}: {exc}"
-    return StatusRow(job.slide_id, stage, state, round(time.perf_counter() - start, 3), error)
+        state, patches, error = FAILED, 0, f"{type(exc).__name__}: {exc}"
+    return StatusRow(job.slide_id, stage, state, round(time.perf_counter() - start, 3), error, patches)
 
 
 def read_status(out_dir: str | os.PathLike) -> list[StatusRow]:
@@ -72,7 +75,8 @@ def read_status(out_dir: str | os.PathLike) -> list[StatusRow]:
     if not path.exists():
         return []
     with path.open(newline="") as fh:
-        return [StatusRow(r["slide_id"], r["stage"], r["state"], float(r["seconds"]), r["error"]) for r in csv.DictReader(fh)]
+        return [StatusRow(r["slide_id"], r["stage"], r["state"], float(r["seconds"]), r["error"], int(r.get("patches") or 0))
+                for r in csv.DictReader(fh)]
 
 
 def update_status(out_dir: str | os.PathLike, rows: Iterable[StatusRow]) -> None:
@@ -126,30 +130,39 @@ def summarize(stage: str, rows: Sequence[StatusRow]) -> str:
 
 
 class progress:
-    """A rich progress bar on a terminal, a log line per slide elsewhere."""
+    """Slides done and patches per second: a rich progress bar on a terminal, a log line per slide elsewhere.
+
+    The rate counts the patches of slides processed in this run (skipped slides add none) over the time since start.
+    """
 
     def __init__(self, stage: str, total: int, enabled: bool) -> None:
         self.stage, self.total, self.enabled, self.bar = stage, total, enabled, None
 
-    def __enter__(self) -> Callable[[str, str], None]:
+    def __enter__(self) -> Callable[[str, str, int], None]:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         console = Console(stderr=True)
         if self.enabled and console.is_terminal:
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), TextColumn("{task.fields[last]}"), console=console)
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[last]}"), console=console)
             self.bar.start()
-            self.task = self.bar.add_task(self.stage, total=self.total, last="")
-        self.done = 0
+            self.task = self.bar.add_task(self.stage, total=self.total, rate="", last="")
+        self.done, self.patches, self.start = 0, 0, time.perf_counter()
         return self.advance
 
-    def advance(self, slide_id: str, state: str) -> None:
-        self.done += 1
+    @property
+    def rate(self) -> str:
+        """Patches per second so far, as shown."""
+        return f"{self.patches / max(time.perf_counter() - self.start, 1e-9):.0f} patches/s"
+
+    def advance(self, slide_id: str, state: str, patches: int = 0) -> None:
+        """Count one finished slide and the ``patches`` it processed."""
+        self.done, self.patches = self.done + 1, self.patches + patches
         if self.bar is not None:
-            self.bar.update(self.task, advance=1, last=f"{slide_id}: {state}")
+            self.bar.update(self.task, advance=1, rate=self.rate, last=f"{slide_id}: {state}")
         elif self.enabled:
-            log.info("%s [%d/%d] %s: %s", self.stage, self.done, self.total, slide_id, state)
+            log.info("%s [%d/%d] %s: %s (%s)", self.stage, self.done, self.total, slide_id, state, self.rate)
 
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:

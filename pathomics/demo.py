@@ -2,7 +2,7 @@
 
 Embedding uses ``shufflenet-v2`` with RANDOM weights (nothing can be downloaded here); every output
 says so. The report compares the four survival models and shows, for the highest-risk slides, the
-attention heatmap beside the planted high-grade regions, with the share of attention that falls on them.
+attention heatmap beside the planted lesions, with the share of attention that falls on them.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from pathomics.tiling import TileConfig
 def demo_config(workers: int = 1) -> RunConfig:
     """Stage settings sized for a few minutes on two CPU cores."""
     return RunConfig(
-        tile=TileConfig(target_mpp=1.0, patch_size=128, min_tissue=0.5),
-        embed=EmbedConfig(model="shufflenet-v2", weights="random", precision="fp32", batch_size=128, input_size=128,
-                          num_workers=0),  # stores of ~100 patches: forking readers costs more than it saves
-        mil=MILConfig(task="survival", model="abmil", folds=5, epochs=40, hidden_dim=128, seed=0),
+        # the slides' own 0.5 µm/px: ~340 patches a slide, enough lesion patches for attention to learn from
+        tile=TileConfig(target_mpp=0.5, patch_size=128, min_tissue=0.5),
+        embed=EmbedConfig(model="shufflenet-v2", weights="random", precision="fp32", batch_size=128, input_size=128),
+        mil=MILConfig(task="survival", model="abmil", folds=5, epochs=40, hidden_dim=128, lr=1e-3, seed=0),
         survival=SurvivalConfig(covariates=("age", "stage", "tumour_size"), categorical=("stage",), folds=5,
                                 n_bootstrap=200, risk_groups="median", fusion=RUN_FUSION),
         workers=workers,
@@ -37,7 +37,7 @@ def demo_config(workers: int = 1) -> RunConfig:
 
 @dataclass(frozen=True)
 class PlantedAttention:
-    """How much of a slide's attention falls on its planted high-grade patches, against their share of patches."""
+    """How much of a slide's attention falls on its planted lesion patches, against their share of patches."""
 
     slide_id: str
     risk: float
@@ -58,7 +58,7 @@ def attention_on_planted(out_dir: Path, truth: dict[str, SlideTruth], slide_ids:
         result = read_attention(out_dir / "attention" / f"{slide_id}.h5")
         half = int(open_patch_store(store_path(out_dir, slide_id)).attrs["patch_size_level0"]) / 2
         centres = result.coords + half
-        planted = shapely.contains_xy(truth[slide_id].high_grade(), centres[:, 0], centres[:, 1])
+        planted = shapely.contains_xy(truth[slide_id].lesions(), centres[:, 0], centres[:, 1])
         attention = result.attention / result.attention.sum()
         found.append(PlantedAttention(slide_id, float(signatures.loc[slide_id, "risk"]), float(planted.mean()),
                                       float(attention[planted].sum())))
@@ -98,19 +98,20 @@ def write_demo_report(out_dir: Path, result: RunResult, truth: dict[str, SlideTr
         Section("About this demo", paragraph(
             "A synthetic cohort with planted clinical, radiology and pathology effects on recurrence. Patch embeddings "
             "come from shufflenet-v2 with RANDOM weights (no pretrained weights are downloaded): the pathology signal "
-            "is recovered from texture alone. Planted high-grade regions carry denser, larger, darker nuclei.")),
+            "is recovered from texture alone. Each slide has planted lesions whose nuclei are denser, larger and darker "
+            "in proportion to the patient's latent grade; how much of the tissue is lesion does not depend on it.")),
         *survival_sections(result.survival, out_dir / "survival"),
         Section("Attention on planted regions", paragraph(
-            f"Highest-risk {len(highest)} slides: on average {mean_on:.0%} of attention falls on planted high-grade patches, "
+            f"Highest-risk {len(highest)} slides: on average {mean_on:.0%} of attention falls on planted lesion patches, "
             f"which make up {mean_share:.0%} of their patches (all slides: {np.mean([a.attention_on_planted for a in everyone]):.0%} "
             f"vs {np.mean([a.planted_patch_share for a in everyone]):.0%}). Left: attention (rank within slide); "
-            "right: the planted regions in red.") + table_html(table) + panels),
+            "right: the planted lesions in red.") + table_html(table) + panels),
     ]
     return write_report(out_dir / "report.html", "pathomics demo report (RANDOM backbone weights)", sections)
 
 
 def _planted_png(out_dir: Path, truth: SlideTruth, path: Path) -> Path:
-    """The store's thumbnail with the planted high-grade regions outlined in red."""
+    """The store's thumbnail with the planted lesions outlined in red."""
     import cv2
 
     from pathomics.store import open_patch_store, store_path, write_png
@@ -119,6 +120,6 @@ def _planted_png(out_dir: Path, truth: SlideTruth, path: Path) -> Path:
     store = open_patch_store(store_path(out_dir, slide_id))
     image = cv2.imread(str(store.path.with_name(f"{slide_id}.thumb.png")))
     scale = image.shape[1] / float(store.attrs["slide_width"])
-    for polygon in truth.high_grade().geoms:
+    for polygon in truth.lesions().geoms:
         cv2.polylines(image, [np.rint(np.asarray(polygon.exterior.coords) * scale).astype(np.int32)], True, (0, 0, 230), 2)
     return write_png(path, image)

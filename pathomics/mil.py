@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from pathomics import __version__
-from pathomics.batch import DONE, SKIPPED, SlideJob, StatusRow, run_jobs
+from pathomics.batch import DONE, SKIPPED, Outcome, SlideJob, StatusRow, run_jobs
 from pathomics.errors import CohortError, ModelError, StoreError
 from pathomics.store import atomic_path, open_patch_store, read_feature_file, sha256_file, store_path
 
@@ -362,8 +362,9 @@ def _fit_model(cohort: Cohort, train_idx: np.ndarray, val_idx: np.ndarray, confi
                                    config.weight_decay, config.max_patches, config.aux_weight, seed)
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        model = build_aggregator(config.model, cohort.in_dim, objective.n_outputs, **config.aggregator_options()).to(device)
-        fitted = train.fit(model, objective, cohort.targets, lambda i: cohort.bags[i].load(),
+        model = build_aggregator(config.model, cohort.in_dim, objective.n_outputs, **config.aggregator_options())
+        model.set_feature_scaling(*train.feature_statistics(lambda i: cohort.bags[i].load(), train_idx))
+        fitted = train.fit(model.to(device), objective, cohort.targets, lambda i: cohort.bags[i].load(),
                            train_idx, val_idx, settings, device)
     if isinstance(objective, train.CoxSurvival):
         outputs = train.predict(model, lambda i: cohort.bags[i].load(), train_idx, device)
@@ -528,15 +529,15 @@ def predict_mil(model_path: str | os.PathLike, features_dir: str | os.PathLike, 
     def job(slide_id: str) -> SlideJob:
         target = out_dir / "attention" / f"{slide_id}.h5"
 
-        def run() -> str:
+        def run() -> Outcome:
             patient_id = patients.get(slide_id, slide_id)
             if target.exists():
                 done = read_attention_attrs(target)
                 if (done.get("checkpoint_sha256"), done.get("patient_id")) == (trained.sha256, patient_id):
-                    return SKIPPED
+                    return SKIPPED, 0
             result = apply_trained(trained, features_dir / f"{slide_id}.h5", patient_id)
             write_attention(target, result, trained.config.model, provenance)
-            return DONE
+            return DONE, len(result.attention)
 
         return SlideJob(slide_id, run)
 
@@ -695,12 +696,12 @@ def render_heatmaps(run_dir: str | os.PathLike, tiles_out: str | os.PathLike, sl
         raise StoreError(f"{run_dir}: no attention files; run `pathomics mil train` or `predict` first")
 
     def job(slide_id: str) -> SlideJob:
-        def run() -> str:
+        def run() -> Outcome:
             attention, png = run_dir / "attention" / f"{slide_id}.h5", run_dir / "heatmaps" / f"{slide_id}.png"
             if png.exists() and attention.exists() and png.stat().st_mtime >= attention.stat().st_mtime:
-                return SKIPPED
+                return SKIPPED, 0
             render_heatmap(attention, tiles_out, png, alpha)
-            return DONE
+            return DONE, 0
 
         return SlideJob(slide_id, run)
 

@@ -4,9 +4,10 @@ Slides are generated tile by tile (memory stays bounded whatever their size) and
 Aperio-SVS-flavoured (ImageDescription with ``MPP = ...``, so OpenSlide reports vendor ``aperio``) or
 as generic tiled TIFF with resolution tags (or none, for a slide without MPP). Every pyramid level is
 the area-downsampled level 0, as a scanner writes it. Tissue is a union of ellipses (holes allowed)
-filled with an H&E-like texture: pink stroma with purple nucleus-like blobs. Optional high-grade
-regions (also ellipses) carry denser, larger, darker and more irregular nuclei: the planted pathology
-signal of the demo cohort.
+filled with an H&E-like texture: pink stroma with purple nucleus-like blobs. Optional lesion regions
+(also ellipses) carry nuclei that are denser, larger, darker and more irregular in proportion to their
+``atypia`` (0 looks like the background tissue, 1 is high grade): the planted pathology signal of the
+demo cohort.
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ class SlideTruth:
             geom = geom.difference(shape.polygon()) if shape.hole else geom.union(shape.polygon())
         return _multipolygon(geom)
 
-    def high_grade(self) -> MultiPolygon:
-        """The planted high-grade tissue as polygons in level-0 pixels."""
+    def lesions(self) -> MultiPolygon:
+        """The planted lesion tissue (``regions`` within the tissue) as polygons in level-0 pixels."""
         regions = MultiPolygon([r.polygon() for r in self.regions]) if self.regions else MultiPolygon()
         return _multipolygon(regions.buffer(0).intersection(self.tissue()))
 
@@ -112,12 +113,12 @@ def tissue_layout(layout: str, width: int, height: int) -> tuple[Ellipse, ...]:
 def write_slide(path: str | os.PathLike, width: int, height: int, mpp: float | None = 0.25, flavour: str = "aperio",
                 layout: str = "blob", seed: int = 0, tile: int = 256, quality: int = 90,
                 level_factor: int = 4, min_level_size: int = 512, shapes: tuple[Ellipse, ...] | None = None,
-                regions: tuple[Ellipse, ...] = ()) -> SlideTruth:
+                regions: tuple[Ellipse, ...] = (), atypia: float = 1.0) -> SlideTruth:
     """Write a pyramidal, tiled, JPEG-compressed TIFF slide and return its truth.
 
     ``flavour`` "aperio" writes an SVS-style description (needs ``mpp``); "generic" writes TIFF
     resolution tags in centimetres, or none when ``mpp`` is None. ``shapes`` replaces the named
-    ``layout``; ``regions`` are painted with the high-grade texture.
+    ``layout``; ``regions`` are painted with nuclei of the given ``atypia`` (0 to 1, see ``Nuclei.atypical``).
     """
     import tifffile
 
@@ -127,7 +128,9 @@ def write_slide(path: str | os.PathLike, width: int, height: int, mpp: float | N
         raise ValueError("an Aperio-flavoured slide needs an mpp")
     path = Path(path)
     truth = SlideTruth(path, width, height, mpp, shapes if shapes is not None else tissue_layout(layout, width, height), regions)
-    atlas = (_texture_atlas(seed, LOW_GRADE), _texture_atlas(seed + 1, HIGH_GRADE))
+    if not 0 <= atypia <= 1:
+        raise ValueError(f"atypia must be in [0, 1], got {atypia}")
+    atlas = (_texture_atlas(seed, LOW_GRADE), _texture_atlas(seed + 1, LOW_GRADE.atypical(atypia)))
     downsamples = [1]
     while max(width, height) // (downsamples[-1] * level_factor) >= min_level_size:
         downsamples.append(downsamples[-1] * level_factor)
@@ -167,8 +170,8 @@ def _render(truth: SlideTruth, atlas: tuple[np.ndarray, np.ndarray], x0: int, y0
     xs = (x0 + np.arange(size)) % ATLAS
     texture = atlas[0][ys[:, None], xs[None, :]]
     if truth.regions and any(_overlaps(r.bounds(), (x0, y0, x0 + size, y0 + size)) for r in truth.regions):
-        high = truth.mask(x0, y0, size, size, shapes=truth.regions)
-        texture = np.where(high[..., None], atlas[1][ys[:, None], xs[None, :]], texture)
+        lesion = truth.mask(x0, y0, size, size, shapes=truth.regions)
+        texture = np.where(lesion[..., None], atlas[1][ys[:, None], xs[None, :]], texture)
     mask = truth.mask(x0, y0, size, size)
     return np.where(mask[..., None], texture, np.asarray(GLASS, dtype=np.uint8))
 
@@ -181,6 +184,16 @@ class Nuclei:
     radius: tuple[int, int]
     color: tuple[int, int, int]
     elongation: float
+
+    def atypical(self, atypia: float) -> Nuclei:
+        """These nuclei moved ``atypia`` of the way (0 to 1) towards ``HIGH_GRADE``."""
+        def towards(a: float, b: float) -> float:
+            return a + atypia * (b - a)
+
+        return Nuclei(round(towards(self.per_atlas, HIGH_GRADE.per_atlas)),
+                      (round(towards(self.radius[0], HIGH_GRADE.radius[0])), round(towards(self.radius[1], HIGH_GRADE.radius[1]))),
+                      tuple(round(towards(a, b)) for a, b in zip(self.color, HIGH_GRADE.color)),
+                      towards(self.elongation, HIGH_GRADE.elongation))
 
 
 LOW_GRADE = Nuclei(350, (8, 17), NUCLEUS, 0.1)
@@ -237,8 +250,10 @@ def write_cohort(out_dir: str | os.PathLike, n_patients: int = 80, seed: int = 0
     """A cohort with a planted pathology signal: slides, manifest, clinical and radiology tables, and the truth.
 
     Each patient's pathology component (from ``simulate_cohort_tables``, which also plants the clinical
-    and radiology effects on a Weibull–Cox recurrence time) sets the fraction of their tissue that is
-    high grade: 2% at the lowest, about 50% at the highest. Slides are Aperio-flavoured SVS files.
+    and radiology effects on a Weibull–Cox recurrence time) sets the atypia of the lesions on their slides
+    (its normal CDF, jittered per slide), as tumour grade is read from the tumour: low for the lowest,
+    high grade for the highest. How much of the tissue is lesion (10–35%) is drawn independently of the
+    grade, so a model must look at the lesions rather than count them. Slides are Aperio-flavoured SVS files.
     """
     import json
 
@@ -253,16 +268,17 @@ def write_cohort(out_dir: str | os.PathLike, n_patients: int = 80, seed: int = 0
     records, slides_truth = [], {}
     for slide_id, patient_id in signatures[["slide_id", "patient_id"]].itertuples(index=False):
         grade = float(truth.components.loc[patient_id, "pathology"])
-        fraction = 0.02 + 0.5 * float(norm.cdf(grade + 0.2 * rng.standard_normal()))
+        atypia = float(norm.cdf(grade + 0.2 * rng.standard_normal()))
+        fraction = float(rng.uniform(0.10, 0.35))
         tissue, regions = _planted_layout(slide_size, fraction, rng)
-        path = root / "slides" / f"{slide_id}.svs"
+        path, texture_seed = root / "slides" / f"{slide_id}.svs", int(rng.integers(1 << 30))  # drawn even when kept
         if not path.exists():
             tmp = path.with_name(f".{path.name}.partial")
-            write_slide(tmp, *slide_size, mpp=mpp, shapes=(tissue,), regions=regions, seed=int(rng.integers(1 << 30)))
+            write_slide(tmp, *slide_size, mpp=mpp, shapes=(tissue,), regions=regions, atypia=atypia, seed=texture_seed)
             os.replace(tmp, path)
         records.append({"slide_path": f"slides/{path.name}", "slide_id": slide_id, "patient_id": patient_id})
-        slides_truth[slide_id] = {"patient_id": patient_id, "latent_grade": grade, "high_grade_fraction": fraction,
-                                  "regions": [vars(r) for r in regions], "tissue": vars(tissue)}
+        slides_truth[slide_id] = {"patient_id": patient_id, "latent_grade": grade, "atypia": atypia,
+                                  "lesion_fraction": fraction, "regions": [vars(r) for r in regions], "tissue": vars(tissue)}
     files = CohortFiles(root, root / "manifest.csv", root / "clinical.csv", root / "radiology.csv", root / "truth.json")
     import pandas as pd
 
@@ -289,7 +305,7 @@ def read_cohort_truth(path: str | os.PathLike) -> dict[str, SlideTruth]:
 
 
 def _planted_layout(size: tuple[int, int], fraction: float, rng: np.random.Generator) -> tuple[Ellipse, tuple[Ellipse, ...]]:
-    """A tissue ellipse and 1-3 high-grade ellipses inside it covering about ``fraction`` of its area."""
+    """A tissue ellipse and 1-3 lesion ellipses inside it covering about ``fraction`` of its area."""
     w, h = size
     tissue = Ellipse(w * rng.uniform(0.45, 0.55), h * rng.uniform(0.45, 0.55), w * rng.uniform(0.34, 0.42),
                      h * rng.uniform(0.34, 0.42), float(rng.uniform(-20, 20)))

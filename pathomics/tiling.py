@@ -27,7 +27,9 @@ import shapely
 from shapely.geometry import MultiPolygon
 
 from pathomics import __version__
+from pathomics.batch import SlideJob
 from pathomics.errors import StoreError
+from pathomics.manifest import SlideEntry
 from pathomics.slide import SlideReader, TiffTileSource, open_slide
 from pathomics.store import PatchStore, PatchStoreWriter, open_patch_store, store_path, write_png
 from pathomics.tissue import Tissue, TissueConfig, detect_tissue, load_tissue, write_geojson
@@ -211,6 +213,17 @@ def tile_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, config
             _stream_patches(slide, grid, config, writer, progress)
         writer.publish()
     return TileResult(slide_id, final, len(grid.coords), "done", time.perf_counter() - start_time)
+
+
+def tile_job(entry: SlideEntry, out_dir: str | os.PathLike, config: TileConfig,
+             tissue_geojson: str | os.PathLike | None = None, backend: str = "auto") -> SlideJob:
+    """``tile_slide`` as a batch job returning (``done`` or ``skipped``, patches); ``tissue_geojson`` overrides the entry's."""
+    def run() -> tuple[str, int]:
+        result = tile_slide(entry.slide_path, out_dir, config, mpp=entry.mpp, slide_id=entry.slide_id,
+                            tissue_geojson=tissue_geojson or entry.tissue_geojson, backend=backend)
+        return result.state, result.n_patches
+
+    return SlideJob(entry.slide_id, run)
 
 
 def store_attributes(slide: SlideReader, slide_id: str, config: TileConfig, tissue_geojson: str | os.PathLike | None) -> dict:

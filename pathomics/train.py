@@ -257,6 +257,17 @@ class FitResult:
 BagLoader = Callable[[int], tuple[np.ndarray, np.ndarray]]  # cohort index → (features (N, D), coords (N, 2))
 
 
+def feature_statistics(load: BagLoader, index: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Per-dimension mean and standard deviation over every patch of bags ``index`` (float64 sums)."""
+    total, squares, n = 0.0, 0.0, 0
+    for i in index:
+        features = load(i)[0].astype(np.float64)
+        total, squares, n = total + features.sum(0), squares + np.square(features).sum(0), n + len(features)
+    mean = total / n
+    std = np.sqrt(np.maximum(squares / n - np.square(mean), 0.0))
+    return torch.from_numpy(mean).float(), torch.from_numpy(std).float()
+
+
 def fit(model: MILAggregator, objective: Objective, targets: Targets, load: BagLoader,
         train: np.ndarray, val: np.ndarray, settings: TrainSettings, device: torch.device) -> FitResult:
     """Train ``model`` on bags ``train`` with AdamW; after ``min_epochs``, stop early once the loss on ``val``

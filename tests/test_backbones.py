@@ -11,6 +11,7 @@ import torchvision
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from pathomics.errors import ModelError
+from pathomics.extract import CPU_ACTIVATION_BYTES, Encoder
 from pathomics.models import backbones
 from pathomics.models.backbones import load_backbone, register_backbone
 
@@ -151,6 +152,8 @@ def test_torchscript_encoder(tmp_path: Path) -> None:
         torch.testing.assert_close(backbone.module(x), reference(x), atol=1e-5, rtol=1e-5)
     assert (backbone.embedding_dim, backbone.weights) == (1024, str(path))
     assert backbone.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    # no forward hooks on a scripted module: the CPU micro-batch assumes a peak of 8x the float input
+    assert Encoder(backbone, torch.device("cpu"), "fp32").micro_batch == CPU_ACTIVATION_BYTES // (8 * 3 * 64 * 64 * 4)
     with pytest.raises(ModelError, match="carries its own weights"):
         load_backbone(f"torchscript:{path}", "random")
 

@@ -16,7 +16,9 @@ import torchvision.transforms.v2.functional as TF
 from pathomics.batch import DONE, FAILED, SKIPPED, run_jobs
 from pathomics.cli.main import main
 from pathomics.errors import ModelError
-from pathomics.extract import EmbedConfig, cpu_has_native_bf16, embed_job, embed_store, resolve_precision
+from pathomics import extract
+from pathomics.extract import (CPU_ACTIVATION_BYTES, EmbedConfig, Encoder, cpu_has_native_bf16, embed_job, embed_store,
+                               largest_activation, resolve_precision)
 from pathomics.models.backbones import Backbone, load_backbone
 from pathomics.store import (FEATURE_COORDS_ATTRS, FEATURE_FILE_ATTRS, STORE_ATTRS, PatchStoreWriter,
                              feature_path, open_patch_store, read_feature_file, store_path)
@@ -134,12 +136,29 @@ def test_feature_file_opens_with_plain_h5py(tmp_path: Path, shufflenet: Backbone
     assert config_values == dataclasses.asdict(CPU_FP32)
 
 
+def test_cpu_batches_run_in_micro_batches_that_bound_the_largest_activation(monkeypatch: pytest.MonkeyPatch) -> None:
+    backbone = load_backbone("resnet50-trunc", "random", input_size=64)
+    encoder = Encoder(backbone, torch.device("cpu"), "fp32")
+    largest = largest_activation(encoder)
+    assert largest >= 256 * 16 * 16 * 4  # layer1's output of one 64-px patch, float32
+    assert encoder.micro_batch * largest <= CPU_ACTIVATION_BYTES < (encoder.micro_batch + 1) * largest
+    monkeypatch.setattr(extract, "CPU_ACTIVATION_BYTES", 3 * largest)
+    small = Encoder(backbone, torch.device("cpu"), "fp32")
+    assert small.micro_batch == 3
+    images = random_patches(8)
+    with torch.inference_mode():
+        got = small(torch.from_numpy(images)).numpy()  # micro-batches of 3, 3 and 2
+    assert np.abs(got - reference_features(backbone, images)).max() <= 1e-4
+
+
 def test_up_to_date_files_are_skipped_and_stale_ones_recomputed(tmp_path: Path, shufflenet: Backbone) -> None:
     store = make_store(tmp_path, "s1", random_patches(4))
     path = feature_path(tmp_path, "s1")
 
     def run(config: EmbedConfig) -> str:
-        return embed_job(store, tmp_path, config, shufflenet).run()
+        state, patches = embed_job(store, tmp_path, config, shufflenet).run()
+        assert patches == 4
+        return state
 
     assert run(CPU_FP32) == DONE
     written = path.stat().st_mtime_ns

@@ -19,7 +19,7 @@ from pathomics.cli.main import main
 from pathomics.errors import CohortError, ModelError, StoreError
 from pathomics.mil import (MILConfig, draw_heatmap, export_signatures, load_cohort, load_trained, predict_mil,
                            read_attention, render_heatmap, render_heatmaps, train_mil)
-from pathomics.store import STORE_ATTRS, PatchStoreWriter, store_path
+from pathomics.store import STORE_ATTRS, PatchStoreWriter, read_feature_file, store_path
 
 from mil_fixtures import PATCH, grid_coords, one_thread, witness_cohort, write_bag  # noqa: F401 - autouse fixture
 
@@ -112,6 +112,22 @@ def test_training_is_deterministic(model, tiny, tmp_path):
     first = train_mil(tiny.features, tiny.labels, tmp_path / "a", config).signatures
     second = train_mil(tiny.features, tiny.labels, tmp_path / "b", config).signatures
     pd.testing.assert_frame_equal(first, second, check_exact=True)
+
+
+def test_features_are_standardised_so_their_scale_does_not_matter(tiny, tmp_path):
+    """Random-weight backbones emit features ~1e-6 in size, trained ones ~1e2: the model sees both the same."""
+    rescaled = tmp_path / "rescaled"
+    for path in sorted(tiny.features.glob("*.h5")):
+        bag = read_feature_file(path)
+        write_bag(rescaled, path.stem, (bag.features + 3.0) * 1e-6, bag.coords)
+    config = replace(TINY, epochs=5)
+    original = train_mil(tiny.features, tiny.labels, tmp_path / "a", config)
+    scaled = train_mil(rescaled / "features", tiny.labels, tmp_path / "b", config)
+    np.testing.assert_allclose(scaled.signatures["risk"], original.signatures["risk"], atol=1e-3)
+    everyone = np.concatenate([read_feature_file(p).features for p in sorted(rescaled.glob("features/*.h5"))])
+    model = load_trained(tmp_path / "b").model  # refit on every patient: standardised with all their patches
+    np.testing.assert_allclose(model.feature_mean.numpy(), everyone.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(model.feature_scale.numpy(), everyone.std(0), rtol=1e-3)
 
 
 @pytest.mark.parametrize("options", [{"survival_loss": "cox", "ties": "breslow"},

@@ -20,7 +20,7 @@ from pathomics.extract import EmbedConfig
 from pathomics.manifest import SlideEntry, read_manifest
 from pathomics.mil import MILConfig
 from pathomics.pipeline import RunConfig, run_archive, run_slides
-from pathomics.store import read_feature_file
+from pathomics.store import open_patch_store, read_feature_file, store_path
 from pathomics.survival.config import SurvivalConfig
 from pathomics.synthetic import write_cohort
 from pathomics.tiling import TileConfig
@@ -41,8 +41,11 @@ def test_bad_slides_fail_alone_and_a_rerun_skips_finished_ones(tmp_path, cohort,
     config = RunConfig(tile=TILE, embed=EMBED, workers=1)
     rows = run_slides(entries, tmp_path, config)
     states = {(r.slide_id, r.stage): r.state for r in rows}
+    patches = {(r.slide_id, r.stage): r.patches for r in rows}
     for entry in good:
         assert states[(entry.slide_id, "tile")] == "done" and states[(entry.slide_id, "embed")] == "done"
+        n = len(open_patch_store(store_path(tmp_path, entry.slide_id)))
+        assert n > 0 and patches[(entry.slide_id, "tile")] == patches[(entry.slide_id, "embed")] == n
     assert states[("truncated", "tile")] == "failed" and states[("nompp", "tile")] == "failed"
     assert "--slide-mpp" in {r.slide_id: r.error for r in rows}["nompp"]
     mtimes = {e.slide_id: (tmp_path / "features" / f"{e.slide_id}.h5").stat().st_mtime_ns for e in good}
@@ -50,7 +53,7 @@ def test_bad_slides_fail_alone_and_a_rerun_skips_finished_ones(tmp_path, cohort,
     again = run_slides(good, tmp_path, config)
     assert {r.state for r in again} == {"skipped"}
     assert mtimes == {e.slide_id: (tmp_path / "features" / f"{e.slide_id}.h5").stat().st_mtime_ns for e in good}
-    assert {(r.slide_id, r.stage) for r in read_status(tmp_path)} >= set(states)
+    assert {(r.slide_id, r.stage): r.patches for r in read_status(tmp_path)}.items() >= patches.items()
 
 
 @pytest.mark.slow

@@ -72,7 +72,12 @@ class MILOutput:
 
 
 class MILAggregator(nn.Module):
-    """Base aggregator: encoder → ``pool`` → linear head. Subclasses implement ``pool``."""
+    """Base aggregator: standardise → encoder → ``pool`` → linear head. Subclasses implement ``pool``.
+
+    Patch features are standardised per dimension with statistics of the training patches (buffers, so they
+    travel in the checkpoint; identity until ``set_feature_scaling``). Backbone outputs range from ~1e-6
+    (random weights) to ~1e2 in scale; without this, attention logits start flat and stay near uniform.
+    """
 
     name: str
 
@@ -82,14 +87,21 @@ class MILAggregator(nn.Module):
             raise ModelError(f"bad aggregator sizes: in_dim={in_dim}, n_outputs={n_outputs}, "
                              f"hidden_dim={hidden_dim}, dropout={dropout}")
         self.in_dim, self.n_outputs, self.embed_dim = in_dim, n_outputs, hidden_dim
+        self.register_buffer("feature_mean", torch.zeros(in_dim))
+        self.register_buffer("feature_scale", torch.ones(in_dim))
         self.encoder = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
         self.head = nn.Linear(hidden_dim, n_outputs)
+
+    def set_feature_scaling(self, mean: Tensor, std: Tensor) -> None:
+        """Standardise inputs as ``(x - mean) / std``; dimensions that never vary are only centred."""
+        self.feature_mean.copy_(mean)
+        self.feature_scale.copy_(torch.where(std > 0, std, torch.ones_like(std)))
 
     def forward(self, features: Tensor, coords: Tensor) -> MILOutput:
         """Aggregate one bag: ``features`` (N, in_dim), ``coords`` (N, 2) level-0 (x, y) of each patch."""
         if features.ndim != 2 or features.shape[1] != self.in_dim or len(features) == 0:
             raise ModelError(f"{self.name}: expected a non-empty bag of shape (N, {self.in_dim}), got {tuple(features.shape)}")
-        hidden = self.encoder(features)
+        hidden = self.encoder((features - self.feature_mean) / self.feature_scale)
         embedding, attention = self.pool(hidden, coords)
         return MILOutput(embedding, self.head(embedding), attention, hidden)
 
