@@ -8,7 +8,7 @@ Two thread settings are measured. ``auto`` is what ``pathomics run`` does: the c
 cores / workers threads each, so the speed-up is what more workers add on this machine. ``1`` pins every
 worker to one thread: its speed-up is how well the scale-out itself scales when each worker has a core.
 
-    python benchmarks/archive.py [--slides 16] [--workers 1 2] [--threads-per-worker auto 1] [--json PATH]
+    python benchmarks/archive.py [--slides 16] [--workers 1 2] [--threads-per-worker auto 1] [--repeats 3] [--json PATH]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -51,12 +52,30 @@ def _warm_up(embed: EmbedConfig) -> None:
     worker_backbone(embed)
 
 
+def time_archive(entries: list[SlideEntry], config: RunConfig) -> tuple[float, int]:
+    """Seconds to tile and embed ``entries`` from scratch on a started cluster, and the patches they gave."""
+    out = Path(tempfile.mkdtemp(prefix=f"bench-archive-{config.workers}-"))
+    try:
+        with dask_client(config) as client:
+            client.run(_warm_up, config.embed)  # cluster start, imports and model build are not archive throughput
+            start = time.perf_counter()
+            rows = run_slides(entries, out, config, client=client, show_progress=False)
+            seconds = time.perf_counter() - start
+        failed = [r for r in rows if r.state == "failed"]
+        if failed:
+            raise SystemExit(f"benchmark slides failed: {failed}")
+        return seconds, sum(len(open_patch_store(p)) for p in (out / "tiles").glob("*.zarr"))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slides", type=int, default=16)
     parser.add_argument("--size", type=int, nargs=2, default=(8192, 6144), metavar=("W", "H"))
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--threads-per-worker", nargs="+", default=["auto", "1"], help="'auto' (cores / workers) or a number")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of every setting; the median is reported")
     parser.add_argument("--cache", type=Path, default=Path(__file__).parent / "out")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "archive.json")
     args = parser.parse_args()
@@ -64,36 +83,31 @@ def main() -> None:
     entries = archive(args.cache, args.slides, tuple(args.size))
     tile = TileConfig(target_mpp=1.0, patch_size=128)
     embed = EmbedConfig(model="shufflenet-v2", weights="random", precision="fp32", batch_size=64)
+    configs = {(threads, workers): RunConfig(tile=tile, embed=embed, workers=workers,
+                                             threads_per_worker=None if threads == "auto" else int(threads))
+               for threads, workers in itertools.product(args.threads_per_worker, args.workers)}
+    seconds: dict[tuple[str, int], list[float]] = {key: [] for key in configs}
+    patches = 0
+    for _ in range(args.repeats):  # interleaved, so that a noisy spell hits every setting alike
+        for key, config in configs.items():
+            elapsed, patches = time_archive(entries, config)
+            seconds[key].append(elapsed)
     results = []
-    for threads, workers in itertools.product(args.threads_per_worker, args.workers):
-        out = Path(tempfile.mkdtemp(prefix=f"bench-archive-{workers}-"))
-        config = RunConfig(tile=tile, embed=embed, workers=workers, threads_per_worker=None if threads == "auto" else int(threads))
-        try:
-            with dask_client(config) as client:
-                client.run(_warm_up, embed)  # cluster start, imports and model build are not archive throughput
-                start = time.perf_counter()
-                rows = run_slides(entries, out, config, client=client)
-                seconds = time.perf_counter() - start
-            failed = [r for r in rows if r.state == "failed"]
-            if failed:
-                raise SystemExit(f"benchmark slides failed: {failed}")
-            patches = sum(len(open_patch_store(p)) for p in (out / "tiles").glob("*.zarr"))
-        finally:
-            shutil.rmtree(out, ignore_errors=True)
+    for (threads, workers), config in configs.items():
+        median = statistics.median(seconds[threads, workers])
         results.append({"threads_per_worker": threads, "worker_threads": config.worker_threads, "workers": workers,
-                        "seconds": seconds, "slides": len(entries),
-                        "slides_per_hour": len(entries) / seconds * 3600, "patches": patches,
-                        "patches_per_s": patches / seconds})
+                        "seconds": median, "all_seconds": seconds[threads, workers], "slides": len(entries),
+                        "slides_per_hour": len(entries) / median * 3600, "patches": patches, "patches_per_s": patches / median})
     for r in results:  # over the fewest workers of the same thread setting
         base = next(b for b in results if b["threads_per_worker"] == r["threads_per_worker"])
         r["speedup"] = r["slides_per_hour"] / base["slides_per_hour"]
-    document = {"slides": args.slides, "size": list(args.size), "cpu_count": os.cpu_count(),
+    document = {"slides": args.slides, "size": list(args.size), "cpu_count": os.cpu_count(), "repeats": args.repeats,
                 "tile": {"target_mpp": tile.target_mpp, "patch_size": tile.patch_size},
                 "embed": {"model": embed.model, "weights": "random", "precision": embed.precision}, "runs": results}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(document, indent=2))
     print(f"Archive benchmark: {args.slides} slides of {args.size[0]}x{args.size[1]} px, tile + embed "
-          f"(shufflenet-v2, RANDOM weights), {os.cpu_count()} cores")
+          f"(shufflenet-v2, RANDOM weights), {os.cpu_count()} cores, median of {args.repeats}")
     print(f"  {'threads/worker':>14} {'workers':>7} {'seconds':>9} {'slides/hour':>12} {'patches/s':>10} {'speed-up':>9}")
     for r in results:
         threads = f"{r['threads_per_worker']} ({r['worker_threads']})" if r["threads_per_worker"] == "auto" else r["threads_per_worker"]
