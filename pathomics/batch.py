@@ -122,9 +122,12 @@ def exit_code(rows: Sequence[StatusRow]) -> int:
 
 
 def summarize(stage: str, rows: Sequence[StatusRow]) -> str:
-    """A one-paragraph summary naming each failed slide and why."""
-    counts = {state: sum(r.state == state for r in rows) for state in (DONE, SKIPPED, FAILED)}
-    lines = [f"{stage}: {counts[DONE]} done, {counts[SKIPPED]} skipped (already complete), {counts[FAILED]} failed"]
+    """Done, skipped and failed counts (a line per stage when ``rows`` span several), then each failed slide and why."""
+    stages = {name: [r for r in rows if r.stage == name] for name in dict.fromkeys(r.stage for r in rows)}
+    if len(stages) <= 1:
+        stages = {stage: list(rows)}
+    lines = [f"{name}: {sum(r.state == DONE for r in group)} done, {sum(r.state == SKIPPED for r in group)} skipped "
+             f"(already complete), {sum(r.state == FAILED for r in group)} failed" for name, group in stages.items()]
     lines += [f"  FAILED {r.slide_id}: {r.error}" for r in rows if r.state == FAILED]
     return "\n".join(lines)
 

@@ -163,4 +163,6 @@ def test_run_lists_failed_slides_and_exits_1(tmp_path, cohort, truncated_slide):
     result = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert result.returncode == 1, result.stderr[-2000:]
     assert "FAILED broken" in result.stdout and "truncated.svs" in result.stdout
+    assert "tile: 12 done, 0 skipped (already complete), 1 failed" in result.stdout
+    assert "embed: 12 done, 0 skipped (already complete), 0 failed" in result.stdout
     assert (tmp_path / "out" / "survival" / "metrics.json").exists()  # the other slides went all the way
