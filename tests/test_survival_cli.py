@@ -37,6 +37,11 @@ def _write(tables: Tables, directory: Path) -> dict[str, Path]:
     return paths
 
 
+def _table_options(paths: dict[str, Path], *extra: str) -> list[str]:
+    """``--radiology`` and ``--signatures`` naming the written tables, then ``extra``."""
+    return ["--radiology", str(paths["radiology"]), "--signatures", str(paths["signatures"]), *extra]
+
+
 def _set(table: str, row: int, column: str, value: object) -> Callable[[Tables], None]:
     def mutate(tables: Tables) -> None:
         frame = tables[table].astype({column: object})
@@ -88,15 +93,7 @@ def test_bad_input_is_one_clear_error(case: str, tmp_path: Path, capsys: pytest.
         load_cohort(SurvivalConfig(covariates=SYNTHETIC_COVARIATES), paths["clinical"], paths["radiology"], paths["signatures"])
     for text in expected:
         assert text in str(raised.value), (text, str(raised.value))
-    argv = fit_argv(
-        paths["clinical"],
-        tmp_path / "out",
-        SYNTHETIC_COVARIATES,
-        "--radiology",
-        str(paths["radiology"]),
-        "--signatures",
-        str(paths["signatures"]),
-    )
+    argv = fit_argv(paths["clinical"], tmp_path / "out", SYNTHETIC_COVARIATES, *_table_options(paths))
     assert main(argv) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
@@ -128,17 +125,8 @@ def test_dropped_and_unmatched_rows_are_counted(tmp_path: Path) -> None:
     stray = signatures.iloc[:2].assign(patient_id="X999")  # two slides of a patient not in clinical.csv
     tables["signatures"] = pd.concat([signatures[~signatures["patient_id"].isin(["P0001", "P0010", "P0011"])], stray])
     paths = _write(tables, tmp_path)
-    extra = [
-        "--radiology",
-        str(paths["radiology"]),
-        "--signatures",
-        str(paths["signatures"]),
-        "--missing",
-        "drop",
-        "--bootstrap",
-        "0",
-    ]
-    run_ok(fit_argv(paths["clinical"], tmp_path / "out", SYNTHETIC_COVARIATES, *extra))
+    run_ok(fit_argv(paths["clinical"], tmp_path / "out", SYNTHETIC_COVARIATES,
+                    *_table_options(paths, "--missing", "drop", "--bootstrap", "0")))
     document = json.loads((tmp_path / "out" / "survival" / "metrics.json").read_text())
     cohort = document["cohort"]
     assert cohort["dropped"] == {"no radiology score": 2, "no slide": 2} and cohort["dropped_total"] == 4
@@ -159,17 +147,8 @@ def test_impute_keeps_patients_with_an_indicator(tmp_path: Path) -> None:
     tables["radiology"] = tables["radiology"].iloc[::3]  # two in three patients lack a score, one in four all slides
     tables["signatures"] = tables["signatures"][tables["signatures"]["patient_id"].str[-4:].astype(int) % 4 != 1]
     paths = _write(tables, tmp_path)
-    extra = [
-        "--radiology",
-        str(paths["radiology"]),
-        "--signatures",
-        str(paths["signatures"]),
-        "--missing",
-        "impute",
-        "--bootstrap",
-        "0",
-    ]
-    run_ok(fit_argv(paths["clinical"], tmp_path / "out", SYNTHETIC_COVARIATES, *extra))
+    run_ok(fit_argv(paths["clinical"], tmp_path / "out", SYNTHETIC_COVARIATES,
+                    *_table_options(paths, "--missing", "impute", "--bootstrap", "0")))
     coefficients = pd.read_csv(tmp_path / "out" / "survival" / "coefficients.csv")
     by_model = coefficients.groupby("model")["covariate"].apply(set)
     assert "radiology_score[missing]" in by_model["radiology"] and "sig[missing]" in by_model["pathology"]
