@@ -42,6 +42,14 @@ def _table_options(paths: dict[str, Path], *extra: str) -> list[str]:
     return ["--radiology", str(paths["radiology"]), "--signatures", str(paths["signatures"]), *extra]
 
 
+def _evaluate_error(model: Path, clinical: Path, out: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """The one-line error of a `survival evaluate` that must exit 2."""
+    assert main(["survival", "evaluate", "--model", str(model), "--clinical", str(clinical), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
 def _set(table: str, row: int, column: str, value: object) -> Callable[[Tables], None]:
     def mutate(tables: Tables) -> None:
         frame = tables[table].astype({column: object})
@@ -158,23 +166,7 @@ def test_impute_keeps_patients_with_an_indicator(tmp_path: Path) -> None:
 
 def test_evaluate_refuses_a_folder_without_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     paths = _write(_tables(), tmp_path)
-    assert (
-        main(
-            [
-                "survival",
-                "evaluate",
-                "--model",
-                str(tmp_path),
-                "--clinical",
-                str(paths["clinical"]),
-                "--out",
-                str(tmp_path / "ext"),
-            ]
-        )
-        == 2
-    )
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "no saved survival model" in err
+    assert "no saved survival model" in _evaluate_error(tmp_path, paths["clinical"], tmp_path / "ext", capsys)
 
 
 def test_evaluate_needs_the_modalities_of_the_saved_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -185,20 +177,4 @@ def test_evaluate_needs_the_modalities_of_the_saved_model(tmp_path: Path, capsys
         )
     )
     capsys.readouterr()
-    assert (
-        main(
-            [
-                "survival",
-                "evaluate",
-                "--model",
-                str(tmp_path / "fit"),
-                "--clinical",
-                str(paths["clinical"]),
-                "--out",
-                str(tmp_path / "ext"),
-            ]
-        )
-        == 2
-    )
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "uses radiology data" in err
+    assert "uses radiology data" in _evaluate_error(tmp_path / "fit", paths["clinical"], tmp_path / "ext", capsys)
