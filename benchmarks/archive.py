@@ -23,9 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from pathomics.extract import EmbedConfig
+from pathomics.embed import EmbedConfig
 from pathomics.manifest import SlideEntry
-from pathomics.pipeline import RunConfig, dask_client, run_slides, worker_backbone
+from pathomics.runner.pipeline import RunConfig, dask_client, run_slides, worker_backbone
 from pathomics.store import open_patch_store
 from pathomics.synthetic import write_slide
 from pathomics.tiling import TileConfig

@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pathomics.extract import EmbedConfig, Encoder, default_workers, embed_store, resolve_device, resolve_precision
+from pathomics.embed import EmbedConfig, Encoder, default_workers, embed_store, resolve_device, resolve_precision
+from pathomics.layout import OutputLayout
 from pathomics.models.backbones import Backbone, load_backbone
-from pathomics.store import STORE_ATTRS, PatchStoreWriter, store_path
+from pathomics.store import STORE_ATTRS, PatchStoreWriter
 
 MODELS = ("shufflenet-v2", "resnet50-trunc")
 DEFAULT_JSON = Path(__file__).parent / "results" / "embedding.json"
@@ -42,7 +43,7 @@ def build_store(out: Path, n: int, patch_size: int) -> Path:
         "slide_id": "bench", "source_path": "none", "backend": "none", "mpp_source": "user", "tissue_method": "none",
         "pathomics_version": "bench", "patch_size": patch_size, "target_mpp": 0.5, "complete": False}
     coords = np.stack([np.arange(n), np.zeros(n, dtype=np.int64)], axis=1) * patch_size
-    writer = PatchStoreWriter(store_path(out, "bench"), attrs, coords, np.ones(n, np.float32), with_pixels=True)
+    writer = PatchStoreWriter(OutputLayout(out).store("bench"), attrs, coords, np.ones(n, np.float32), with_pixels=True)
     rng = np.random.default_rng(0)
     for start in range(0, n, writer.shard):
         writer.write(start, rng.integers(0, 256, (min(writer.shard, n - start), patch_size, patch_size, 3), dtype=np.uint8))

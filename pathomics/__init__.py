@@ -17,7 +17,7 @@ _EXPORTS = {
     "tile_slide": "pathomics.tiling",
     "detect_tissue": "pathomics.tissue",
     "open_patch_store": "pathomics.store",
-    "embed_store": "pathomics.extract",
+    "embed_store": "pathomics.embed",
 }
 
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pathomics.errors import PathomicsError
+from pathomics.errors import InputError
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".svslide", ".bif", ".dcm")
 
@@ -32,9 +32,9 @@ def read_manifest(path: str | os.PathLike) -> list[SlideEntry]:
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, ValueError) as exc:
-        raise PathomicsError(f"{path}: cannot read the manifest ({exc})") from exc
+        raise InputError(f"{path}: cannot read the manifest ({exc})") from exc
     if "slide_path" not in table.columns:
-        raise PathomicsError(f"{path}: the manifest needs a slide_path column (found: {', '.join(table.columns)})")
+        raise InputError(f"{path}: the manifest needs a slide_path column (found: {', '.join(table.columns)})")
     entries = []
     for i, row in enumerate(table.to_dict("records"), start=2):
         slide_path = Path(row["slide_path"])
@@ -51,7 +51,13 @@ def entries_from_paths(paths: Sequence[str | os.PathLike], mpp: float | None = N
     """Entries for slide files and folders (searched one level deep for known slide suffixes)."""
     files: list[Path] = []
     for p in map(Path, paths):
-        files += sorted(f for f in p.iterdir() if f.suffix.lower() in SLIDE_SUFFIXES) if p.is_dir() else [p]
+        found = sorted(f for f in p.iterdir() if f.suffix.lower() in SLIDE_SUFFIXES) if p.is_dir() else [p]
+        if not found:
+            raise InputError(f"{p}: a folder without slide files ({', '.join(SLIDE_SUFFIXES)}); "
+                             "name slide files, or folders that hold them")
+        files += found
+    if not files:
+        raise InputError("no slides given; name slide files or folders that hold them")
     return check_unique([SlideEntry(f, f.stem, None, mpp) for f in files], "the slide list")
 
 
@@ -60,7 +66,7 @@ def check_unique(entries: list[SlideEntry], where: str) -> list[SlideEntry]:
     seen: dict[str, Path] = {}
     for e in entries:
         if e.slide_id in seen:
-            raise PathomicsError(f"{where}: slide_id {e.slide_id!r} is used by both {seen[e.slide_id]} and {e.slide_path}; "
+            raise InputError(f"{where}: slide_id {e.slide_id!r} is used by both {seen[e.slide_id]} and {e.slide_path}; "
                                  "give distinct slide_id values in a manifest")
         seen[e.slide_id] = e.slide_path
     return entries
@@ -72,7 +78,7 @@ def _optional_float(text: str, what: str) -> float | None:
     try:
         value = float(text)
     except ValueError:
-        raise PathomicsError(f"{what} is {text!r}, not a number") from None
+        raise InputError(f"{what} is {text!r}, not a number") from None
     if not math.isfinite(value):
-        raise PathomicsError(f"{what} is {text!r}, not a finite number")
+        raise InputError(f"{what} is {text!r}, not a finite number")
     return value

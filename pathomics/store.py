@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -20,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from pathomics.errors import StoreError
+from pathomics.layout import PARTIAL_SUFFIX
 
-PARTIAL_SUFFIX = ".partial"
 STORE_ATTRS = (
     "slide_id", "source_path", "source_size_bytes", "source_mtime", "backend", "mpp_level0", "mpp_source",
     "target_mpp", "read_level", "downsample", "patch_size", "patch_size_level0", "overlap", "min_tissue",
@@ -35,14 +36,23 @@ CHUNK_BYTES = 1 << 20   # one compressed unit (4 patches of 256 px): reading one
 SHARD_BYTES = 32 << 20  # one file (128 patches of 256 px): a batch of a few hundred is a few reads
 
 
-def store_path(out_dir: str | os.PathLike, slide_id: str) -> Path:
-    """Where the patch store of ``slide_id`` lives under an output directory."""
-    return Path(out_dir) / "tiles" / f"{slide_id}.zarr"
+def json_ready(value: Any) -> Any:
+    """Numpy scalars and arrays to Python, NaN and infinities (undefined metrics) to null, dict keys to strings."""
+    if isinstance(value, Mapping):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, (np.integer, np.bool_)):
+        return value.item()
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    return value
 
 
-def feature_path(out_dir: str | os.PathLike, slide_id: str) -> Path:
-    """Where the feature file of ``slide_id`` lives under an output directory."""
-    return Path(out_dir) / "features" / f"{slide_id}.h5"
+def write_json(path: str | os.PathLike, document: Mapping[str, Any]) -> None:
+    """Write ``document`` as indented JSON, atomically, through ``json_ready``."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(json_ready(document), indent=2))
 
 
 def partial_path(path: str | os.PathLike) -> Path:
@@ -122,16 +132,18 @@ class PatchStoreWriter:
             if self.partial.exists():
                 shutil.rmtree(self.partial)
             root = zarr.open_group(self.partial, mode="w", zarr_format=3)
-            root.create_array("coords", data=np.asarray(coords, dtype=np.int64).reshape(-1, 2), chunks=(max(self.n, 1), 2))
+            every_chunk = {"write_empty_chunks": True}  # an absent chunk file then always means damage
+            root.create_array("coords", data=np.asarray(coords, dtype=np.int64).reshape(-1, 2), chunks=(max(self.n, 1), 2),
+                              config=every_chunk)
             root.create_array("tissue_fraction", data=np.asarray(tissue_fraction, dtype=np.float32).reshape(-1),
-                              chunks=(max(self.n, 1),))
+                              chunks=(max(self.n, 1),), config=every_chunk)
             if with_pixels:
                 p = self.patch_size
                 root.create_array(
                     "images", shape=(self.n, p, p, 3), dtype="uint8",
                     chunks=(patches_per_chunk(p), p, p, 3), shards=(self.shard, p, p, 3),
                     compressors=zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle", typesize=1),
-                    fill_value=0,
+                    fill_value=0, config=every_chunk,
                 )
             root.attrs.update({**wanted, "patches_written": 0 if with_pixels else self.n})
         self.root = root
@@ -222,7 +234,11 @@ class PatchStore:
         """Patches ``start:stop`` as a (n, P, P, 3) uint8 array (needs a store with pixels)."""
         if self.images is None:
             raise StoreError(f"{self.path} is a coords-only store; read its patches from the slide instead")
-        return np.asarray(self.images[start:stop])
+        try:
+            return np.asarray(self.images[start:stop])
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise StoreError(f"{self.path}: patches {start}-{stop} cannot be read ({exc}); the store is damaged: "
+                             "delete it and re-run `pathomics tile`") from exc
 
 
 def open_patch_store(path: str | os.PathLike) -> PatchStore:
@@ -248,7 +264,24 @@ def open_patch_store(path: str | os.PathLike) -> PatchStore:
     p = int(attrs["patch_size"])
     if coords.ndim != 2 or coords.shape[1] != 2 or (images is not None and images.shape != (len(coords), p, p, 3)):
         raise StoreError(f"{path}: inconsistent array shapes; delete it and re-run `pathomics tile`")
+    absent = [key for name in ("coords", "tissue_fraction", "images") if name in root
+              for key in _missing_chunk_files(path / name, root[name])]
+    if absent:
+        raise StoreError(f"{path}: {len(absent)} chunk file(s) missing (e.g. {absent[0]}), so some patches would read "
+                         "as zeros; the store is damaged: delete it and re-run `pathomics tile`")
     return PatchStore(path, attrs, coords, np.asarray(root["tissue_fraction"][:]), images)
+
+
+def _missing_chunk_files(directory: Path, array: Any) -> list[str]:
+    """Storage files (shards, or chunks when unsharded) a complete array must have but that are absent.
+
+    zarr reads an absent chunk as its fill value, so a deleted shard would silently become black patches.
+    """
+    unit = array.shards or array.chunks
+    counts = [-(-n // u) for n, u in zip(array.shape, unit)]
+    keys = np.indices(counts).reshape(len(counts), -1).T if all(counts) else np.zeros((0, len(counts)), int)
+    names = ("c/" + "/".join(map(str, key)) for key in keys)
+    return [f"{directory.name}/{name}" for name in names if not (directory / name).is_file()]
 
 
 @dataclass(frozen=True)

@@ -27,11 +27,10 @@ import shapely
 from shapely.geometry import MultiPolygon
 
 from pathomics import __version__
-from pathomics.batch import SlideJob
-from pathomics.errors import StoreError
-from pathomics.manifest import SlideEntry
+from pathomics.errors import ConfigError, StoreError
+from pathomics.layout import DONE, SKIPPED, OutputLayout
 from pathomics.slide import SlideReader, TiffTileSource, open_slide
-from pathomics.store import PatchStore, PatchStoreWriter, open_patch_store, store_path, write_png
+from pathomics.store import PatchStore, PatchStoreWriter, open_patch_store, write_png
 from pathomics.tissue import Tissue, TissueConfig, detect_tissue, load_tissue, write_geojson
 
 log = logging.getLogger(__name__)
@@ -54,15 +53,15 @@ class TileConfig:
 
     def __post_init__(self) -> None:
         if not self.target_mpp > 0:
-            raise ValueError(f"target MPP must be positive, got {self.target_mpp}")
+            raise ConfigError(f"target MPP must be positive, got {self.target_mpp}")
         if self.patch_size < 8:
-            raise ValueError(f"patch size must be at least 8 pixels, got {self.patch_size}")
+            raise ConfigError(f"patch size must be at least 8 pixels, got {self.patch_size}")
         if not 0 <= self.overlap < self.patch_size:
-            raise ValueError(f"overlap must be in [0, patch size), got {self.overlap}")
+            raise ConfigError(f"overlap must be in [0, patch size), got {self.overlap}")
         if not 0.0 <= self.min_tissue <= 1.0:
-            raise ValueError(f"min tissue fraction must be in [0, 1], got {self.min_tissue}")
+            raise ConfigError(f"min tissue fraction must be in [0, 1], got {self.min_tissue}")
         if self.batch_size < 1 or self.threads < 1:
-            raise ValueError("batch size and threads must be at least 1")
+            raise ConfigError("batch size and threads must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -190,20 +189,21 @@ def tile_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, config
     start_time = time.perf_counter()
     slide_path = Path(slide_path).resolve()
     slide_id = slide_id or slide_path.stem
-    final = store_path(out_dir, slide_id)
+    layout = OutputLayout(out_dir)
+    final = layout.store(slide_id)
     with open_slide(slide_path, mpp=mpp, backend=backend) as slide:
         attrs = store_attributes(slide, slide_id, config, tissue_geojson)
         if _unchanged(final, attrs):
             log.info("%s: complete store with the same source and parameters exists; skipped", slide_id)
-            return TileResult(slide_id, final, int(attrs["n_patches"] or 0), "skipped", time.perf_counter() - start_time)
+            return TileResult(slide_id, final, int(attrs["n_patches"] or 0), SKIPPED, time.perf_counter() - start_time)
         tissue = load_tissue(slide, tissue_geojson, config.tissue) if tissue_geojson else detect_tissue(slide, config.tissue)
         grid = plan_grid(slide, tissue.polygons, config)
         if len(grid.coords) == 0:
             log.warning("%s: no tissue patches found (%s); writing an empty store — check the slide or lower --min-tissue",
                         slide_path, "no tissue detected" if tissue.polygons.is_empty else f"none with ≥{config.min_tissue:.0%} tissue")
         final.parent.mkdir(parents=True, exist_ok=True)
-        write_geojson(tissue.polygons, final.with_name(f"{slide_id}.tissue.geojson"))
-        _write_thumbnail(tissue, grid, final.with_name(f"{slide_id}.thumb.png"))
+        write_geojson(tissue.polygons, layout.tissue_geojson(slide_id))
+        _write_thumbnail(tissue, grid, layout.thumbnail(slide_id))
         attrs.update(n_patches=len(grid.coords), read_level=grid.read_level, read_size=grid.read_size,
                      thumbnail_downsample=tissue.thumbnail_downsample)
         writer = PatchStoreWriter(final, attrs, grid.coords, grid.tissue_fraction, with_pixels=config.with_pixels)
@@ -212,18 +212,7 @@ def tile_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, config
         if config.with_pixels:
             _stream_patches(slide, grid, config, writer, progress)
         writer.publish()
-    return TileResult(slide_id, final, len(grid.coords), "done", time.perf_counter() - start_time)
-
-
-def tile_job(entry: SlideEntry, out_dir: str | os.PathLike, config: TileConfig,
-             tissue_geojson: str | os.PathLike | None = None, backend: str = "auto") -> SlideJob:
-    """``tile_slide`` as a batch job returning (``done`` or ``skipped``, patches); ``tissue_geojson`` overrides the entry's."""
-    def run() -> tuple[str, int]:
-        result = tile_slide(entry.slide_path, out_dir, config, mpp=entry.mpp, slide_id=entry.slide_id,
-                            tissue_geojson=tissue_geojson or entry.tissue_geojson, backend=backend)
-        return result.state, result.n_patches
-
-    return SlideJob(entry.slide_id, run)
+    return TileResult(slide_id, final, len(grid.coords), DONE, time.perf_counter() - start_time)
 
 
 def store_attributes(slide: SlideReader, slide_id: str, config: TileConfig, tissue_geojson: str | os.PathLike | None) -> dict:

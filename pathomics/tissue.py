@@ -17,7 +17,7 @@ import numpy as np
 import shapely
 from shapely.geometry import MultiPolygon, Polygon, mapping, shape
 
-from pathomics.errors import PathomicsError
+from pathomics.errors import ConfigError, PathomicsError
 from pathomics.slide import SlideReader
 from pathomics.store import atomic_path
 
@@ -36,7 +36,7 @@ class TissueConfig:
 
     def __post_init__(self) -> None:
         if self.thumbnail_mpp <= 0 or self.min_tissue_area_um2 < 0 or self.max_hole_area_um2 < 0 or self.closing_um < 0:
-            raise ValueError(f"invalid tissue detection parameters: {self}")
+            raise ConfigError(f"invalid tissue detection parameters: {self}")
 
 
 @dataclass(frozen=True)

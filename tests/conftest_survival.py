@@ -9,7 +9,7 @@ import pytest
 from sksurv.datasets import load_gbsg2
 
 from pathomics.cli.main import main
-from pathomics.cohort_sim import PlantedTruth, simulate_cohort_tables
+from pathomics.synthetic.cohort import PlantedTruth, simulate_cohort_tables
 
 GBSG2_COVARIATES = ("horTh", "age", "menostat", "tsize", "tgrade", "pnodes", "progrec", "estrec")
 GBSG2_CATEGORICAL = ("horTh", "menostat", "tgrade")

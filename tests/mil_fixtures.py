@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pathomics.store import feature_path, write_feature_file
+from pathomics.layout import OutputLayout
+from pathomics.store import write_feature_file
 
 PATCH = 256
 FEATURE_ATTRS = {"model": "synthetic", "weights": "random", "weights_sha256": "", "precision": "fp32",
@@ -39,7 +40,7 @@ def write_bag(out: Path, slide_id: str, features: np.ndarray, coords: np.ndarray
     """Write ``<out>/features/<slide_id>.h5`` with the DESIGN attributes."""
     coords = grid_coords(len(features)) if coords is None else coords
     attrs = {**FEATURE_ATTRS, "slide_id": slide_id, "embedding_dim": features.shape[1]}
-    return write_feature_file(feature_path(out, slide_id), features, coords, attrs, COORDS_ATTRS)
+    return write_feature_file(OutputLayout(out).feature_file(slide_id), features, coords, attrs, COORDS_ATTRS)
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ import torch
 import torchvision
 from torchvision.models.feature_extraction import create_feature_extractor
 
+from pathomics.embed import CPU_ACTIVATION_BYTES, Encoder
 from pathomics.errors import ModelError
-from pathomics.extract import CPU_ACTIVATION_BYTES, Encoder
 from pathomics.models import backbones
 from pathomics.models.backbones import load_backbone, register_backbone
 

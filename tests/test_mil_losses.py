@@ -7,13 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from mil_fixtures import grid_coords, one_thread, witness_bag  # noqa: F401 - one_thread: autouse fixture
 from sksurv.linear_model.coxph import CoxPHOptimizer
 
-from pathomics import train
 from pathomics.errors import CohortError
-from pathomics.models.mil import build_aggregator
-
-from mil_fixtures import grid_coords, one_thread, witness_bag  # noqa: F401 - one_thread: autouse fixture
+from pathomics.mil import train
+from pathomics.mil.aggregators import build_aggregator
 
 
 @pytest.mark.parametrize("ties", ["efron", "breslow"])

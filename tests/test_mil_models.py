@@ -5,19 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from mil_fixtures import grid_coords, one_thread  # noqa: F401 - one_thread: autouse fixture
 
 from pathomics.errors import ModelError
-from pathomics.models import mil
-from pathomics.models.mil import build_aggregator, list_aggregators, nystrom_attention, register_aggregator
-
-from mil_fixtures import grid_coords, one_thread  # noqa: F401 - one_thread: autouse fixture
+from pathomics.mil import aggregators
+from pathomics.mil.aggregators import build_aggregator, list_aggregators, nystrom_attention, register_aggregator
 
 ALL = ("mean", "max", "abmil", "gated-abmil", "clam-sb", "transmil")
 SMALL = {"hidden_dim": 16}
 TRANSMIL_SMALL = {"hidden_dim": 16, "heads": 2, "landmarks": 32}
 
 
-def small(name: str, in_dim: int = 8, n_outputs: int = 3) -> mil.MILAggregator:
+def small(name: str, in_dim: int = 8, n_outputs: int = 3) -> aggregators.MILAggregator:
     torch.manual_seed(0)
     return build_aggregator(name, in_dim, n_outputs, **(TRANSMIL_SMALL if name == "transmil" else SMALL)).eval()
 
@@ -30,7 +29,7 @@ def bag(n: int, dim: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor
 def test_registry_holds_every_aggregator_and_refuses_duplicates():
     assert set(ALL) <= set(list_aggregators())
     with pytest.raises(ModelError, match="already registered"):
-        register_aggregator("abmil")(type("Other", (mil.MILAggregator,), {}))
+        register_aggregator("abmil")(type("Other", (aggregators.MILAggregator,), {}))
     with pytest.raises(ModelError, match="unknown MIL aggregator 'nope'"):
         build_aggregator("nope", 8, 2)
     with pytest.raises(ModelError, match="bad options"):

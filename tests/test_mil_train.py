@@ -11,17 +11,27 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from mil_fixtures import PATCH, grid_coords, one_thread, witness_cohort, write_bag  # noqa: F401 - autouse fixture
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from pathomics.batch import DONE, FAILED, SKIPPED
 from pathomics.cli.main import main
 from pathomics.errors import CohortError, ModelError, StoreError
-from pathomics.mil import (MILConfig, draw_heatmap, export_signatures, load_cohort, load_trained, predict_mil,
-                           read_attention, render_heatmap, render_heatmaps, train_mil)
-from pathomics.store import STORE_ATTRS, PatchStoreWriter, read_feature_file, store_path
-
-from mil_fixtures import PATCH, grid_coords, one_thread, witness_cohort, write_bag  # noqa: F401 - autouse fixture
+from pathomics.layout import OutputLayout
+from pathomics.mil import (
+    MILConfig,
+    draw_heatmap,
+    export_signatures,
+    load_bags,
+    load_trained,
+    predict_mil,
+    read_attention,
+    render_heatmap,
+    render_heatmaps,
+    train_mil,
+)
+from pathomics.runner.batch import DONE, FAILED, SKIPPED
+from pathomics.store import STORE_ATTRS, PatchStoreWriter, read_feature_file
 
 KNOWN_ANSWER = MILConfig(folds=3, epochs=40, patience=8, min_epochs=20, lr=1e-3, batch_size=4, hidden_dim=128,
                          dropout=0.1, refit=False)
@@ -100,7 +110,7 @@ def test_outputs_follow_the_design(tiny, tmp_path):
     assert set(metrics["summary"]) == {"auc", "balanced_accuracy"} and set(metrics["summary"]["auc"]) == {"mean", "sd"}
     assert metrics["unit"] == "patient" and metrics["pooled_out_of_fold"]["n"] == 12
     assert MILConfig.from_dict(json.loads((out / "mil_config.json").read_text())["config"]) == config
-    assert sorted(p.name for p in (out / "mil_models").iterdir()) == ["final.pt", "fold_0.pt", "fold_1.pt", "fold_2.pt"]
+    assert sorted(p.name for p in (out / "mil_models").iterdir()) == ["final.pt", "fold_0.pt", "fold_1.pt", "fold_2.pt", "splits.json"]
     trained = load_trained(out)
     assert trained.fold == -1 and trained.config == config and trained.model.in_dim == 8
 
@@ -186,8 +196,8 @@ def write_store(out: Path, slide_id: str, coords: np.ndarray, width: int, height
     """A coords-only patch store plus its thumbnail, as `pathomics tile` leaves them."""
     attrs = {key: 0 for key in STORE_ATTRS if key != "complete"}
     attrs.update(slide_id=slide_id, patch_size=PATCH, patch_size_level0=PATCH, slide_width=width, slide_height=height)
-    PatchStoreWriter(store_path(out, slide_id), attrs, coords, np.ones(len(coords), np.float32), with_pixels=False).publish()
-    thumbnail = store_path(out, slide_id).with_name(f"{slide_id}.thumb.png")
+    PatchStoreWriter(OutputLayout(out).store(slide_id), attrs, coords, np.ones(len(coords), np.float32), with_pixels=False).publish()
+    thumbnail = OutputLayout(out).store(slide_id).with_name(f"{slide_id}.thumb.png")
     Image.new("RGB", (width // 64, height // 64), (240, 240, 240)).save(thumbnail)
 
 
@@ -214,26 +224,26 @@ def test_labelled_slides_without_features_are_left_out_with_a_warning(tiny):
     table = pd.concat([tiny.table, pd.DataFrame({"slide_id": ["ghost"], "patient_id": ["p999"], "label": ["pos"]})])
     table.to_csv(tiny.labels, index=False)
     with pytest.warns(UserWarning, match="1 labelled slide.*no feature file.*ghost"):
-        cohort = load_cohort(tiny.features, tiny.labels, TINY)
+        cohort = load_bags(tiny.features, tiny.labels, TINY)
     assert len(cohort.bags) == 24
 
 
 def test_feature_files_of_different_dimensions(tiny):
     write_bag(tiny.out, "s000_0", np.zeros((10, 12), np.float32))
     with pytest.raises(StoreError, match=r"differ in embedding dimension: 8 \(23 files.*12 \(1 files, e.g. s000_0\)"):
-        load_cohort(tiny.features, tiny.labels, TINY)
+        load_bags(tiny.features, tiny.labels, TINY)
 
 
 def test_a_single_class(tiny):
     tiny.table.assign(label="pos").to_csv(tiny.labels, index=False)
     with pytest.raises(CohortError, match="same label 'pos'"):
-        load_cohort(tiny.features, tiny.labels, TINY)
+        load_bags(tiny.features, tiny.labels, TINY)
 
 
 def test_all_censored(tiny):
     tiny.table.drop(columns="label").assign(time=1.0, event=0).to_csv(tiny.labels, index=False)
     with pytest.raises(CohortError, match="censored"):
-        load_cohort(tiny.features, tiny.labels, replace(TINY, task="survival"))
+        load_bags(tiny.features, tiny.labels, replace(TINY, task="survival"))
 
 
 def test_nan_features(tiny):
@@ -241,7 +251,7 @@ def test_nan_features(tiny):
     features[3, 2] = np.nan
     write_bag(tiny.out, "s001_1", features)
     with pytest.raises(StoreError, match=r"s001_1.h5: 1 of 10 patches have NaN"):
-        load_cohort(tiny.features, tiny.labels, TINY)
+        load_bags(tiny.features, tiny.labels, TINY)
 
 
 @pytest.mark.parametrize(("edit", "message"), [
@@ -253,16 +263,16 @@ def test_nan_features(tiny):
 def test_malformed_label_tables(tiny, edit, message):
     edit(tiny.table).to_csv(tiny.labels, index=False)
     with pytest.raises(CohortError, match=message):
-        load_cohort(tiny.features, tiny.labels, TINY)
+        load_bags(tiny.features, tiny.labels, TINY)
 
 
 def test_survival_tables_need_times_and_binary_events(tiny):
     tiny.table.drop(columns="label").assign(time=-1.0, event=1).to_csv(tiny.labels, index=False)
     with pytest.raises(CohortError, match="'time' must hold non-negative numbers"):
-        load_cohort(tiny.features, tiny.labels, replace(TINY, task="survival"))
+        load_bags(tiny.features, tiny.labels, replace(TINY, task="survival"))
     tiny.table.drop(columns="label").assign(time=1.0, event=2).to_csv(tiny.labels, index=False)
     with pytest.raises(CohortError, match="'event' must be 1 .event. or 0"):
-        load_cohort(tiny.features, tiny.labels, replace(TINY, task="survival"))
+        load_bags(tiny.features, tiny.labels, replace(TINY, task="survival"))
 
 
 def test_invalid_configs_name_every_problem():

@@ -15,12 +15,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pathomics.batch import read_status
-from pathomics.extract import EmbedConfig
+from pathomics.embed import EmbedConfig
+from pathomics.layout import OutputLayout
 from pathomics.manifest import SlideEntry, read_manifest
 from pathomics.mil import MILConfig
-from pathomics.pipeline import RunConfig, run_archive, run_slides
-from pathomics.store import open_patch_store, read_feature_file, store_path
+from pathomics.runner.batch import read_status
+from pathomics.runner.pipeline import RunConfig, run_archive, run_slides
+from pathomics.store import open_patch_store, read_feature_file
 from pathomics.survival.config import SurvivalConfig
 from pathomics.synthetic import write_cohort
 from pathomics.tiling import TileConfig
@@ -44,7 +45,7 @@ def test_bad_slides_fail_alone_and_a_rerun_skips_finished_ones(tmp_path, cohort,
     patches = {(r.slide_id, r.stage): r.patches for r in rows}
     for entry in good:
         assert states[(entry.slide_id, "tile")] == "done" and states[(entry.slide_id, "embed")] == "done"
-        n = len(open_patch_store(store_path(tmp_path, entry.slide_id)))
+        n = len(open_patch_store(OutputLayout(tmp_path).store(entry.slide_id)))
         assert n > 0 and patches[(entry.slide_id, "tile")] == patches[(entry.slide_id, "embed")] == n
     assert states[("truncated", "tile")] == "failed" and states[("nompp", "tile")] == "failed"
     assert "--slide-mpp" in {r.slide_id: r.error for r in rows}["nompp"]

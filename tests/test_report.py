@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from conftest_survival import SYNTHETIC_COVARIATES
 
-from pathomics.cohort_sim import simulate_cohort_tables
-from pathomics.report import Section, html_report, image_html, table_html
 from pathomics.survival import SurvivalConfig, survival_fit
+from pathomics.survival.report import Section, html_report, image_html, table_html
+from pathomics.synthetic.cohort import simulate_cohort_tables
 
 CHROMIUM = next(
     (p for p in (shutil.which("chromium"), "/usr/bin/chromium", shutil.which("chromium-browser")) if p and Path(p).exists()), None

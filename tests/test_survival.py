@@ -8,14 +8,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest_survival import GBSG2_COVARIATES, SYNTHETIC_COVARIATES, YEARS, fit_argv, gbsg2_frame, run_ok, write_synthetic
+from conftest_survival import (
+    GBSG2_COVARIATES,
+    SYNTHETIC_COVARIATES,
+    YEARS,
+    fit_argv,
+    gbsg2_frame,
+    run_ok,
+    write_synthetic,
+)
 from lifelines import CoxPHFitter
 from sksurv.metrics import concordance_index_ipcw, cumulative_dynamic_auc, integrated_brier_score
 from sksurv.util import Surv
 
-from pathomics.cohort_sim import simulate_cohort_tables
 from pathomics.survival import CoxModel, Design, SurvivalConfig, evaluate_external, load_cohort, survival_fit
 from pathomics.survival.metrics import assign_groups, risk_cut_points
+from pathomics.synthetic.cohort import simulate_cohort_tables
 
 CORE_KEYS = {"c_index_harrell", "c_index_uno", "td_auc", "ibs", "n", "events"}
 

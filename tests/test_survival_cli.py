@@ -13,9 +13,9 @@ import pytest
 from conftest_survival import SYNTHETIC_COVARIATES, fit_argv, run_ok
 
 from pathomics.cli.main import main
-from pathomics.cohort_sim import simulate_cohort_tables
 from pathomics.errors import CohortError
 from pathomics.survival import SurvivalConfig, load_cohort
+from pathomics.synthetic.cohort import simulate_cohort_tables
 
 Tables = dict[str, pd.DataFrame]
 

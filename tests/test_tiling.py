@@ -13,9 +13,8 @@ import zarr
 
 from pathomics.errors import StoreError
 from pathomics.slide import open_slide
-from pathomics.store import open_patch_store, partial_path
+from pathomics.store import STORE_ATTRS, open_patch_store, partial_path
 from pathomics.tiling import TileConfig, patch_size_level0, read_patches, tile_slide
-from pathomics.store import STORE_ATTRS
 
 
 def openslide_rgb(path, xy, level, size) -> np.ndarray:

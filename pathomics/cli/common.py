@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 from pathlib import Path
+from typing import Any, TypeVar
 
-from pathomics.errors import PathomicsError
+from pathomics.errors import InputError, PathomicsError
+
+C = TypeVar("C")
 
 
 def add_slide_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +25,7 @@ def slide_entries(args: argparse.Namespace) -> list:
     from pathomics.manifest import entries_from_paths, read_manifest
 
     if bool(args.slides) == bool(args.manifest):
-        raise PathomicsError("give either slide paths or --manifest CSV (exactly one of them)")
+        raise InputError("give either slide paths or --manifest CSV (exactly one of them)")
     if args.manifest:
         entries = read_manifest(args.manifest)
         if args.slide_mpp is not None:
@@ -41,3 +45,14 @@ def writable_dir(path: Path) -> Path:
     except OSError as exc:
         raise PathomicsError(f"cannot write to output directory {path} ({exc.strerror or exc}); choose a writable --out") from exc
     return path
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace, **values: Any) -> C:
+    """``cls`` (a config dataclass) from the options named like its fields, plus ``values``.
+
+    Options not given (absent, or None) keep the config's default; a given value, falsy or not, is passed
+    on for the config to validate, so `--mpp 0` is an error, never a silent default.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return cls(**given, **{k: v for k, v in values.items() if v is not None})

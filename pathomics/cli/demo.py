@@ -20,10 +20,10 @@ def run(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from pathomics.batch import exit_code, summarize
     from pathomics.cli.common import writable_dir
-    from pathomics.demo import run_demo
-    from pathomics.report import format_ci
+    from pathomics.runner.batch import exit_code, summarize
+    from pathomics.survival.report import format_ci
+    from pathomics.synthetic.demo import run_demo
 
     start = time.perf_counter()
     out = writable_dir(args.out)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pathomics.cli.common import writable_dir
+from pathomics.cli.common import config_from_args, writable_dir
 from pathomics.errors import PathomicsError
+from pathomics.layout import OutputLayout
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -34,20 +35,16 @@ def add_embed_options(parser: argparse.ArgumentParser) -> None:
 
 def embed_config(args: argparse.Namespace):  # noqa: ANN201 - EmbedConfig, imported lazily
     """The EmbedConfig the embedding options describe (unset options keep its defaults)."""
-    from pathomics.extract import EmbedConfig
+    from pathomics.embed import EmbedConfig
 
-    options = {"model": args.model, "weights": args.weights, "device": args.device, "precision": args.precision,
-               "batch_size": args.batch_size, "num_workers": args.num_workers, "input_size": args.input_size}
-    try:
-        return EmbedConfig(**{k: v for k, v in options.items() if v is not None})
-    except ValueError as exc:
-        raise PathomicsError(str(exc)) from exc
+    return config_from_args(EmbedConfig, args)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathomics.batch import exit_code, run_jobs, summarize
-    from pathomics.extract import embed_job, resolve_device, resolve_precision
+    from pathomics.device import resolve_device, resolve_precision
     from pathomics.models.backbones import load_backbone
+    from pathomics.runner.batch import exit_code, run_jobs, summarize
+    from pathomics.runner.jobs import embed_job
 
     config = embed_config(args)
     out = writable_dir(args.out)
@@ -65,7 +62,5 @@ def run(args: argparse.Namespace) -> int:
 
 def discover_stores(out: Path) -> list[Path]:
     """Every store under OUT/tiles, including ones an interrupted tiling left partial (they fail, named)."""
-    from pathomics.store import PARTIAL_SUFFIX, store_path
-
-    names = [p.name.removesuffix(PARTIAL_SUFFIX) for p in (out / "tiles").glob("*.zarr*") if p.is_dir()]
-    return [store_path(out, name.removesuffix(".zarr")) for name in sorted(set(names)) if name.endswith(".zarr")]
+    layout = OutputLayout(out)
+    return [layout.store(slide_id) for slide_id in layout.store_ids()]

@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # pathomics logs at INFO (DEBUG with -v); libraries (Dask, ...) only at WARNING, so a run's output stays readable
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pathomics").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.run(args))
     except PathomicsError as exc:

@@ -80,8 +80,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pathomics import mil
-    from pathomics.batch import exit_code, summarize
     from pathomics.cli.common import writable_dir
+    from pathomics.runner.batch import exit_code, summarize
 
     if args.action == "train":
         result = mil.train_mil(args.features, args.labels, writable_dir(Path(args.out)), config_from_args(args))
@@ -103,25 +103,22 @@ def run(args: argparse.Namespace) -> int:
 
 def config_from_args(args: argparse.Namespace) -> MILConfig:
     """The MILConfig of `mil train`'s arguments; options not given keep the config's defaults."""
-    from dataclasses import fields
-
+    from pathomics.cli.common import config_from_args
     from pathomics.mil import MILConfig  # noqa: F811 - the runtime import of the name typed above
 
-    values = {f.name: getattr(args, f.name) for f in fields(MILConfig) if hasattr(args, f.name)}
-    if "model_options" in values:
-        values["model_options"] = tuple(_option(o) for o in values["model_options"])
-    if "classes" in values:
-        values["classes"] = tuple(values["classes"].split(","))
-    return MILConfig(**values)
+    options = getattr(args, "model_options", None)
+    classes = getattr(args, "classes", None)
+    return config_from_args(MILConfig, args, model_options=options and tuple(_option(o) for o in options),
+                            classes=classes and tuple(classes.split(",")))
 
 
 def _option(text: str) -> tuple[str, Any]:
     """``KEY=VALUE`` with VALUE parsed as JSON where it can be (numbers, booleans), else kept as text."""
-    from pathomics.errors import ModelError
+    from pathomics.errors import ConfigError
 
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise ModelError(f"--model-option {text!r}: expected KEY=VALUE, e.g. k=8")
+        raise ConfigError(f"--model-option {text!r}: expected KEY=VALUE, e.g. k=8")
     try:
         return key, json.loads(value)
     except json.JSONDecodeError:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pathomics.cli.common import add_slide_arguments, slide_entries, writable_dir
+from pathomics.cli.common import add_slide_arguments, config_from_args, slide_entries, writable_dir
 from pathomics.cli.embed import add_embed_options, embed_config
 from pathomics.cli.survival import add_survival_options, survival_config
 from pathomics.cli.tile import add_tile_options, tile_config
+from pathomics.layout import OutputLayout
+from pathomics.survival.config import RUN_FUSION
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -29,31 +31,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     mil.add_argument("--mil-folds", type=int, default=5, help="patient-level folds of the MIL cross-validation")
     mil.add_argument("--mil-epochs", type=int, default=40)
     mil.add_argument("--mil-model", type=Path, help="apply this trained MIL run (directory or .pt) instead of training one")
-    add_survival_options(parser.add_argument_group("survival"))
+    add_survival_options(parser.add_argument_group("survival"), fusion=RUN_FUSION)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from pathomics.batch import exit_code, summarize
     from pathomics.mil import MILConfig
-    from pathomics.pipeline import RUN_FUSION, RunConfig, run_archive
-    from pathomics.report import format_ci
+    from pathomics.runner.batch import exit_code, summarize
+    from pathomics.runner.pipeline import RunConfig, run_archive
+    from pathomics.survival.report import format_ci
 
     entries = slide_entries(args)
-    survival = survival_config(args)
-    if "fusion" not in vars(args):  # see pipeline.RUN_FUSION
-        survival = dataclasses.replace(survival, fusion=RUN_FUSION)
     mil = MILConfig(task="survival", model=args.aggregator, folds=args.mil_folds, epochs=args.mil_epochs,
                     time_col="time", event_col="event")
-    config = RunConfig(tile=tile_config(args), embed=embed_config(args), mil=mil, survival=survival,
-                       mil_model=args.mil_model, workers=args.workers, threads_per_worker=args.threads,
-                       scheduler=args.scheduler)
+    config = config_from_args(RunConfig, args, tile=tile_config(args), embed=embed_config(args), mil=mil,
+                              survival=survival_config(args), threads_per_worker=args.threads)
     out = writable_dir(args.out)
     result = run_archive(entries, args.clinical, out, config, radiology=args.radiology)
     print(summarize("tile + embed", result.slide_rows))
     for name, model in result.survival.models.items():
         print(f"  {name:<10} Harrell C {format_ci(model.metrics['c_index_harrell'])}")
-    print(f"signatures: {result.signatures}; survival results: {out / 'survival'}; status: {out / 'status.csv'}")
+    layout = OutputLayout(out)
+    print(f"signatures: {layout.signatures}; survival results: {layout.survival}; status: {layout.status}")
     return exit_code(result.slide_rows)

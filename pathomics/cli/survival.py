@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
+from typing import Any
 
+from pathomics.cli.common import config_from_args
 from pathomics.survival.config import AGGREGATES, FUSIONS, MISSING_POLICIES, RISK_GROUPINGS, SurvivalConfig
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(SurvivalConfig)}
@@ -26,12 +28,14 @@ def _numbers(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
 
 
-def _option(parser: argparse._ActionsContainer, flag: str, field: str, help: str, **kwargs: object) -> None:
-    """An option filling config ``field``; absent from the namespace unless given, so the config's default applies."""
-    default = _DEFAULTS[field]
-    if default is not None and "default" not in help:
-        help += f" (default: {','.join(map(str, default)) if isinstance(default, tuple) else default})"
-    parser.add_argument(flag, dest=field, default=argparse.SUPPRESS, help=help, **kwargs)
+def _option(parser: argparse._ActionsContainer, flag: str, field: str, help: str, default: Any = argparse.SUPPRESS,
+            **kwargs: object) -> None:
+    """An option filling config ``field``; absent from the namespace unless given (or ``default`` is), so the
+    config's default applies."""
+    shown = _DEFAULTS[field] if default is argparse.SUPPRESS else default
+    if shown is not None and "default" not in help:
+        help += f" (default: {','.join(map(str, shown)) if isinstance(shown, tuple) else shown})"
+    parser.add_argument(flag, dest=field, default=default, help=help, **kwargs)
 
 
 def _add_tables(parser: argparse.ArgumentParser) -> None:
@@ -55,8 +59,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def add_survival_options(fit: argparse.ArgumentParser) -> None:
-    """The model options of `survival fit`, shared with `pathomics run`."""
+def add_survival_options(fit: argparse.ArgumentParser, fusion: str | None = None) -> None:
+    """The model options of `survival fit`, shared with `pathomics run` (which fuses at decision level by default)."""
     _option(fit, "--time", "time_col", "follow-up time column", metavar="COL")
     _option(fit, "--event", "event_col", "event column (1 recurrence, 0 censored)", metavar="COL")
     _option(fit, "--id-col", "id_col", "patient id column of every table", metavar="COL")
@@ -86,6 +90,7 @@ def add_survival_options(fit: argparse.ArgumentParser) -> None:
         "--fusion",
         "fusion",
         "features: covariates + signature PCs; decision: second-stage Cox on modality scores",
+        default=fusion or argparse.SUPPRESS,
         choices=FUSIONS,
     )
     _option(fit, "--components", "n_components", "principal components of sig_* in feature fusion", type=int, metavar="K")
@@ -132,12 +137,12 @@ def add_survival_options(fit: argparse.ArgumentParser) -> None:
 
 def survival_config(args: argparse.Namespace) -> SurvivalConfig:
     """The SurvivalConfig the options describe (options not given keep its defaults)."""
-    return SurvivalConfig(**{k: v for k, v in vars(args).items() if k in _DEFAULTS})
+    return config_from_args(SurvivalConfig, args)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathomics.report import format_ci
     from pathomics.survival import survival_evaluate, survival_fit
+    from pathomics.survival.report import format_ci
 
     tables = (args.clinical, args.radiology, args.signatures)
     if args.action == "fit":

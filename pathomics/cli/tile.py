@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pathomics.cli.common import add_slide_arguments, slide_entries, writable_dir
-from pathomics.errors import PathomicsError
+from pathomics.cli.common import add_slide_arguments, config_from_args, slide_entries, writable_dir
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -22,12 +21,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def add_tile_options(parser: argparse.ArgumentParser) -> None:
     """The tiling parameters, shared with `pathomics run`."""
     resolution = parser.add_mutually_exclusive_group()
-    resolution.add_argument("--mpp", type=float, default=None, help="target microns per pixel (default 0.5)")
+    resolution.add_argument("--mpp", dest="target_mpp", type=float, help="target microns per pixel (default 0.5)")
     resolution.add_argument("--magnification", type=float, help="target magnification, converted as 10/mag µm/px (20 → 0.5)")
     parser.add_argument("--patch-size", type=int, default=256, help="patch side in pixels at the target MPP")
     parser.add_argument("--overlap", type=int, default=0, help="overlap between neighbouring patches, pixels at the target MPP")
     parser.add_argument("--min-tissue", type=float, default=0.5, help="keep patches at least this fraction tissue")
-    parser.add_argument("--no-pixels", action="store_true", help="write coords-only stores (the embedder reads the slide)")
+    parser.add_argument("--no-pixels", dest="with_pixels", action="store_false", default=None,
+                        help="write coords-only stores (the embedder reads the slide)")
     parser.add_argument("--tissue-dir", type=Path, help="folder of <slide_id>.geojson tissue annotations to use instead of detection")
     parser.add_argument("--threads", type=int, default=None,
                         help="decoding threads per slide (default: all cores; in `run`: cores / workers, for torch too)")
@@ -35,24 +35,17 @@ def add_tile_options(parser: argparse.ArgumentParser) -> None:
 
 def tile_config(args: argparse.Namespace):  # noqa: ANN201 - TileConfig, imported lazily
     """The TileConfig the tiling options describe (magnification converted to MPP here, at the edge)."""
-    import dataclasses
-
     from pathomics.slide import magnification_to_mpp
     from pathomics.tiling import TileConfig
 
-    target = magnification_to_mpp(args.magnification) if args.magnification else (args.mpp or 0.5)
-    try:
-        config = TileConfig(target_mpp=target, patch_size=args.patch_size, overlap=args.overlap,
-                            min_tissue=args.min_tissue, with_pixels=not args.no_pixels)
-        return dataclasses.replace(config, threads=args.threads) if args.threads else config
-    except ValueError as exc:
-        raise PathomicsError(f"invalid tiling options: {exc}") from exc
+    target = magnification_to_mpp(args.magnification) if args.magnification is not None else None
+    return config_from_args(TileConfig, args, target_mpp=target)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathomics.batch import SlideJob, exit_code, run_jobs, summarize
     from pathomics.manifest import SlideEntry
-    from pathomics.tiling import tile_job
+    from pathomics.runner.batch import SlideJob, exit_code, run_jobs, summarize
+    from pathomics.runner.jobs import tile_job
 
     entries = slide_entries(args)
     config = tile_config(args)

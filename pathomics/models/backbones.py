@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from pathomics.errors import ModelError
+from pathomics.errors import ConfigError, ModelError
 from pathomics.store import sha256_file
 
 RANDOM = "random"
@@ -66,7 +66,7 @@ def register_backbone(name: str) -> Callable[[Callable[[], BackboneSpec]], Calla
 
     def register(factory: Callable[[], BackboneSpec]) -> Callable[[], BackboneSpec]:
         if name in _REGISTRY:
-            raise ValueError(f"backbone {name!r} is already registered")
+            raise ConfigError(f"backbone {name!r} is already registered")
         _REGISTRY[name] = factory
         return factory
 

@@ -11,11 +11,11 @@ import logging
 import os
 from pathlib import Path
 
-from pathomics.errors import SlideReadError
+from pathomics.errors import ConfigError, SlideReadError
 from pathomics.slide.base import Resolution, SlideReader, magnification_to_mpp, plausible_mpp
 from pathomics.slide.openslide_backend import OpenSlideReader
-from pathomics.slide.tiffslide_backend import TiffSlideReader
 from pathomics.slide.tiff_tiles import TiffTileSource
+from pathomics.slide.tiffslide_backend import TiffSlideReader
 
 __all__ = ["open_slide", "SlideReader", "Resolution", "TiffTileSource", "magnification_to_mpp", "BACKENDS"]
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None, backend: str =
     if not path.is_file():
         raise SlideReadError(f"{path}: no such slide file; check the path or the manifest's slide_path column")
     if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose auto, {', '.join(BACKENDS)}")
+        raise ConfigError(f"unknown backend {backend!r}; choose auto, {', '.join(BACKENDS)}")
     names = list(BACKENDS) if backend == "auto" else [backend]
     reasons = []
     for name in names:

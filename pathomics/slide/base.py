@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pathomics.errors import SlideReadError
+from pathomics.errors import ConfigError, SlideReadError
 
 THUMB_BAND_ROWS = 512  # level rows read at a time when making a thumbnail
 MPP_RANGE = (0.02, 50.0)  # µm/px a microscope slide can plausibly have at level 0
@@ -28,7 +28,7 @@ class Resolution:
 def magnification_to_mpp(magnification: float) -> float:
     """Convert an objective magnification to µm/px by the usual convention (40x = 0.25, 20x = 0.5)."""
     if magnification <= 0:
-        raise ValueError(f"magnification must be positive, got {magnification}")
+        raise ConfigError(f"magnification must be positive, got {magnification}")
     return 10.0 / magnification
 
 

@@ -14,6 +14,7 @@ _EXPORTS = {
     "SurvivalConfig": "config",
     "Cohort": "cohort",
     "load_cohort": "cohort",
+    "check_tables": "cohort",
     "Design": "models",
     "CoxModel": "models",
     "DecisionFusion": "models",

@@ -7,9 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from sklearn.model_selection import KFold, LeaveOneGroupOut, StratifiedKFold
 
 from pathomics import __version__
 from pathomics.errors import CohortError, PathomicsError
+from pathomics.store import atomic_path, write_json
 from pathomics.survival import metrics as m
 from pathomics.survival.cohort import Cohort, TableSource, load_cohort
 from pathomics.survival.config import SurvivalConfig
@@ -282,7 +281,7 @@ def _encoding(models: dict[str, SurvivalModel]) -> dict[str, Any]:
 
 def write_results(result: SurvivalResult, directory: str | Path) -> Path:
     """Write ``metrics.json``, ``coefficients.csv``, the plots and ``report.html`` into ``directory``."""
-    from pathomics.report import write_survival_report
+    from pathomics.survival.report import write_survival_report
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -294,8 +293,9 @@ def write_results(result: SurvivalResult, directory: str | Path) -> Path:
         "encoding": result.encoding,
         "models": {name: r.metrics for name, r in result.models.items()},
     }
-    (directory / "metrics.json").write_text(json.dumps(_json_ready(document), indent=2) + "\n")
-    coefficients_table(result).to_csv(directory / "coefficients.csv", index=False)
+    write_json(directory / "metrics.json", document)
+    with atomic_path(directory / "coefficients.csv") as tmp:
+        coefficients_table(result).to_csv(tmp, index=False)
     write_survival_report(result, directory)
     return directory
 
@@ -303,21 +303,8 @@ def write_results(result: SurvivalResult, directory: str | Path) -> Path:
 def coefficients_table(result: SurvivalResult) -> pd.DataFrame:
     """All models' coefficients, columns ``model, covariate, coef, hr, hr_low, hr_high, p``."""
     return pd.concat([r.coefficients.assign(model=name) for name, r in result.models.items()], ignore_index=True)[
-        ["model", "covariate", "coef", "hr", "hr_low", "hr_high", "p"]
+        ["model", "covariate", "coef", "hr", "hr_low", "hr_high", "p", "flag"]
     ]
-
-
-def _json_ready(value: Any) -> Any:
-    """Numpy scalars to Python, NaN to null, dict keys to strings."""
-    if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, (np.integer, np.bool_)):
-        return value.item()
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value
 
 
 def save_study(study: FittedStudy, directory: str | Path) -> None:
@@ -326,7 +313,7 @@ def save_study(study: FittedStudy, directory: str | Path) -> None:
     import sksurv
 
     directory = Path(directory)
-    with open(directory / MODEL_FILE, "wb") as file:
+    with atomic_path(directory / MODEL_FILE) as tmp, open(tmp, "wb") as file:
         pickle.dump(study, file, protocol=pickle.HIGHEST_PROTOCOL)
     provenance = {
         "pathomics_version": __version__,
@@ -338,7 +325,7 @@ def save_study(study: FittedStudy, directory: str | Path) -> None:
         "events": int(study.train_event.sum()),
         "cut_points": study.cut_points,
     }
-    (directory / "model.json").write_text(json.dumps(_json_ready(provenance), indent=2) + "\n")
+    write_json(directory / "model.json", provenance)
 
 
 def load_study(directory: str | Path) -> FittedStudy:

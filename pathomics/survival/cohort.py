@@ -170,6 +170,24 @@ def load_cohort(
     )
 
 
+def check_tables(config: SurvivalConfig, clinical: TableSource, radiology: TableSource | None = None) -> pd.Index:
+    """Validate the clinical (and radiology) table as ``load_cohort`` will, before any slide is processed.
+
+    Returns the clinical patient ids. Raises the same CohortError ``load_cohort`` would for a missing column,
+    a malformed value or, under the ``error`` policy, a missing covariate or score.
+    """
+    table = _Table.read(clinical, "clinical", config.id_col)
+    data, _ = _clinical_frame(table, config)
+    absent = data[list(config.covariates)].isna()
+    named = ", ".join(repr(c) for c in absent.columns[absent.any().to_numpy()])
+    _apply_policy(data, absent.any(axis=1), f"value of covariate(s) {named}", table.name, config)
+    if radiology is not None:
+        scores, _ = _radiology_frame(radiology, data.index, config)
+        joined = data.join(scores)
+        _apply_policy(joined, joined[config.radiology_col].isna(), "radiology score", table.name, config)
+    return data.index
+
+
 def _clinical_frame(table: _Table, config: SurvivalConfig) -> tuple[pd.DataFrame, tuple[str, ...]]:
     """Id-indexed frame with float ``time``, int ``event``, the covariates and the split column."""
     extra = [config.split_by] if config.split_by else []

@@ -10,6 +10,9 @@ from typing import Any
 from pathomics.errors import CohortError
 
 FUSIONS = ("features", "decision")
+# Out-of-fold signatures come from a different MIL model per fold, so their sig_* spaces do not line up
+# across folds while the per-fold standardised risk does: archive runs fuse modalities at decision level.
+RUN_FUSION = "decision"
 MISSING_POLICIES = ("error", "drop", "impute")
 AGGREGATES = ("mean", "median", "max")
 RISK_GROUPINGS = ("median", "tertiles")

@@ -14,7 +14,12 @@ import numpy as np
 import pandas as pd
 from lifelines.statistics import multivariate_logrank_test
 from sksurv.exceptions import NoComparablePairException
-from sksurv.metrics import concordance_index_censored, concordance_index_ipcw, cumulative_dynamic_auc, integrated_brier_score
+from sksurv.metrics import (
+    concordance_index_censored,
+    concordance_index_ipcw,
+    cumulative_dynamic_auc,
+    integrated_brier_score,
+)
 from sksurv.nonparametric import CensoringDistributionEstimator, kaplan_meier_estimator
 from sksurv.util import Surv
 
@@ -50,14 +55,19 @@ class EvalSet:
         )
 
 
-def harrell_c(s: EvalSet) -> float:
-    """Harrell's concordance index (sksurv ``concordance_index_censored``)."""
-    if not s.event.any():
+def concordance(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
+    """Harrell's concordance index (sksurv ``concordance_index_censored``); NaN without admissible pairs."""
+    if not np.asarray(event).any():
         return float("nan")
     try:
-        return float(concordance_index_censored(s.event.astype(bool), s.time, s.risk)[0])
+        return float(concordance_index_censored(np.asarray(event).astype(bool), time, risk)[0])
     except NoComparablePairException:
         return float("nan")
+
+
+def harrell_c(s: EvalSet) -> float:
+    """Harrell's concordance index of an evaluation set."""
+    return concordance(s.time, s.event, s.risk)
 
 
 def uno_c(s: EvalSet) -> float:

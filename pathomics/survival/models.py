@@ -7,18 +7,20 @@ ties, its only method), never re-implemented here.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from lifelines import CoxPHFitter
+from lifelines.exceptions import ConvergenceError, ConvergenceWarning
 from sklearn.base import BaseEstimator, clone
 from sklearn.decomposition import PCA
 from sklearn.model_selection import StratifiedKFold
 from sksurv.metrics import concordance_index_censored
 
-from pathomics.errors import CohortError
+from pathomics.errors import CohortError, FitWarning
 from pathomics.survival.cohort import Cohort
 from pathomics.survival.config import SurvivalConfig
 
@@ -26,6 +28,10 @@ MODEL_NAMES = ("clinical", "radiology", "pathology", "combined")
 CLINICAL_LP = "clinical_lp"
 # Newton-Raphson tolerance tighter than lifelines' default, so coefficients agree with a direct fit to 1e-6.
 _FIT_OPTIONS = {"precision": 1e-10}
+# A standardised coefficient this large (HR > 20,000 per SD) means the covariate separates events: the
+# unpenalised likelihood has no finite maximum. Such a fit is redone with a small ridge penalty and flagged.
+SEPARATION_COEF = 10.0
+STABILISING_PENALIZER = 0.1
 
 
 class Design(BaseEstimator):
@@ -122,9 +128,28 @@ class CoxModel(BaseEstimator):
         if constant:
             raise CohortError(f"covariate column(s) {constant} are constant in the training data; remove or recode them")
         frame = self._standardise(data).assign(time=data["time"].to_numpy(), event=data["event"].to_numpy())
-        self.cph_ = CoxPHFitter(penalizer=self.penalizer_, l1_ratio=self.l1_ratio, alpha=self.alpha)
-        self.cph_.fit(frame, duration_col="time", event_col="event", fit_options=_FIT_OPTIONS)
+        self.cph_, self.separating_ = self._fit_cph(frame, self.penalizer_)
+        if self.separating_ and self.penalizer_ < STABILISING_PENALIZER:
+            warnings.warn(f"covariate(s) {', '.join(self.separating_)} separate events: the unpenalised Cox model has "
+                          f"no finite estimate; refitted with ridge penalizer {STABILISING_PENALIZER} and flagged in "
+                          "coefficients.csv", FitWarning, stacklevel=2)
+            self.cph_, _ = self._fit_cph(frame, STABILISING_PENALIZER)
         return self
+
+    def _fit_cph(self, frame: pd.DataFrame, penalizer: float) -> tuple[CoxPHFitter | None, tuple[str, ...]]:
+        """A lifelines fit and the covariates whose coefficients diverge (all of them when it did not converge)."""
+        cph = CoxPHFitter(penalizer=penalizer, l1_ratio=self.l1_ratio, alpha=self.alpha)
+        covariates = tuple(c for c in frame.columns if c not in ("time", "event"))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", ConvergenceWarning)
+                cph.fit(frame, duration_col="time", event_col="event", fit_options=_FIT_OPTIONS)
+        except (ConvergenceError, ConvergenceWarning):
+            if penalizer >= STABILISING_PENALIZER:
+                raise CohortError("the Cox model does not converge even with a ridge penalty; check the covariates "
+                                  "for collinearity or too few events") from None
+            return None, covariates
+        return cph, tuple(cph.params_.index[cph.params_.abs().to_numpy() > SEPARATION_COEF])
 
     def _standardise(self, data: pd.DataFrame) -> pd.DataFrame:
         return (self.design_.transform(data) - self.mean_) / self.scale_
@@ -159,8 +184,10 @@ class CoxModel(BaseEstimator):
         coef = summary["coef"].to_numpy() / scale
         with np.errstate(over="ignore"):  # per unit of a covariate with a tiny spread the HR is honestly inf
             hr, hr_low, hr_high = np.exp(coef), np.exp(low), np.exp(high)
+        flag = ["separates events; ridge-stabilised" if c in self.separating_ else "" for c in summary.index]
         return pd.DataFrame(
-            {"covariate": summary.index, "coef": coef, "hr": hr, "hr_low": hr_low, "hr_high": hr_high, "p": summary["p"].to_numpy()}
+            {"covariate": summary.index, "coef": coef, "hr": hr, "hr_low": hr_low, "hr_high": hr_high,
+             "p": summary["p"].to_numpy(), "flag": flag}
         )
 
     def encoding(self) -> dict[str, dict[str, Any]]:

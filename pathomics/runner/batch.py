@@ -17,11 +17,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from pathomics.errors import PathomicsError
+from pathomics.layout import DONE, FAILED, SKIPPED, OutputLayout
 from pathomics.store import atomic_path
 
 log = logging.getLogger(__name__)
-STATUS_FILE = "status.csv"
-DONE, SKIPPED, FAILED = "done", "skipped", "failed"
 
 
 @dataclass(frozen=True)
@@ -60,18 +59,29 @@ def run_jobs(stage: str, jobs: Sequence[SlideJob], out_dir: str | os.PathLike, s
 
 
 def run_one(stage: str, job: SlideJob) -> StatusRow:
-    """Run one job, turning an expected failure (bad slide, bad store, I/O error) into a failed row."""
+    """Run one job, turning an expected failure (bad slide, bad store, I/O error) into a failed row.
+
+    Anything else is a bug and propagates: it must not be recorded as a bad slide.
+    """
     start = time.perf_counter()
     try:
         (state, patches), error = job.run(), ""
-    except (PathomicsError, OSError, ValueError) as exc:
-        state, patches, error = FAILED, 0, f"{type(exc).__name__}: {exc}"
+    except (PathomicsError, OSError) as exc:
+        state, patches, error = FAILED, 0, one_line(exc)
     return StatusRow(job.slide_id, stage, state, round(time.perf_counter() - start, 3), error, patches)
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line; of a multi-line message (a re-raised worker traceback) its last line."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if len(lines) > 1:
+        return lines[-1]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
 def read_status(out_dir: str | os.PathLike) -> list[StatusRow]:
     """The rows of ``<out_dir>/status.csv`` (empty when there is none yet)."""
-    path = Path(out_dir) / STATUS_FILE
+    path = OutputLayout(out_dir).status
     if not path.exists():
         return []
     with path.open(newline="") as fh:
@@ -80,16 +90,20 @@ def read_status(out_dir: str | os.PathLike) -> list[StatusRow]:
 
 
 def update_status(out_dir: str | os.PathLike, rows: Iterable[StatusRow]) -> None:
-    """Merge ``rows`` into ``status.csv``, replacing earlier rows of the same slide and stage.
+    """Merge ``rows`` into ``status.csv``, replacing earlier rows of the same slide and stage, except that a
+    ``skipped`` row never replaces a ``done`` one: the record of the run that did the work is kept.
 
     The read-merge-replace runs under an exclusive lock, so concurrent runs on one output directory
     never lose each other's rows.
     """
-    out_dir = Path(out_dir)
-    with exclusive_lock(out_dir / "locks" / "status.lock", wait=True):
+    layout = OutputLayout(out_dir)
+    with exclusive_lock(layout.lock("status"), wait=True):
         merged = {(r.slide_id, r.stage): r for r in read_status(out_dir)}
-        merged.update({(r.slide_id, r.stage): r for r in rows})
-        with atomic_path(out_dir / STATUS_FILE) as tmp, tmp.open("w", newline="") as fh:
+        for row in rows:
+            earlier = merged.get((row.slide_id, row.stage))
+            if not (row.state == SKIPPED and earlier is not None and earlier.state == DONE):
+                merged[(row.slide_id, row.stage)] = row
+        with atomic_path(layout.status) as tmp, tmp.open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=[f.name for f in fields(StatusRow)])
             writer.writeheader()
             writer.writerows(asdict(r) for r in merged.values())
@@ -143,7 +157,13 @@ class progress:
 
     def __enter__(self) -> Callable[[str, str, int], None]:
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         console = Console(stderr=True)
         if self.enabled and console.is_terminal:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pathomics.errors import CohortError, ModelError
-from pathomics.models.mil import MILAggregator, MILOutput
+from pathomics.errors import CohortError, DataWarning, ModelError
+from pathomics.mil.aggregators import MILAggregator, MILOutput
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,10 @@ class Targets:
     label: np.ndarray | None = None
     time: np.ndarray | None = None
     event: np.ndarray | None = None
+
+    def arrays(self) -> list[np.ndarray]:
+        """The target arrays that are set, in a fixed order."""
+        return [a for a in (self.label, self.time, self.event) if a is not None]
 
 
 class Objective(ABC):
@@ -362,11 +367,14 @@ def evaluate(predictions: np.ndarray, targets: Targets, index: np.ndarray, group
         else:
             auc = roc_auc_score(y, probs, multi_class="ovr", labels=np.arange(probs.shape[1]))
         return {"auc": float(auc), "balanced_accuracy": float(balanced_accuracy_score(y, probs.argmax(1))), "n": len(y)}
-    from lifelines.utils import concordance_index
+    from pathomics.survival.metrics import concordance
 
     risk, event = _group_mean(predictions[:, None], inverse, len(first))[:, 0], targets.event[first]
-    c_index = concordance_index(targets.time[first], -risk, event) if event.any() else math.nan
-    return {"c_index": float(c_index), "n": len(first), "events": int(event.sum())}
+    c_index = concordance(targets.time[first], event, risk)
+    if math.isnan(c_index):
+        warnings.warn(f"C-index undefined on {len(first)} {('patients' if len(first) > 1 else 'patient')} with "
+                      f"{int(event.sum())} event(s): no admissible pairs; it is recorded as NaN", DataWarning, stacklevel=2)
+    return {"c_index": c_index, "n": len(first), "events": int(event.sum())}
 
 
 def _group_mean(values: np.ndarray, inverse: np.ndarray, n_groups: int) -> np.ndarray:

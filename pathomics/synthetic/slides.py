@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from shapely.geometry import MultiPolygon, Polygon
 
+from pathomics.errors import ConfigError
+
 GLASS = (242, 242, 240)
 STROMA = (232, 160, 196)
 NUCLEUS = (86, 42, 128)
@@ -107,7 +109,7 @@ def tissue_layout(layout: str, width: int, height: int) -> tuple[Ellipse, ...]:
         return (Ellipse(0.5 * w, 0.5 * h, 0.4 * w, 0.4 * h), Ellipse(0.5 * w, 0.5 * h, 0.18 * w, 0.2 * h, hole=True))
     if layout == "none":
         return ()
-    raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    raise ConfigError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
 
 
 def write_slide(path: str | os.PathLike, width: int, height: int, mpp: float | None = 0.25, flavour: str = "aperio",
@@ -123,13 +125,13 @@ def write_slide(path: str | os.PathLike, width: int, height: int, mpp: float | N
     import tifffile
 
     if flavour not in ("aperio", "generic"):
-        raise ValueError(f"unknown flavour {flavour!r}; choose aperio or generic")
+        raise ConfigError(f"unknown flavour {flavour!r}; choose aperio or generic")
     if flavour == "aperio" and mpp is None:
-        raise ValueError("an Aperio-flavoured slide needs an mpp")
+        raise ConfigError("an Aperio-flavoured slide needs an mpp")
     path = Path(path)
     truth = SlideTruth(path, width, height, mpp, shapes if shapes is not None else tissue_layout(layout, width, height), regions)
     if not 0 <= atypia <= 1:
-        raise ValueError(f"atypia must be in [0, 1], got {atypia}")
+        raise ConfigError(f"atypia must be in [0, 1], got {atypia}")
     atlas = (_texture_atlas(seed, LOW_GRADE), _texture_atlas(seed + 1, LOW_GRADE.atypical(atypia)))
     downsamples = [1]
     while max(width, height) // (downsamples[-1] * level_factor) >= min_level_size:
@@ -259,7 +261,7 @@ def write_cohort(out_dir: str | os.PathLike, n_patients: int = 80, seed: int = 0
 
     from scipy.stats import norm
 
-    from pathomics.cohort_sim import simulate_cohort_tables
+    from pathomics.synthetic.cohort import simulate_cohort_tables
 
     root = Path(out_dir)
     (root / "slides").mkdir(parents=True, exist_ok=True)

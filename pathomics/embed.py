@@ -36,14 +36,14 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset
 
 from pathomics import __version__
-from pathomics.batch import DONE, SKIPPED, SlideJob
-from pathomics.errors import PathomicsError
+from pathomics.device import PRECISIONS, resolve_device, resolve_precision
+from pathomics.errors import ConfigError
+from pathomics.layout import DONE, SKIPPED, OutputLayout
 from pathomics.models.backbones import Backbone, check_embeddings, load_backbone
-from pathomics.store import PatchStore, feature_path, open_patch_store, write_feature_file
+from pathomics.store import PatchStore, open_patch_store, write_feature_file
 from pathomics.tiling import read_patches
 
 log = logging.getLogger(__name__)
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Attributes that determine the numbers in a feature file: when all match, the file is reused.
 RESULT_KEYS = ("model", "weights_sha256", "precision", "input_size", "embedding_dim", "store_fingerprint")
@@ -74,38 +74,15 @@ class EmbedConfig:
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.batch_size < 1:
-            raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
+            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
         if self.num_workers < 0:
-            raise ValueError(f"number of workers must be 0 or more, got {self.num_workers}")
+            raise ConfigError(f"number of workers must be 0 or more, got {self.num_workers}")
         if self.input_size is not None and self.input_size < 16:
-            raise ValueError(f"input size must be at least 16 pixels, got {self.input_size}")
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` → the first GPU if CUDA is available, else the CPU; an unavailable GPU is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PathomicsError(f"--device {device} asked for, but no CUDA device is visible; use --device cpu or auto")
-    return torch.device(device)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX), where autocast bf16 is ~3x fp32, not emulated."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` → bf16 on GPUs that have it (else fp16), bf16 on CPUs with native bf16, else fp32."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
+            raise ConfigError(f"input size must be at least 16 pixels, got {self.input_size}")
 
 
 class Encoder:
@@ -295,35 +272,37 @@ def embed_store(store_path: str | os.PathLike, out_dir: str | os.PathLike, confi
 
     ``backbone``: an already loaded backbone of ``config.model``, to load it once for many slides.
     """
-    return _embed(Path(store_path), Path(out_dir), config or EmbedConfig(), backbone)[0]
+    return embed_slide(store_path, out_dir, config or EmbedConfig(), backbone).path
 
 
-def embed_job(store_path: str | os.PathLike, out_dir: str | os.PathLike, config: EmbedConfig,
-              backbone: Backbone | None = None) -> SlideJob:
-    """``embed_store`` as a batch job (named after the store directory) returning (``done`` or ``skipped``, patches)."""
-    store_path = Path(store_path)
-    return SlideJob(store_path.name.removesuffix(".zarr"),
-                    lambda: _embed(store_path, Path(out_dir), config, backbone)[1:])
+@dataclass(frozen=True)
+class EmbedResult:
+    """What ``embed_slide`` did: the feature file, ``done`` or ``skipped``, and the number of patches."""
+
+    path: Path
+    state: str
+    n_patches: int
 
 
-def _embed(store_path: Path, out_dir: Path, config: EmbedConfig, backbone: Backbone | None) -> tuple[Path, str, int]:
-    """Embed one store unless its features are current; returns (feature file, state, patches)."""
-    store = open_patch_store(store_path)
+def embed_slide(store_path: str | os.PathLike, out_dir: str | os.PathLike, config: EmbedConfig,
+                backbone: Backbone | None = None) -> EmbedResult:
+    """Embed one store unless its features are current."""
+    store = open_patch_store(Path(store_path))
     if backbone is None:
         backbone = load_backbone(config.model, config.weights, config.input_size)
     elif backbone.name != config.model:
-        raise ValueError(f"backbone {backbone.name!r} given for a config of model {config.model!r}")
+        raise ConfigError(f"backbone {backbone.name!r} given for a config of model {config.model!r}")
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     attrs = feature_attributes(store, backbone, config, device, precision)
-    path = feature_path(out_dir, store.slide_id)
+    path = OutputLayout(out_dir).feature_file(store.slide_id)
     if is_current(path, attrs, len(store)):
         log.info("%s: features from the same store, model and precision exist; skipped", store.slide_id)
-        return path, SKIPPED, len(store)
+        return EmbedResult(path, SKIPPED, len(store))
     start = time.perf_counter()
     features = encode_store(store, Encoder(backbone, device, precision), config.batch_size, config.num_workers)
     write_feature_file(path, features, store.coords, attrs, coords_attributes(store))
     seconds = time.perf_counter() - start
     log.info("%s: %d patches embedded in %.1f s (%.0f patches/s, %s, %s)", store.slide_id, len(store), seconds,
              len(store) / max(seconds, 1e-9), device, precision)
-    return path, DONE, len(store)
+    return EmbedResult(path, DONE, len(store))

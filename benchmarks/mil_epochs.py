@@ -24,9 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pathomics import train
-from pathomics.mil import MILConfig
-from pathomics.models.mil import build_aggregator
+from pathomics.mil import MILConfig, train
+from pathomics.mil.aggregators import build_aggregator
 from pathomics.store import atomic_path
 
 MODELS = ("mean", "max", "abmil", "gated-abmil", "clam-sb", "transmil")

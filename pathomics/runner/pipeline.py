@@ -11,11 +11,14 @@ for at the end, then found finished. One failing slide is recorded and the other
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import multiprocessing
 import os
+import pickle
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -23,23 +26,23 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from pathomics.batch import DONE, FAILED, StatusRow, exclusive_lock, progress, run_one, update_status
-from pathomics.errors import CohortError
-from pathomics.extract import EmbedConfig, embed_job, resolve_device
+from pathomics.device import resolve_device
+from pathomics.embed import EmbedConfig
+from pathomics.errors import CohortError, ConfigError, InputError
+from pathomics.layout import DONE, SKIPPED, OutputLayout
 from pathomics.manifest import SlideEntry
 from pathomics.mil import MILConfig
-from pathomics.store import feature_path, store_path
-from pathomics.survival.config import SurvivalConfig
-from pathomics.tiling import TileConfig, tile_job
+from pathomics.runner.batch import FAILED, StatusRow, exclusive_lock, progress, run_one, update_status
+from pathomics.runner.jobs import embed_job, tile_job
+from pathomics.store import atomic_path, write_json
+from pathomics.survival.config import RUN_FUSION, SurvivalConfig
+from pathomics.tiling import TileConfig
 
 if TYPE_CHECKING:
     from pathomics.survival import SurvivalResult
 
 log = logging.getLogger(__name__)
 BUSY = "busy"
-# Out-of-fold signatures come from a different MIL model per fold, so their sig_* spaces do not line up
-# across folds while the per-fold standardised risk does: archive runs fuse modalities at decision level.
-RUN_FUSION = "decision"
 COHORT = "cohort"  # the slide_id of cohort-level rows in status.csv
 
 
@@ -58,7 +61,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if self.workers < 1 or (self.threads_per_worker is not None and self.threads_per_worker < 1):
-            raise ValueError(f"workers and threads per worker must be at least 1, got {self.workers} and "
+            raise ConfigError(f"workers and threads per worker must be at least 1, got {self.workers} and "
                              f"{self.threads_per_worker}")
 
     @property
@@ -83,13 +86,13 @@ class RunResult:
 
 def process_slide(entry: SlideEntry, out_dir: Path, tile: TileConfig, embed: EmbedConfig, wait: bool = False) -> list[StatusRow]:
     """Tile then embed one slide under its lock (runs on a Dask worker); a failed tile skips the embedding."""
-    with exclusive_lock(out_dir / "locks" / f"{entry.slide_id}.lock", wait) as locked:
+    with exclusive_lock(OutputLayout(out_dir).lock(entry.slide_id), wait) as locked:
         if not locked:
             return [StatusRow(entry.slide_id, "tile", BUSY, 0.0, "another run holds this slide's lock")]
         tiled = run_one("tile", tile_job(entry, out_dir, tile))
         if tiled.state == FAILED:
             return [tiled]
-        job = embed_job(store_path(out_dir, entry.slide_id), out_dir, _worker_embed_config(embed), worker_backbone(embed))
+        job = embed_job(OutputLayout(out_dir).store(entry.slide_id), out_dir, _worker_embed_config(embed), worker_backbone(embed))
         return [tiled, run_one("embed", job)]
 
 
@@ -172,50 +175,120 @@ def dask_client(config: RunConfig) -> Iterator[object]:
         yield client
 
 
-def mil_labels(entries: Sequence[SlideEntry], clinical: pd.DataFrame, out_dir: Path, config: SurvivalConfig) -> Path:
-    """``<out>/labels.csv`` (slide_id, patient_id, time, event) for the embedded slides of patients in the clinical table."""
+def check_run_inputs(entries: Sequence[SlideEntry], clinical: Path, radiology: Path | None,
+                     config: RunConfig) -> pd.DataFrame:
+    """Check every table the run will need before the first slide is touched; return the slides' labels.
+
+    The clinical and radiology tables are validated as the survival stage will validate them (columns,
+    values, missing-data policy), every slide needs a patient id, and some slide must belong to a clinical
+    patient. Returns (slide_id, patient_id, time, event) for the slides of clinical patients.
+    """
+    from pathomics.survival import check_tables
+
+    if not entries:
+        raise InputError("no slides to process: give slide files or a manifest with at least one row")
     missing = [e.slide_id for e in entries if not e.patient_id]
     if missing:
         raise CohortError(f"the manifest gives no patient_id for {len(missing)} slide(s) (e.g. {missing[0]}); "
                           "add a patient_id column so slides can be joined with the clinical table")
+    if config.mil_model is not None and not Path(config.mil_model).exists():
+        raise InputError(f"--mil-model {config.mil_model} does not exist; give a `pathomics mil train` output "
+                         "directory or checkpoint, or leave it out to train one")
+    check_tables(config.survival, clinical, radiology)
+    table = pd.read_csv(clinical, dtype={config.survival.id_col: str})
+    columns = [config.survival.id_col, config.survival.time_col, config.survival.event_col]
+    outcome = table[columns].set_axis(["patient_id", "time", "event"], axis=1)
     slides = pd.DataFrame({"slide_id": [e.slide_id for e in entries], "patient_id": [e.patient_id for e in entries]})
-    slides = slides[[feature_path(out_dir, s).exists() for s in slides.slide_id]]
-    clinical = clinical.rename(columns={config.id_col: "patient_id", config.time_col: "time", config.event_col: "event"})
-    labels = slides.merge(clinical[["patient_id", "time", "event"]].astype({"patient_id": str}), on="patient_id")
+    labels = slides.merge(outcome, on="patient_id")
     if labels.empty:
-        raise CohortError("no embedded slide belongs to a patient of the clinical table; check the patient_id values")
-    path = out_dir / "labels.csv"
-    labels.to_csv(path, index=False)
-    return path
+        shown = ", ".join(slides.patient_id.head(3))
+        raise CohortError(f"{clinical}: none of the slides' patient ids ({shown}, ...) is in its "
+                          f"{config.survival.id_col!r} column; check the manifest's patient_id values")
+    return labels
+
+
+def write_labels(labels: pd.DataFrame, out_dir: Path) -> Path:
+    """``<out>/labels.csv`` for the embedded slides; left untouched when its content would not change."""
+    layout = OutputLayout(out_dir)
+    embedded = labels[[layout.feature_file(s).exists() for s in labels.slide_id]]
+    if embedded.empty:
+        raise CohortError("no slide of a clinical patient was embedded; see status.csv for why each failed")
+    text = embedded.to_csv(index=False)
+    if not (layout.labels.is_file() and layout.labels.read_text() == text):
+        with atomic_path(layout.labels) as tmp:
+            tmp.write_text(text)
+    return layout.labels
 
 
 def run_archive(entries: Sequence[SlideEntry], clinical: Path, out_dir: Path, config: RunConfig = RunConfig(),
                 radiology: Path | None = None) -> RunResult:
-    """Tile → embed every slide, then MIL (trained by cross-validation, or ``mil_model`` applied) → survival."""
+    """Check the inputs, tile → embed every slide, then MIL (trained by cross-validation, or ``mil_model``
+    applied) → survival. A cohort stage whose inputs and config are unchanged since it last finished is skipped."""
+    out_dir = Path(out_dir)
+    labels = check_run_inputs(entries, clinical, radiology, config)
+    rows = run_slides(entries, out_dir, config)
+    layout = OutputLayout(out_dir)
+    with exclusive_lock(layout.lock(COHORT), wait=True):
+        labels_path = write_labels(labels, out_dir)
+        ids = pd.read_csv(labels_path, dtype={"slide_id": str, "patient_id": str})
+        mil_inputs = [labels_path, *(layout.feature_file(s) for s in ids.slide_id)]
+        if config.mil_model is not None:
+            mil_inputs.append(Path(config.mil_model))
+        rows.append(_cohort_stage(layout, "mil", {"mil": config.mil.to_dict(), "model": str(config.mil_model)},
+                                  mil_inputs, [layout.signatures], lambda: _mil_stage(layout, labels_path, ids, config)))
+        survival_inputs = [p for p in (Path(clinical), radiology and Path(radiology), layout.signatures) if p]
+        rows.append(_cohort_stage(layout, "survival", config.survival.to_dict(), survival_inputs,
+                                  [layout.survival_result], lambda: _survival_stage(layout, clinical, radiology, config)))
+        survival = _load_pickle(layout.survival_result)
+    update_status(out_dir, rows[-2:])
+    return RunResult(rows, layout.signatures, survival)
+
+
+def _mil_stage(layout: OutputLayout, labels: Path, ids: pd.DataFrame, config: RunConfig) -> None:
     from pathomics.mil import predict_mil, train_mil
+
+    if config.mil_model is None:
+        train_mil(layout.features, labels, layout.root, config.mil)
+    else:
+        predict_mil(config.mil_model, layout.features, layout.root, slide_ids=list(ids.slide_id),
+                    patients=dict(zip(ids.slide_id, ids.patient_id)), device=config.mil.device, show_progress=False)
+
+
+def _survival_stage(layout: OutputLayout, clinical: Path, radiology: Path | None, config: RunConfig) -> None:
     from pathomics.survival import survival_fit
 
-    out_dir = Path(out_dir)
-    clinical_table = pd.read_csv(clinical, dtype={config.survival.id_col: str})
-    rows = run_slides(entries, out_dir, config)
-    with exclusive_lock(out_dir / "locks" / f"{COHORT}.lock", wait=True):
-        labels = mil_labels(entries, clinical_table, out_dir, config.survival)
-        start = time.perf_counter()
-        if config.mil_model is None:
-            train_mil(out_dir / "features", labels, out_dir, config.mil)
-        else:
-            ids = pd.read_csv(labels, dtype=str)
-            predict_mil(config.mil_model, out_dir / "features", out_dir, slide_ids=list(ids.slide_id),
-                        patients=dict(zip(ids.slide_id, ids.patient_id)), show_progress=False)
-        rows.append(_cohort_row("mil", start))
-        start = time.perf_counter()
-        signatures = out_dir / "signatures.parquet"
-        survival = survival_fit(config.survival, clinical, radiology, signatures, out_dir)
-        rows.append(_cohort_row("survival", start))
-    update_status(out_dir, rows[-2:])
-    return RunResult(rows, signatures, survival)
+    result = survival_fit(config.survival, clinical, radiology, layout.signatures, layout.root)
+    with atomic_path(layout.survival_result) as tmp, tmp.open("wb") as fh:
+        pickle.dump(result, fh, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _cohort_row(stage: str, start: float) -> StatusRow:
+def _cohort_stage(layout: OutputLayout, stage: str, settings: dict, inputs: Sequence[Path], outputs: Sequence[Path],
+                  run: Callable[[], None]) -> StatusRow:
+    """Run a cohort-level stage unless its stamp says it finished on these inputs with these settings and
+    its outputs are all there."""
+    start = time.perf_counter()
+    key = inputs_key(settings, inputs)
+    stamp = layout.stage_stamp(stage)
+    if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key and all(p.exists() for p in outputs):
+        log.info("%s: inputs and settings unchanged since it finished; skipped", stage)
+        return StatusRow(COHORT, stage, SKIPPED, round(time.perf_counter() - start, 3))
+    run()
+    write_json(stamp, {"key": key, "stage": stage})
     return StatusRow(COHORT, stage, DONE, round(time.perf_counter() - start, 3))
 
+
+def inputs_key(settings: dict, paths: Sequence[Path]) -> str:
+    """A digest of a stage's settings and input files (each file's path, size and modification time)."""
+    def identity(path: Path) -> list:
+        if not path.exists():
+            return [str(path), None]
+        stat = path.stat()
+        return [str(path), stat.st_size, stat.st_mtime_ns]
+
+    document = {"settings": settings, "inputs": [identity(Path(p)) for p in paths]}
+    return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _load_pickle(path: Path):  # noqa: ANN202 - a SurvivalResult, imported lazily
+    with path.open("rb") as fh:
+        return pickle.load(fh)

@@ -13,15 +13,23 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from pathomics.batch import DONE, FAILED, SKIPPED, run_jobs
+from pathomics import embed
 from pathomics.cli.main import main
+from pathomics.device import cpu_has_native_bf16, resolve_precision
+from pathomics.embed import CPU_ACTIVATION_BYTES, EmbedConfig, Encoder, embed_store, largest_activation
 from pathomics.errors import ModelError
-from pathomics import extract
-from pathomics.extract import (CPU_ACTIVATION_BYTES, EmbedConfig, Encoder, cpu_has_native_bf16, embed_job, embed_store,
-                               largest_activation, resolve_precision)
+from pathomics.layout import OutputLayout
 from pathomics.models.backbones import Backbone, load_backbone
-from pathomics.store import (FEATURE_COORDS_ATTRS, FEATURE_FILE_ATTRS, STORE_ATTRS, PatchStoreWriter,
-                             feature_path, open_patch_store, read_feature_file, store_path)
+from pathomics.runner.batch import DONE, FAILED, SKIPPED, run_jobs
+from pathomics.runner.jobs import embed_job
+from pathomics.store import (
+    FEATURE_COORDS_ATTRS,
+    FEATURE_FILE_ATTRS,
+    STORE_ATTRS,
+    PatchStoreWriter,
+    open_patch_store,
+    read_feature_file,
+)
 
 CPU_FP32 = EmbedConfig(model="shufflenet-v2", weights="random", device="cpu", precision="fp32",
                        batch_size=8, num_workers=0, input_size=64)
@@ -44,7 +52,7 @@ def make_store(out: Path, slide_id: str, images: np.ndarray, coords: np.ndarray 
     """A patch store of ``images`` under ``out/tiles``; left partial unless ``publish``."""
     n, p = len(images), images.shape[1]
     coords = np.stack([np.arange(n) * p, np.arange(n) * 3 * p], axis=1) if coords is None else coords
-    writer = PatchStoreWriter(store_path(out, slide_id), store_attrs(slide_id, p, **extra), coords, np.ones(n), True)
+    writer = PatchStoreWriter(OutputLayout(out).store(slide_id), store_attrs(slide_id, p, **extra), coords, np.ones(n), True)
     writer.write(0, images)
     return writer.publish() if publish else writer.partial
 
@@ -122,7 +130,7 @@ def test_auto_precision() -> None:
 def test_feature_file_opens_with_plain_h5py(tmp_path: Path, shufflenet: Backbone) -> None:
     store = make_store(tmp_path, "slide-7", random_patches(5))
     path = embed_store(store, tmp_path, CPU_FP32, backbone=shufflenet)
-    assert path == feature_path(tmp_path, "slide-7")
+    assert path == OutputLayout(tmp_path).feature_file("slide-7")
     with h5py.File(path, "r") as h5:
         assert (h5["features"].shape, h5["features"].dtype) == ((5, 1024), np.float32)
         assert (h5["coords"].shape, h5["coords"].dtype) == ((5, 2), np.int64)
@@ -142,7 +150,7 @@ def test_cpu_batches_run_in_micro_batches_that_bound_the_largest_activation(monk
     largest = largest_activation(encoder)
     assert largest >= 256 * 16 * 16 * 4  # layer1's output of one 64-px patch, float32
     assert encoder.micro_batch * largest <= CPU_ACTIVATION_BYTES < (encoder.micro_batch + 1) * largest
-    monkeypatch.setattr(extract, "CPU_ACTIVATION_BYTES", 3 * largest)
+    monkeypatch.setattr(embed, "CPU_ACTIVATION_BYTES", 3 * largest)
     small = Encoder(backbone, torch.device("cpu"), "fp32")
     assert small.micro_batch == 3
     images = random_patches(8)
@@ -153,7 +161,7 @@ def test_cpu_batches_run_in_micro_batches_that_bound_the_largest_activation(monk
 
 def test_up_to_date_files_are_skipped_and_stale_ones_recomputed(tmp_path: Path, shufflenet: Backbone) -> None:
     store = make_store(tmp_path, "s1", random_patches(4))
-    path = feature_path(tmp_path, "s1")
+    path = OutputLayout(tmp_path).feature_file("s1")
 
     def run(config: EmbedConfig) -> str:
         state, patches = embed_job(store, tmp_path, config, shufflenet).run()
@@ -201,7 +209,7 @@ def test_cli_batch_goes_on_past_bad_stores(tmp_path: Path, capsys: pytest.Captur
     make_store(tmp_path, "interrupted", random_patches(3), publish=False)
     unfinished = make_store(tmp_path, "unfinished", random_patches(3))
     zarr.open_group(unfinished, mode="r+").attrs["complete"] = False
-    zarr.open_group(store_path(tmp_path, "foreign"), mode="w", zarr_format=3).attrs["made_by"] = "another tool"
+    zarr.open_group(OutputLayout(tmp_path).store("foreign"), mode="w", zarr_format=3).attrs["made_by"] = "another tool"
 
     assert main(embed_argv(tmp_path)) == 1
     status = read_status(tmp_path)
@@ -209,10 +217,10 @@ def test_cli_batch_goes_on_past_bad_stores(tmp_path: Path, capsys: pytest.Captur
     assert status["interrupted"][0] == FAILED and "left it incomplete" in status["interrupted"][1]
     assert status["unfinished"][0] == FAILED and "incomplete patch store" in status["unfinished"][1]
     assert status["foreign"][0] == FAILED and "not a pathomics patch store" in status["foreign"][1]
-    assert features_of(feature_path(tmp_path, "good")).shape == (3, 1024)
+    assert features_of(OutputLayout(tmp_path).feature_file("good")).shape == (3, 1024)
     assert "FAILED foreign" in capsys.readouterr().out
 
-    assert main(embed_argv(tmp_path, store_path(tmp_path, "good"))) == 0
+    assert main(embed_argv(tmp_path, OutputLayout(tmp_path).store("good"))) == 0
     assert read_status(tmp_path)["good"][0] == SKIPPED
 
 
@@ -235,7 +243,7 @@ def test_cli_refuses_unusable_models_with_one_message(tmp_path: Path, capsys: py
         err = capsys.readouterr().err
         assert err.startswith("pathomics embed: error: ") and len(err.strip().splitlines()) == 1
         assert re.search(message, err), err
-    assert not feature_path(tmp_path, "good").exists()
+    assert not OutputLayout(tmp_path).feature_file("good").exists()
 
 
 def test_library_batch_records_model_errors_per_slide(tmp_path: Path) -> None:

@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pathomics.extract import EmbedConfig
+from pathomics.embed import EmbedConfig
+from pathomics.layout import OutputLayout
 from pathomics.manifest import read_manifest
 from pathomics.mil import MILConfig
-from pathomics.pipeline import RUN_FUSION, RunConfig, RunResult, run_archive
+from pathomics.runner.pipeline import RUN_FUSION, RunConfig, RunResult, run_archive
 from pathomics.survival.config import SurvivalConfig
 from pathomics.synthetic import SlideTruth, read_cohort_truth, write_cohort
 from pathomics.tiling import TileConfig
@@ -50,13 +51,13 @@ def attention_on_planted(out_dir: Path, truth: dict[str, SlideTruth], slide_ids:
     import shapely
 
     from pathomics.mil import read_attention
-    from pathomics.store import open_patch_store, store_path
+    from pathomics.store import open_patch_store
 
     signatures = pd.read_parquet(out_dir / "signatures.parquet").set_index("slide_id")
     found = []
     for slide_id in slide_ids:
         result = read_attention(out_dir / "attention" / f"{slide_id}.h5")
-        half = int(open_patch_store(store_path(out_dir, slide_id)).attrs["patch_size_level0"]) / 2
+        half = int(open_patch_store(OutputLayout(out_dir).store(slide_id)).attrs["patch_size_level0"]) / 2
         centres = result.coords + half
         planted = shapely.contains_xy(truth[slide_id].lesions(), centres[:, 0], centres[:, 1])
         attention = result.attention / result.attention.sum()
@@ -82,7 +83,14 @@ def write_demo_report(out_dir: Path, result: RunResult, truth: dict[str, SlideTr
                       everyone: list[PlantedAttention], highest: list[PlantedAttention]) -> Path:
     """``<out>/report.html``: the survival comparison plus attention heatmaps beside the planted regions."""
     from pathomics.mil import render_heatmap
-    from pathomics.report import Section, image_html, paragraph, survival_sections, table_html, write_report
+    from pathomics.survival.report import (
+        Section,
+        image_html,
+        paragraph,
+        survival_sections,
+        table_html,
+        write_report,
+    )
 
     heat_dir = out_dir / "heatmaps"
     panels = ""
@@ -114,10 +122,10 @@ def _planted_png(out_dir: Path, truth: SlideTruth, path: Path) -> Path:
     """The store's thumbnail with the planted lesions outlined in red."""
     import cv2
 
-    from pathomics.store import open_patch_store, store_path, write_png
+    from pathomics.store import open_patch_store, write_png
 
     slide_id = truth.path.stem
-    store = open_patch_store(store_path(out_dir, slide_id))
+    store = open_patch_store(OutputLayout(out_dir).store(slide_id))
     image = cv2.imread(str(store.path.with_name(f"{slide_id}.thumb.png")))
     scale = image.shape[1] / float(store.attrs["slide_width"])
     for polygon in truth.lesions().geoms:

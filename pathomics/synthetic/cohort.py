@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from pathomics.errors import ConfigError
+
 DEFAULT_STRENGTHS = {"clinical": 0.6, "radiology": 1.2, "pathology": 2.0}
 STAGE_EFFECT = {"I": 0.0, "II": 0.5, "III": 1.1, "IV": 1.8}
 _N_LATENT = 4  # pathology signal + three nuisance directions of the slide embedding
@@ -56,7 +58,7 @@ def simulate_cohort_tables(
     one embedding space, as slides embedded by one backbone do.
     """
     if n_signature < _N_LATENT:
-        raise ValueError(f"n_signature must be at least {_N_LATENT}, got {n_signature}")
+        raise ConfigError(f"n_signature must be at least {_N_LATENT}, got {n_signature}")
     rng = np.random.default_rng(seed)
     strengths = dict(DEFAULT_STRENGTHS if strengths is None else strengths)
     ids = [f"P{i:04d}" for i in range(n_patients)]

@@ -1,0 +1,89 @@
+"""The MIL stage's config: everything that defines a training run, validated on construction."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pathomics.errors import ConfigError
+
+TASKS = ("classification", "survival")
+
+
+@dataclass(frozen=True)
+class MILConfig:
+    """Everything that defines a MIL training run; validated on construction, saved with every output."""
+
+    task: str = "classification"
+    model: str = "abmil"
+    folds: int = 5
+    epochs: int = 40
+    patience: int = 8
+    min_epochs: int = 10           # no early stop before this epoch (attention needs time to lock on)
+    batch_size: int = 16           # bags per optimiser step; the risk set of the Cox loss
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    hidden_dim: int = 256
+    dropout: float = 0.25
+    model_options: tuple[tuple[str, Any], ...] = ()  # aggregator-specific, e.g. (("k", 8),) for clam-sb
+    max_patches: int | None = None  # random subset of patches per bag and epoch while training
+    val_fraction: float = 0.2      # patients of each training fold held out for early stopping
+    class_weights: bool = True
+    classes: tuple[str, ...] | None = None  # class order, best to worst; default: sorted labels
+    survival_loss: str = "cox"     # "cox" (partial likelihood) or "discrete" (discrete-time NLL)
+    ties: str = "efron"            # Cox tie handling: "efron" or "breslow"
+    time_bins: int = 4             # bins of the discrete-time loss
+    aux_weight: float = 0.3        # weight of the instance-clustering loss (clam-sb)
+    aggregate: str = "mean"        # patient-level aggregation of slide predictions, or "none" (slide level)
+    refit: bool = True             # after cross-validation, fit a final model on all patients for predict
+    seed: int = 0
+    device: str = "auto"           # "auto" (a GPU when there is one), "cpu" or "cuda"
+    slide_col: str = "slide_id"
+    patient_col: str = "patient_id"
+    label_col: str = "label"
+    time_col: str = "time"
+    event_col: str = "event"
+
+    def __post_init__(self) -> None:
+        from pathomics.mil.aggregators import (
+            list_aggregators,  # torch: loaded only when a config is built
+        )
+
+        checks = {
+            f"task must be one of {TASKS}": self.task in TASKS,
+            f"model must be one of {list_aggregators()}": self.model in list_aggregators(),
+            "folds must be at least 2 (use refit for a model on all patients)": self.folds >= 2,
+            "epochs, patience, min_epochs, batch_size and hidden_dim must be positive":
+                min(self.epochs, self.patience, self.min_epochs, self.batch_size, self.hidden_dim) >= 1,
+            "lr must be positive; weight_decay and aux_weight non-negative":
+                self.lr > 0 and self.weight_decay >= 0 and self.aux_weight >= 0,
+            "dropout must be in [0, 1)": 0 <= self.dropout < 1,
+            "max_patches must be None or positive": self.max_patches is None or self.max_patches >= 1,
+            "val_fraction must be in [0, 0.5]": 0 <= self.val_fraction <= 0.5,
+            "survival_loss must be 'cox' or 'discrete'": self.survival_loss in ("cox", "discrete"),
+            "ties must be 'efron' or 'breslow'": self.ties in ("efron", "breslow"),
+            "the Cox loss needs batch_size of at least 2 bags":
+                not (self.task == "survival" and self.survival_loss == "cox" and self.batch_size < 2),
+            "time_bins must be at least 2": self.time_bins >= 2,
+            "aggregate must be 'mean' or 'none'": self.aggregate in ("mean", "none"),
+            "device must be 'cpu', 'cuda' or 'auto'": self.device in ("cpu", "cuda", "auto"),
+        }
+        failed = [message for message, ok in checks.items() if not ok]
+        if failed:
+            raise ConfigError("invalid MIL config: " + "; ".join(failed))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> MILConfig:
+        """The config saved by ``to_dict`` (JSON turns tuples into lists; they are turned back)."""
+        values = dict(values)
+        values["model_options"] = tuple(tuple(pair) for pair in values.get("model_options", ()))
+        if values.get("classes") is not None:
+            values["classes"] = tuple(values["classes"])
+        return cls(**values)
+
+    def aggregator_options(self) -> dict[str, Any]:
+        return {"hidden_dim": self.hidden_dim, "dropout": self.dropout, **dict(self.model_options)}

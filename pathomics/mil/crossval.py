@@ -1,0 +1,192 @@
+"""Patient-level cross-validation of an aggregator: folds saved and skipped when finished, out-of-fold
+signatures, attention and metrics, and a final model refitted on every patient."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pathomics import __version__
+from pathomics.device import resolve_device
+from pathomics.errors import ModelError
+from pathomics.layout import OutputLayout
+from pathomics.mil import train
+from pathomics.mil.aggregators import MILAggregator, build_aggregator
+from pathomics.mil.artifacts import (
+    SlideResult,
+    TrainedMIL,
+    load_trained,
+    save_checkpoint,
+    write_attention,
+    write_signatures,
+)
+from pathomics.mil.bags import LabelledBags, load_bags
+from pathomics.mil.config import MILConfig
+from pathomics.store import write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MILRun:
+    """What ``train_mil`` produced: the output directory, the metrics and the signatures table."""
+
+    out_dir: Path
+    metrics: dict[str, Any]
+    signatures: pd.DataFrame
+
+
+def train_mil(features_dir: str | os.PathLike, labels: str | os.PathLike, out_dir: str | os.PathLike,
+              config: MILConfig = MILConfig()) -> MILRun:
+    """Cross-validate ``config.model`` on the labelled slides; write signatures, attention, metrics, models.
+
+    A fold (or the final refit) whose checkpoint was trained on the same bags with the same config is
+    loaded instead of retrained, so a run killed during cross-validation resumes at its first unfinished fold.
+    """
+    layout = OutputLayout(out_dir)
+    cohort = load_bags(features_dir, labels, config)
+    provenance = {"config": config.to_dict(), "features": str(features_dir), "labels": str(labels),
+                  "in_dim": cohort.in_dim, "classes": list(cohort.classes), "pathomics_version": __version__}
+    write_json(layout.mil_config, provenance)
+    results, fold_metrics, pooled = _cross_validate(cohort, config, layout, provenance)
+    if config.refit:
+        best = [f["best_epoch"] for f in fold_metrics]
+        epochs = int(np.median(best)) if config.val_fraction > 0 else config.epochs
+        everyone = np.arange(len(cohort.bags))
+        _trained_or_fit(cohort, everyone, everyone[:0], config, config.folds, epochs, layout.final_checkpoint)
+    signatures = write_signatures(layout.signatures, results, config.model, provenance)
+    metrics = _metrics_document(config, fold_metrics, pooled, provenance)
+    write_json(layout.mil_metrics, metrics)
+    return MILRun(layout.root, metrics, signatures)
+
+
+def _cross_validate(cohort: LabelledBags, config: MILConfig, layout: OutputLayout,
+                    provenance: Mapping[str, Any]) -> tuple[list[SlideResult], list[dict[str, Any]], dict[str, float]]:
+    """Patient-level K-fold: per fold, train (early stopping on held-out training patients) or load its finished
+    checkpoint, write held-out attention files. Returns out-of-fold results, per-fold metrics, pooled metrics."""
+    patients = cohort.patient_ids
+    units = patients if config.aggregate == "mean" else cohort.slide_ids
+    strata = cohort.targets.label if config.task == "classification" else cohort.targets.event
+    fold_of = train.patient_folds(patients, strata, config.folds, config.seed)
+    write_json(layout.splits, {"folds": dict(zip(cohort.slide_ids.tolist(), fold_of.tolist())),
+                               "patients": dict(zip(cohort.slide_ids.tolist(), patients.tolist()))})
+    predictions = np.zeros((len(cohort.bags), len(cohort.classes)) if cohort.classes else len(cohort.bags))
+    results, fold_metrics = [], []
+    for fold in range(config.folds):
+        test, rest = np.flatnonzero(fold_of == fold), np.flatnonzero(fold_of != fold)
+        val = train.validation_split(patients[rest], strata[rest], config.val_fraction, config.seed + fold)
+        checkpoint = layout.fold_checkpoint(fold)
+        trained = _trained_or_fit(cohort, rest[~val], rest[val], config, fold, config.epochs, checkpoint)
+        fold_results, predictions[test] = _apply(trained.model, trained.objective, cohort, test, fold, config)
+        for result in fold_results:
+            write_attention(layout.attention_file(result.slide_id), result, config.model,
+                            {**provenance, "checkpoint": str(checkpoint), "checkpoint_sha256": trained.sha256})
+        results += fold_results
+        metrics = train.evaluate(predictions[test], cohort.targets, test, units)
+        fold_metrics.append({"fold": fold, "best_epoch": trained.best_epoch, "n_train_slides": len(rest),
+                             "n_test_slides": len(test), "checkpoint_sha256": trained.sha256, **metrics})
+        log.info("mil %s fold %d/%d: %s", config.model, fold + 1, config.folds,
+                 ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
+    return results, fold_metrics, train.evaluate(predictions, cohort.targets, np.arange(len(cohort.bags)), units)
+
+
+def _trained_or_fit(cohort: LabelledBags, train_idx: np.ndarray, val_idx: np.ndarray, config: MILConfig, run: int,
+                    epochs: int, checkpoint: Path) -> TrainedMIL:
+    """The model of ``checkpoint`` when it was trained on these bags with this config and epochs; else train and save."""
+    key = training_key(cohort, train_idx, val_idx, config, run, epochs)
+    if checkpoint.is_file():
+        try:
+            done = load_trained(checkpoint, config.device)
+        except ModelError:
+            done = None
+        if done is not None and done.training_key == key:
+            log.info("mil %s: %s is finished; loaded, not retrained", config.model, checkpoint.name)
+            return done
+    model, objective, fitted = _fit_model(cohort, train_idx, val_idx, config, run, epochs)
+    best = fitted.best_epoch if len(val_idx) else epochs
+    sha = save_checkpoint(checkpoint, model, objective, config, run if checkpoint.name != "final.pt" else -1, best, key)
+    return TrainedMIL(model.eval(), objective, config, run, sha, checkpoint, best, key)
+
+
+def training_key(cohort: LabelledBags, train_idx: np.ndarray, val_idx: np.ndarray, config: MILConfig, run: int,
+                 epochs: int) -> str:
+    """A digest of what a fit depends on: config (not the device), run, epochs, and each bag's identity,
+    target and feature file (size and modification time), for the training and validation bags."""
+    def bags(index: np.ndarray) -> list[list[Any]]:
+        out = []
+        for i in index:
+            bag, stat = cohort.bags[i], cohort.bags[i].path.stat()
+            out.append([bag.slide_id, bag.patient_id, stat.st_size, stat.st_mtime_ns,
+                        *(np.asarray(t)[i].tolist() for t in cohort.targets.arrays())])
+        return out
+
+    document = {"config": {k: v for k, v in config.to_dict().items() if k != "device"}, "run": run, "epochs": epochs,
+                "train": bags(train_idx), "val": bags(val_idx), "classes": list(cohort.classes)}
+    return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _fit_model(cohort: LabelledBags, train_idx: np.ndarray, val_idx: np.ndarray, config: MILConfig, run: int,
+               epochs: int) -> tuple[MILAggregator, train.Objective, train.FitResult]:
+    """Build, seed and train one aggregator; returns (model, objective, FitResult)."""
+    device = resolve_device(config.device)
+    seed = int(np.random.SeedSequence([config.seed, run]).generate_state(1)[0])
+    objective = _make_objective(cohort, train_idx, config)
+    settings = train.TrainSettings(epochs, config.patience, config.min_epochs, config.batch_size, config.lr,
+                                   config.weight_decay, config.max_patches, config.aux_weight, seed)
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model = build_aggregator(config.model, cohort.in_dim, objective.n_outputs, **config.aggregator_options())
+        model.set_feature_scaling(*train.feature_statistics(lambda i: cohort.bags[i].load(), train_idx))
+        fitted = train.fit(model.to(device), objective, cohort.targets, lambda i: cohort.bags[i].load(),
+                           train_idx, val_idx, settings, device)
+    if isinstance(objective, train.CoxSurvival):
+        outputs = train.predict(model, lambda i: cohort.bags[i].load(), train_idx, device)
+        objective = objective.standardized(torch.stack([o.scores for o in outputs]).cpu())
+    return model, objective, fitted
+
+
+def _make_objective(cohort: LabelledBags, train_idx: np.ndarray, config: MILConfig) -> train.Objective:
+    """The loss for ``config.task``, fitted on the training bags (class weights, time bins)."""
+    targets = cohort.targets
+    if config.task == "classification":
+        weights = train.class_weights(targets.label[train_idx], len(cohort.classes)) if config.class_weights else None
+        return train.Classification(cohort.classes, weights)
+    if config.survival_loss == "cox":
+        return train.CoxSurvival(config.ties)
+    return train.DiscreteSurvival(train.time_bin_edges(targets.time[train_idx], targets.event[train_idx], config.time_bins))
+
+
+def _apply(model: MILAggregator, objective: train.Objective, cohort: LabelledBags, index: np.ndarray, fold: int,
+           config: MILConfig) -> tuple[list[SlideResult], np.ndarray]:
+    """Slide results and predictions (class probabilities (n, C), or risks (n,)) of a model on bags ``index``."""
+    outputs = train.predict(model, lambda i: cohort.bags[i].load(), index, resolve_device(config.device))
+    scores = torch.stack([o.scores for o in outputs]).cpu()
+    risk = objective.risk(scores).numpy()
+    predictions = objective.probabilities(scores).numpy() if config.task == "classification" else risk
+    results = [SlideResult(cohort.bags[i].slide_id, cohort.bags[i].patient_id, fold, float(r),
+                           o.embedding.cpu().numpy(), o.attention.cpu().numpy(), cohort.bags[i].load()[1])
+               for i, o, r in zip(index, outputs, risk)]
+    return results, predictions
+
+
+def _metrics_document(config: MILConfig, folds: list[dict[str, Any]], pooled: dict[str, float],
+                      provenance: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json: per-fold metrics, their mean ± sd, and the metrics of the pooled out-of-fold predictions."""
+    names = ("auc", "balanced_accuracy") if config.task == "classification" else ("c_index",)
+    summary = {}
+    for name in names:
+        values = np.array([f[name] for f in folds], dtype=float)
+        summary[name] = {"mean": float(np.nanmean(values)) if np.isfinite(values).any() else None,
+                         "sd": float(np.nanstd(values, ddof=1)) if np.isfinite(values).sum() > 1 else None}
+    return {"task": config.task, "model": config.model, "unit": "patient" if config.aggregate == "mean" else "slide",
+            "folds": folds, "summary": summary, "pooled_out_of_fold": pooled, **provenance}

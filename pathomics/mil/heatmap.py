@@ -1,0 +1,102 @@
+"""Attention heatmaps drawn over the patch stores' thumbnails."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pathomics import __version__
+from pathomics.errors import StoreError
+from pathomics.layout import OutputLayout
+from pathomics.mil.artifacts import read_attention
+from pathomics.runner.batch import DONE, SKIPPED, Outcome, SlideJob, StatusRow, run_jobs
+from pathomics.store import atomic_path, open_patch_store
+
+
+def draw_heatmap(thumbnail: Image.Image, slide_size: tuple[int, int], coords: np.ndarray, patch_size_level0: int,
+                 attention: np.ndarray, alpha: float = 0.5, cmap: str = "inferno") -> Image.Image:
+    """Attention over a whole-slide thumbnail (PIL image covering the level-0 ``slide_size`` (w, h)).
+
+    Attention is shown as its rank percentile within the slide (raw attention spans orders of magnitude);
+    each patch's square is coloured and blended with weight ``alpha``; overlapping patches are averaged.
+    """
+    from matplotlib import colormaps
+    from PIL import Image  # noqa: F811 - the runtime import of the name typed above
+    from scipy.stats import rankdata
+
+    base = np.asarray(thumbnail.convert("RGB"), dtype=np.float32)
+    h, w = base.shape[:2]
+    sx, sy = w / slide_size[0], h / slide_size[1]
+    x0 = np.clip(np.floor(coords[:, 0] * sx).astype(int), 0, w - 1)
+    y0 = np.clip(np.floor(coords[:, 1] * sy).astype(int), 0, h - 1)
+    x1 = np.clip(np.maximum(np.ceil((coords[:, 0] + patch_size_level0) * sx).astype(int), x0 + 1), 1, w)
+    y1 = np.clip(np.maximum(np.ceil((coords[:, 1] + patch_size_level0) * sy).astype(int), y0 + 1), 1, h)
+    value = rankdata(attention) / len(attention)
+    total, count = _paint(value, x0, y0, x1, y1, (h, w)), _paint(np.ones_like(value), x0, y0, x1, y1, (h, w))
+    covered = count > 0.5
+    colour = colormaps[cmap](np.where(covered, total / np.maximum(count, 1), 0))[..., :3] * 255
+    base[covered] = (1 - alpha) * base[covered] + alpha * colour[covered]
+    return Image.fromarray(np.round(base).astype(np.uint8))
+
+
+def _paint(values: np.ndarray, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray,
+           shape: tuple[int, int]) -> np.ndarray:
+    """Sum of ``values`` over axis-aligned boxes [y0, y1) × [x0, x1), by a 2-D difference array."""
+    diff = np.zeros((shape[0] + 1, shape[1] + 1))
+    for ys, xs, sign in ((y0, x0, 1), (y0, x1, -1), (y1, x0, -1), (y1, x1, 1)):
+        np.add.at(diff, (ys, xs), sign * values)
+    return diff.cumsum(0).cumsum(1)[:-1, :-1]
+
+
+def render_heatmap(attention_path: str | os.PathLike, tiles_out: str | os.PathLike, out_png: str | os.PathLike,
+                   alpha: float = 0.5) -> Path:
+    """Draw one slide's attention file over its patch store's thumbnail (``<tiles_out>/tiles/<id>.thumb.png``)."""
+    from PIL import Image, PngImagePlugin
+
+    result = read_attention(attention_path)
+    tiles = OutputLayout(tiles_out)
+    store = open_patch_store(tiles.store(result.slide_id))
+    thumb_path = tiles.thumbnail(result.slide_id)
+    missing = [k for k in ("slide_width", "slide_height") if k not in store.attrs]
+    if missing or not thumb_path.is_file():
+        raise StoreError(f"{store.path}: no thumbnail or slide size ({', '.join(missing) or thumb_path.name}); "
+                         "re-run `pathomics tile`")
+    with Image.open(thumb_path) as thumb:
+        image = draw_heatmap(thumb, (int(store.attrs["slide_width"]), int(store.attrs["slide_height"])),
+                             result.coords, int(store.attrs["patch_size_level0"]), result.attention, alpha)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("pathomics", json.dumps({"slide_id": result.slide_id, "attention": str(attention_path),
+                                           "alpha": alpha, "pathomics_version": __version__}))
+    with atomic_path(out_png) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+    return Path(out_png)
+
+
+def render_heatmaps(run_dir: str | os.PathLike, tiles_out: str | os.PathLike, slide_ids: Sequence[str] | None = None,
+                    alpha: float = 0.5, show_progress: bool = True) -> list[StatusRow]:
+    """``<run_dir>/heatmaps/<slide_id>.png`` for each attention file of a run; failures isolated in status.csv.
+
+    A heatmap newer than its attention file is skipped.
+    """
+    run_dir = Path(run_dir)
+    layout = OutputLayout(run_dir)
+    ids = list(slide_ids) if slide_ids is not None else sorted(p.stem for p in layout.attention.glob("*.h5"))
+    if not ids:
+        raise StoreError(f"{run_dir}: no attention files; run `pathomics mil train` or `predict` first")
+
+    def job(slide_id: str) -> SlideJob:
+        def run() -> Outcome:
+            attention, png = layout.attention_file(slide_id), layout.heatmap(slide_id)
+            if png.exists() and attention.exists() and png.stat().st_mtime >= attention.stat().st_mtime:
+                return SKIPPED, 0
+            render_heatmap(attention, tiles_out, png, alpha)
+            return DONE, 0
+
+        return SlideJob(slide_id, run)
+
+    return run_jobs("mil-heatmap", [job(s) for s in ids], run_dir, show_progress)

@@ -1,0 +1,33 @@
+"""Stage functions as per-slide batch jobs: each returns (``done`` or ``skipped``, patches) or raises."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pathomics.embed import EmbedConfig, embed_slide
+from pathomics.manifest import SlideEntry
+from pathomics.models.backbones import Backbone
+from pathomics.runner.batch import Outcome, SlideJob
+from pathomics.tiling import TileConfig, tile_slide
+
+
+def tile_job(entry: SlideEntry, out_dir: str | os.PathLike, config: TileConfig,
+             tissue_geojson: str | os.PathLike | None = None, backend: str = "auto") -> SlideJob:
+    """``tile_slide`` as a batch job; ``tissue_geojson`` overrides the entry's."""
+    def run() -> Outcome:
+        result = tile_slide(entry.slide_path, out_dir, config, mpp=entry.mpp, slide_id=entry.slide_id,
+                            tissue_geojson=tissue_geojson or entry.tissue_geojson, backend=backend)
+        return result.state, result.n_patches
+
+    return SlideJob(entry.slide_id, run)
+
+
+def embed_job(store_path: str | os.PathLike, out_dir: str | os.PathLike, config: EmbedConfig,
+              backbone: Backbone | None = None) -> SlideJob:
+    """``embed_slide`` as a batch job, named after the store directory."""
+    def run() -> Outcome:
+        result = embed_slide(store_path, out_dir, config, backbone)
+        return result.state, result.n_patches
+
+    return SlideJob(Path(store_path).name.removesuffix(".zarr"), run)
