@@ -299,3 +299,20 @@ def test_cuda_matches_the_cpu_reference(tmp_path: Path, model: str) -> None:
     assert np.abs(fp32 - expected).max() <= 1e-2 * np.abs(expected).max()  # cuDNN may use TF32 for fp32 convolutions
     cosine = (fast * expected).sum(1) / np.linalg.norm(fast, axis=1) / np.linalg.norm(expected, axis=1)
     assert cosine.min() >= 0.99
+
+
+def test_a_store_with_a_missing_or_damaged_shard_fails_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """zarr reads an absent chunk as zeros: without a check, every missing patch became the same black embedding."""
+    make_store(tmp_path, "good", random_patches(3))
+    missing = make_store(tmp_path, "missing", random_patches(3))
+    (missing / "images" / "c" / "0" / "0" / "0" / "0").unlink()
+    damaged = make_store(tmp_path, "damaged", random_patches(3))
+    shard = damaged / "images" / "c" / "0" / "0" / "0" / "0"
+    shard.write_bytes(b"\0" * shard.stat().st_size)
+    assert main(embed_argv(tmp_path)) == 1
+    status = read_status(tmp_path)
+    assert status["good"][0] == "done"
+    assert status["missing"][0] == "failed" and "1 chunk file(s) missing (e.g. images/c/0/0/0/0)" in status["missing"][1]
+    assert status["damaged"][0] == "failed" and "cannot be read" in status["damaged"][1]
+    assert "\n" not in status["damaged"][1]
+    assert sorted(p.stem for p in OutputLayout(tmp_path).features.glob("*.h5")) == ["good"]

@@ -16,7 +16,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from pathomics.cli.main import main
-from pathomics.errors import CohortError, ModelError, StoreError
+from pathomics.errors import CohortError, ConfigError, StoreError
 from pathomics.layout import OutputLayout
 from pathomics.mil import (
     MILConfig,
@@ -113,6 +113,39 @@ def test_outputs_follow_the_design(tiny, tmp_path):
     assert sorted(p.name for p in (out / "mil_models").iterdir()) == ["final.pt", "fold_0.pt", "fold_1.pt", "fold_2.pt", "splits.json"]
     trained = load_trained(out)
     assert trained.fold == -1 and trained.config == config and trained.model.in_dim == 8
+
+
+def test_a_run_killed_after_a_fold_resumes_without_retraining_it(tiny, tmp_path):
+    """Checkpoints are written atomically, so a SIGKILL leaves finished folds whole and later ones absent:
+    the state reproduced here by deleting what a kill after fold 0 would not have written."""
+    clean = train_mil(tiny.features, tiny.labels, tmp_path / "clean", TINY)
+    killed = tmp_path / "killed"
+    train_mil(tiny.features, tiny.labels, killed, TINY)
+    layout = OutputLayout(killed)
+    for path in [layout.fold_checkpoint(1), layout.fold_checkpoint(2), layout.final_checkpoint, layout.signatures,
+                 layout.mil_metrics]:
+        path.unlink()
+    finished = layout.fold_checkpoint(0).stat().st_mtime_ns
+    splits = json.loads(layout.splits.read_text())
+    resumed = train_mil(tiny.features, tiny.labels, killed, TINY)
+    assert layout.fold_checkpoint(0).stat().st_mtime_ns == finished  # loaded, not retrained
+    assert layout.fold_checkpoint(1).exists() and layout.final_checkpoint.exists()
+    assert json.loads(layout.splits.read_text()) == splits
+    pd.testing.assert_frame_equal(resumed.signatures, clean.signatures, check_exact=True)
+    assert resumed.metrics["pooled_out_of_fold"] == clean.metrics["pooled_out_of_fold"]
+
+
+def test_a_changed_feature_file_or_config_retrains_the_folds(tiny, tmp_path):
+    out = tmp_path / "run"
+    train_mil(tiny.features, tiny.labels, out, TINY)
+    layout = OutputLayout(out)
+    before = {f: layout.fold_checkpoint(f).stat().st_mtime_ns for f in range(3)}
+    train_mil(tiny.features, tiny.labels, out, replace(TINY, lr=1e-3))
+    assert all(layout.fold_checkpoint(f).stat().st_mtime_ns != before[f] for f in range(3))
+    again = {f: layout.fold_checkpoint(f).stat().st_mtime_ns for f in range(3)}
+    write_bag(tiny.out, "s000_0", np.ones((12, 8), np.float32))  # a slide of fold k's training set changed
+    train_mil(tiny.features, tiny.labels, out, replace(TINY, lr=1e-3))
+    assert sum(layout.fold_checkpoint(f).stat().st_mtime_ns != again[f] for f in range(3)) >= 2
 
 
 @pytest.mark.parametrize("model", ["mean", "max", "abmil", "gated-abmil", "clam-sb", "transmil"])
@@ -276,9 +309,9 @@ def test_survival_tables_need_times_and_binary_events(tiny):
 
 
 def test_invalid_configs_name_every_problem():
-    with pytest.raises(ModelError, match="model must be one of.*folds must be at least 2"):
+    with pytest.raises(ConfigError, match="model must be one of.*folds must be at least 2"):
         MILConfig(model="resnet", folds=1)
-    with pytest.raises(ModelError, match="Cox loss needs batch_size of at least 2"):
+    with pytest.raises(ConfigError, match="Cox loss needs batch_size of at least 2"):
         MILConfig(task="survival", batch_size=1)
 
 

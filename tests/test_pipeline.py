@@ -16,13 +16,13 @@ import pandas as pd
 import pytest
 
 from pathomics.embed import EmbedConfig
+from pathomics.errors import DataWarning
 from pathomics.layout import OutputLayout
 from pathomics.manifest import SlideEntry, read_manifest
-from pathomics.mil import MILConfig
 from pathomics.runner.batch import read_status
-from pathomics.runner.pipeline import RunConfig, run_archive, run_slides
-from pathomics.store import open_patch_store, read_feature_file
-from pathomics.survival.config import SurvivalConfig
+from pathomics.runner.pipeline import RunConfig, check_run_inputs, run_archive, run_slides
+from pathomics.store import open_patch_store, read_feature_file, sha256_file
+from pathomics.survival.config import RUN_FUSION, SurvivalConfig
 from pathomics.synthetic import write_cohort
 from pathomics.tiling import TileConfig
 
@@ -32,7 +32,7 @@ EMBED = EmbedConfig(model="shufflenet-v2", weights="random", precision="fp32", b
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    return write_cohort(tmp_path_factory.mktemp("cohort"), n_patients=12, seed=3, slide_size=(2048, 1536), max_slides=1)
+    return write_cohort(tmp_path_factory.mktemp("cohort"), n_patients=14, seed=3, slide_size=(2048, 1536), max_slides=1)
 
 
 @pytest.mark.slow
@@ -57,20 +57,41 @@ def test_bad_slides_fail_alone_and_a_rerun_skips_finished_ones(tmp_path, cohort,
     assert {(r.slide_id, r.stage): r.patches for r in read_status(tmp_path)}.items() >= patches.items()
 
 
+def output_files(out: Path) -> dict[str, str]:
+    """Every file of a run's output (locks aside) with the SHA-256 of its content."""
+    return {str(p.relative_to(out)): sha256_file(p) for p in sorted(out.rglob("*")) if p.is_file() and "locks" not in p.parts}
+
+
 @pytest.mark.slow
-def test_run_archive_chains_mil_and_survival(tmp_path, cohort):
-    config = RunConfig(
-        tile=TILE, embed=EMBED, workers=1,
-        mil=MILConfig(task="survival", model="abmil", folds=2, epochs=3, min_epochs=1, patience=2, hidden_dim=16, batch_size=4),
-        survival=SurvivalConfig(covariates=("age", "tumour_size"), folds=2, n_bootstrap=10, penalizer=(0.5,)),
-    )
-    result = run_archive(read_manifest(cohort.manifest), cohort.clinical, tmp_path, config, radiology=cohort.radiology)
+def test_a_pilot_cohort_runs_with_default_options_and_an_unchanged_rerun_redoes_nothing(tmp_path, cohort):
+    """14 patients, the MIL and survival stages at their defaults (5 folds each; some folds have no admissible pairs)."""
+    config = RunConfig(tile=TILE, embed=EMBED, workers=1,
+                       survival=SurvivalConfig(covariates=("age", "tumour_size"), fusion=RUN_FUSION, n_bootstrap=50))
+    with pytest.warns(DataWarning, match="no admissible pairs"):
+        result = run_archive(read_manifest(cohort.manifest), cohort.clinical, tmp_path, config, radiology=cohort.radiology)
     signatures = pd.read_parquet(result.signatures)
-    assert len(signatures) == 12 and signatures["risk"].notna().all()
+    assert len(signatures) == 14 and signatures["risk"].notna().all()
     assert set(result.survival.models) == {"clinical", "radiology", "pathology", "combined"}
     assert (tmp_path / "survival" / "metrics.json").exists() and (tmp_path / "survival" / "report.html").exists()
     assert {("cohort", "mil"), ("cohort", "survival")} <= {(r.slide_id, r.stage) for r in read_status(tmp_path)}
-    assert Path(tmp_path / "labels.csv").exists()
+    before = output_files(tmp_path)
+
+    again = run_archive(read_manifest(cohort.manifest), cohort.clinical, tmp_path, config, radiology=cohort.radiology)
+    assert {r.state for r in again.rows} == {"skipped"}
+    assert output_files(tmp_path) == before  # not one output file changed, status.csv included
+    assert {(r.slide_id, r.stage): r.state for r in read_status(tmp_path)}[("cohort", "mil")] == "done"
+    assert again.survival.models["combined"].metrics == result.survival.models["combined"].metrics
+
+
+def test_run_reads_the_named_time_column_even_beside_one_called_time(tmp_path):
+    clinical = tmp_path / "clinical.csv"
+    pd.DataFrame({"patient_id": ["P1", "P2", "P3"], "time": [1.0, 2.0, 3.0], "os_days": [400.0, 90.0, 700.0],
+                  "event": [1, 1, 0], "age": [50, 60, 70]}).to_csv(clinical, index=False)
+    entries = [SlideEntry(tmp_path / f"s{i}.svs", f"s{i}", f"P{i}") for i in (1, 2, 3)]
+    config = RunConfig(survival=SurvivalConfig(covariates=("age",), time_col="os_days"))
+    labels = check_run_inputs(entries, clinical, None, config)
+    assert list(labels.columns) == ["slide_id", "patient_id", "time", "event"]
+    assert labels.set_index("slide_id")["time"].to_dict() == {"s1": 400.0, "s2": 90.0, "s3": 700.0}
 
 
 def run_command(cohort, out: Path, *extra: str) -> list[str]:
@@ -97,7 +118,7 @@ def test_sigkill_during_embedding_then_rerun_resumes(tmp_path, cohort):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before = feature_mtimes(killed)
-    assert 3 <= len(before) < 12 and not (killed / "signatures.parquet").exists()
+    assert 3 <= len(before) < 14 and not (killed / "signatures.parquet").exists()
 
     assert subprocess.run(run_command(cohort, killed), capture_output=True).returncode == 0
     status = {(r.slide_id, r.stage): r.state for r in read_status(killed)}
@@ -116,17 +137,19 @@ def test_sigkill_during_embedding_then_rerun_resumes(tmp_path, cohort):
 
 @pytest.mark.slow
 def test_two_runs_on_one_output_directory_share_the_slides(tmp_path, cohort):
-    procs = [subprocess.Popen(run_command(cohort, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    procs = [subprocess.Popen(run_command(cohort, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    outputs, logs = zip(*(p.communicate(timeout=600) for p in procs))
     assert [p.returncode for p in procs] == [0, 0], outputs
     for stage in ("tile", "embed"):  # every slide tiled and embedded exactly once, by one of the two runs
-        assert sum(int(re.search(rf"^{stage}: (\d+) done", out, re.MULTILINE).group(1)) for out in outputs) == 12, outputs
+        assert sum(int(re.search(rf"^{stage}: (\d+) done", out, re.MULTILINE).group(1)) for out in outputs) == 14, outputs
     for slide_id in feature_mtimes(tmp_path):
         assert len(read_feature_file(tmp_path / "features" / f"{slide_id}.h5").features) > 0
-    assert len(pd.read_parquet(tmp_path / "signatures.parquet")) == 12
+    assert len(pd.read_parquet(tmp_path / "signatures.parquet")) == 14
     rows = read_status(tmp_path)
-    assert len(rows) == len({(r.slide_id, r.stage) for r in rows}) and {r.state for r in rows} <= {"done", "skipped"}
+    assert len(rows) == len({(r.slide_id, r.stage) for r in rows}) and {r.state for r in rows} == {"done"}
+    for stage in ("mil", "survival"):  # the cohort stages ran once: the run that waited for them skipped them
+        assert sum(f"{stage}: inputs and settings unchanged since it finished; skipped" in log for log in logs) == 1, logs
 
 
 @pytest.mark.slow
@@ -146,7 +169,7 @@ def test_run_against_an_existing_dask_scheduler(tmp_path, cohort):
         out = tmp_path / "out"
         result = subprocess.run(run_command(cohort, out, "--scheduler", address), capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-2000:]
-        assert len(feature_mtimes(out)) == 12 and (out / "survival" / "metrics.json").exists()
+        assert len(feature_mtimes(out)) == 14 and (out / "survival" / "metrics.json").exists()
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -164,6 +187,6 @@ def test_run_lists_failed_slides_and_exits_1(tmp_path, cohort, truncated_slide):
     result = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert result.returncode == 1, result.stderr[-2000:]
     assert "FAILED broken" in result.stdout and "truncated.svs" in result.stdout
-    assert "tile: 12 done, 0 skipped (already complete), 1 failed" in result.stdout
-    assert "embed: 12 done, 0 skipped (already complete), 0 failed" in result.stdout
+    assert "tile: 14 done, 0 skipped (already complete), 1 failed" in result.stdout
+    assert "embed: 14 done, 0 skipped (already complete), 0 failed" in result.stdout
     assert (tmp_path / "out" / "survival" / "metrics.json").exists()  # the other slides went all the way

@@ -201,7 +201,8 @@ def read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     """A torchvision-style state dict, bare or under a checkpoint's ``state_dict`` key (tensors only)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+    except (RuntimeError, OSError, ValueError, EOFError, IndexError, KeyError, TypeError, pickle.UnpicklingError) as exc:
+        # a file that is no pickle at all (a text file, say) breaks the unpickler in many ways
         raise ModelError(f"{path} is not a PyTorch state dict ({exc})") from exc
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]

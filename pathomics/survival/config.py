@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from pathomics.errors import CohortError
+from pathomics.errors import ConfigError
 
 FUSIONS = ("features", "decision")
 # Out-of-fold signatures come from a different MIL model per fold, so their sig_* spaces do not line up
@@ -58,24 +58,24 @@ class SurvivalConfig:
         choices = {"fusion": FUSIONS, "missing": MISSING_POLICIES, "aggregate": AGGREGATES, "risk_groups": RISK_GROUPINGS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise CohortError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         unknown = sorted(set(self.categorical) - set(self.covariates))
         if unknown:
-            raise CohortError(f"categorical columns {unknown} are not among the covariates {list(self.covariates)}")
+            raise ConfigError(f"categorical columns {unknown} are not among the covariates {list(self.covariates)}")
         if self.folds < 2 or self.inner_folds < 2:
-            raise CohortError(f"folds ({self.folds}) and inner folds ({self.inner_folds}) must each be at least 2")
+            raise ConfigError(f"folds ({self.folds}) and inner folds ({self.inner_folds}) must each be at least 2")
         if not self.penalizer or any(not math.isfinite(p) or p < 0 for p in self.penalizer):
-            raise CohortError(f"penalizer values must be finite and >= 0, got {list(self.penalizer)}")
+            raise ConfigError(f"penalizer values must be finite and >= 0, got {list(self.penalizer)}")
         if not 0.0 <= self.l1_ratio <= 1.0:
-            raise CohortError(f"l1_ratio must lie in [0, 1], got {self.l1_ratio}")
+            raise ConfigError(f"l1_ratio must lie in [0, 1], got {self.l1_ratio}")
         if self.n_components < 1:
-            raise CohortError(f"n_components must be at least 1, got {self.n_components}")
+            raise ConfigError(f"n_components must be at least 1, got {self.n_components}")
         if self.times is not None and (not self.times or any(not math.isfinite(t) or t <= 0 for t in self.times)):
-            raise CohortError(f"evaluation times must be positive, got {list(self.times)}")
+            raise ConfigError(f"evaluation times must be positive, got {list(self.times)}")
         if self.calibration_time is not None and not self.calibration_time > 0:
-            raise CohortError(f"calibration time must be positive, got {self.calibration_time}")
+            raise ConfigError(f"calibration time must be positive, got {self.calibration_time}")
         if self.n_bootstrap < 0 or not 0.0 < self.ci_level < 1.0:
-            raise CohortError(f"need n_bootstrap >= 0 and 0 < ci_level < 1, got {self.n_bootstrap} and {self.ci_level}")
+            raise ConfigError(f"need n_bootstrap >= 0 and 0 < ci_level < 1, got {self.n_bootstrap} and {self.ci_level}")
 
     def to_dict(self) -> dict[str, Any]:
         """The values as JSON-ready types (tuples become lists)."""
