@@ -21,6 +21,7 @@ from lifelines import CoxPHFitter
 from sksurv.metrics import concordance_index_ipcw, cumulative_dynamic_auc, integrated_brier_score
 from sksurv.util import Surv
 
+from pathomics.errors import FitWarning
 from pathomics.survival import CoxModel, Design, SurvivalConfig, evaluate_external, load_cohort, survival_fit
 from pathomics.survival.metrics import assign_groups, risk_cut_points
 from pathomics.synthetic.cohort import simulate_cohort_tables
@@ -276,3 +277,21 @@ def test_risk_groups_use_training_cut_points() -> None:
     cuts = risk_cut_points(train, "tertiles")
     assert list(assign_groups(np.array([-9.0, 2.5, 9.0, 9.5]), cuts, "tertiles")) == ["low", "intermediate", "high", "high"]
     assert list(assign_groups(np.array([10.0, 11.0]), risk_cut_points(train, "median"), "median")) == ["high", "high"]
+
+
+def test_a_covariate_that_separates_events_is_stabilised_and_flagged(tmp_path: Path) -> None:
+    """`--missing impute` adds a missingness indicator; here it is 1 exactly for the patients with an event,
+    which once ended in lifelines' ConvergenceError (and elsewhere in an HR of 1e9, CI 0-inf, unflagged)."""
+    clinical, _, _, _ = simulate_cohort_tables(n_patients=60, seed=5)
+    clinical = clinical.astype({"tumour_size": float})
+    clinical.loc[clinical["event"] == 1, "tumour_size"] = np.nan
+    path = tmp_path / "clinical.csv"
+    clinical.to_csv(path, index=False)
+    config = SurvivalConfig(covariates=("age", "tumour_size"), missing="impute", folds=3, n_bootstrap=10)
+    with pytest.warns(FitWarning, match=r"tumour_size\[missing\].*separate events"):
+        result = survival_fit(config, path, out=tmp_path)
+    table = pd.read_csv(tmp_path / "survival" / "coefficients.csv").set_index("covariate")
+    assert table.loc["tumour_size[missing]", "flag"] == "separates events; ridge-stabilised"
+    assert np.isfinite(table.loc["tumour_size[missing]", ["hr", "hr_low", "hr_high"]].astype(float)).all()
+    assert pd.isna(table.loc["age", "flag"])
+    assert np.isfinite(result.models["clinical"].metrics["c_index_harrell"]["estimate"])

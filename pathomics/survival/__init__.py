@@ -22,7 +22,7 @@ _EXPORTS = {
     "FittedStudy": "analysis",
     "ModelResult": "analysis",
     "SurvivalResult": "analysis",
-    "coefficients_table": "analysis",
+    "coefficients_table": "report",
     "cross_validate": "analysis",
     "evaluate_external": "analysis",
     "load_study": "analysis",

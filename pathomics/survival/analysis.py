@@ -26,6 +26,7 @@ from pathomics.survival import metrics as m
 from pathomics.survival.cohort import Cohort, TableSource, load_cohort
 from pathomics.survival.config import SurvivalConfig
 from pathomics.survival.models import SurvivalModel, build_models
+from pathomics.survival.report import coefficients_table, write_survival_report
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.pkl"
@@ -281,8 +282,6 @@ def _encoding(models: dict[str, SurvivalModel]) -> dict[str, Any]:
 
 def write_results(result: SurvivalResult, directory: str | Path) -> Path:
     """Write ``metrics.json``, ``coefficients.csv``, the plots and ``report.html`` into ``directory``."""
-    from pathomics.survival.report import write_survival_report
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     document = {
@@ -298,13 +297,6 @@ def write_results(result: SurvivalResult, directory: str | Path) -> Path:
         coefficients_table(result).to_csv(tmp, index=False)
     write_survival_report(result, directory)
     return directory
-
-
-def coefficients_table(result: SurvivalResult) -> pd.DataFrame:
-    """All models' coefficients, columns ``model, covariate, coef, hr, hr_low, hr_high, p``."""
-    return pd.concat([r.coefficients.assign(model=name) for name, r in result.models.items()], ignore_index=True)[
-        ["model", "covariate", "coef", "hr", "hr_low", "hr_high", "p", "flag"]
-    ]
 
 
 def save_study(study: FittedStudy, directory: str | Path) -> None:

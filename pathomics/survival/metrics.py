@@ -60,7 +60,8 @@ def concordance(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
     if not np.asarray(event).any():
         return float("nan")
     try:
-        return float(concordance_index_censored(np.asarray(event).astype(bool), time, risk)[0])
+        with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 when a resample has no comparable pair: NaN
+            return float(concordance_index_censored(np.asarray(event).astype(bool), time, risk)[0])
     except NoComparablePairException:
         return float("nan")
 
@@ -76,7 +77,8 @@ def uno_c(s: EvalSet) -> float:
         return float("nan")
     try:
         test = Surv.from_arrays(s.ipcw_event, s.time)
-        return float(concordance_index_ipcw(Surv.from_arrays(s.train_event, s.train_time), test, s.risk)[0])
+        with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 when a resample has no comparable pair: NaN
+            return float(concordance_index_ipcw(Surv.from_arrays(s.train_event, s.train_time), test, s.risk)[0])
     except NoComparablePairException:
         return float("nan")
 

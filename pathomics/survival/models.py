@@ -128,28 +128,40 @@ class CoxModel(BaseEstimator):
         if constant:
             raise CohortError(f"covariate column(s) {constant} are constant in the training data; remove or recode them")
         frame = self._standardise(data).assign(time=data["time"].to_numpy(), event=data["event"].to_numpy())
-        self.cph_, self.separating_ = self._fit_cph(frame, self.penalizer_)
-        if self.separating_ and self.penalizer_ < STABILISING_PENALIZER:
+        self.cph_ = self._fit_cph(frame, self.penalizer_)
+        self.separating_: tuple[str, ...] = ()
+        if self.penalizer_ < STABILISING_PENALIZER:
+            self.separating_ = self._diverging(frame) if self.cph_ is None else tuple(
+                self.cph_.params_.index[self.cph_.params_.abs().to_numpy() > SEPARATION_COEF])
+        if self.separating_:
             warnings.warn(f"covariate(s) {', '.join(self.separating_)} separate events: the unpenalised Cox model has "
                           f"no finite estimate; refitted with ridge penalizer {STABILISING_PENALIZER} and flagged in "
                           "coefficients.csv", FitWarning, stacklevel=2)
-            self.cph_, _ = self._fit_cph(frame, STABILISING_PENALIZER)
+            self.cph_ = self._fit_cph(frame, STABILISING_PENALIZER)
+        if self.cph_ is None:
+            raise CohortError("the Cox model does not converge; check the covariates for collinearity or too few "
+                              "events, or raise --penalizer")
         return self
 
-    def _fit_cph(self, frame: pd.DataFrame, penalizer: float) -> tuple[CoxPHFitter | None, tuple[str, ...]]:
-        """A lifelines fit and the covariates whose coefficients diverge (all of them when it did not converge)."""
+    def _fit_cph(self, frame: pd.DataFrame, penalizer: float) -> CoxPHFitter | None:
+        """A lifelines fit, or None when Newton-Raphson does not converge."""
         cph = CoxPHFitter(penalizer=penalizer, l1_ratio=self.l1_ratio, alpha=self.alpha)
-        covariates = tuple(c for c in frame.columns if c not in ("time", "event"))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", ConvergenceWarning)
-                cph.fit(frame, duration_col="time", event_col="event", fit_options=_FIT_OPTIONS)
+                return cph.fit(frame, duration_col="time", event_col="event", fit_options=_FIT_OPTIONS)
         except (ConvergenceError, ConvergenceWarning):
-            if penalizer >= STABILISING_PENALIZER:
-                raise CohortError("the Cox model does not converge even with a ridge penalty; check the covariates "
-                                  "for collinearity or too few events") from None
-            return None, covariates
-        return cph, tuple(cph.params_.index[cph.params_.abs().to_numpy() > SEPARATION_COEF])
+            return None
+
+    def _diverging(self, frame: pd.DataFrame) -> tuple[str, ...]:
+        """Covariates whose coefficients keep growing as a small ridge penalty shrinks tenfold: under separation
+        a coefficient grows by about log(10) each time, a finite estimate barely moves."""
+        fits = [self._fit_cph(frame, penalizer) for penalizer in (1e-3, 1e-4)]
+        covariates = tuple(c for c in frame.columns if c not in ("time", "event"))
+        if fits[0] is None or fits[1] is None:
+            return covariates
+        growth = fits[1].params_.abs() - fits[0].params_.abs()
+        return tuple(growth.index[growth.to_numpy() > 0.5]) or covariates
 
     def _standardise(self, data: pd.DataFrame) -> pd.DataFrame:
         return (self.design_.transform(data) - self.mean_) / self.scale_

@@ -19,6 +19,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from pathomics.store import atomic_path
+
 if TYPE_CHECKING:
     from pathomics.survival import SurvivalResult
 
@@ -82,8 +84,6 @@ def _panels(n: int, width: float = 4.2, height: float = 3.6) -> tuple[Figure, np
 
 
 def _save(figure: Figure, path: Path) -> Path:
-    from pathomics.store import atomic_path
-
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=110)
     return path
@@ -183,17 +183,20 @@ def write_survival_report(result: SurvivalResult, directory: Path) -> Path:
 
 def write_report(path: Path, title: str, sections: Sequence[Section], subtitle: str = "") -> Path:
     """Write a self-contained HTML report atomically."""
-    from pathomics.store import atomic_path
-
     with atomic_path(path) as tmp:
         tmp.write_text(html_report(title, sections, subtitle=subtitle), encoding="utf-8")
     return path
 
 
+def coefficients_table(result: SurvivalResult) -> pd.DataFrame:
+    """All models' coefficients, columns ``model, covariate, coef, hr, hr_low, hr_high, p``."""
+    return pd.concat([r.coefficients.assign(model=name) for name, r in result.models.items()], ignore_index=True)[
+        ["model", "covariate", "coef", "hr", "hr_low", "hr_high", "p", "flag"]
+    ]
+
+
 def survival_sections(result: SurvivalResult, directory: Path) -> list[Section]:
     """The prognosis report's sections; its plots are written to ``directory``."""
-    from pathomics.survival import coefficients_table
-
     config, unit = result.config, result.config.time_unit
     km = plot_km(
         {n: r.groups for n, r in result.models.items()},

@@ -53,10 +53,10 @@ def attention_on_planted(out_dir: Path, truth: dict[str, SlideTruth], slide_ids:
     from pathomics.mil import read_attention
     from pathomics.store import open_patch_store
 
-    signatures = pd.read_parquet(out_dir / "signatures.parquet").set_index("slide_id")
+    signatures = pd.read_parquet(OutputLayout(out_dir).signatures).set_index("slide_id")
     found = []
     for slide_id in slide_ids:
-        result = read_attention(out_dir / "attention" / f"{slide_id}.h5")
+        result = read_attention(OutputLayout(out_dir).attention_file(slide_id))
         half = int(open_patch_store(OutputLayout(out_dir).store(slide_id)).attrs["patch_size_level0"]) / 2
         centres = result.coords + half
         planted = shapely.contains_xy(truth[slide_id].lesions(), centres[:, 0], centres[:, 1])
@@ -72,7 +72,7 @@ def run_demo(out_dir: Path, n_patients: int = 80, seed: int = 0, workers: int = 
     cohort = write_cohort(out_dir / "cohort", n_patients=n_patients, seed=seed)
     result = run_archive(read_manifest(cohort.manifest), cohort.clinical, out_dir, demo_config(workers), radiology=cohort.radiology)
     truth = read_cohort_truth(cohort.truth)
-    signatures = pd.read_parquet(out_dir / "signatures.parquet")
+    signatures = pd.read_parquet(OutputLayout(out_dir).signatures)
     everyone = attention_on_planted(out_dir, truth, list(signatures.slide_id))
     highest = sorted(everyone, key=lambda a: -a.risk)[:top]
     write_demo_report(out_dir, result, truth, everyone, highest)
@@ -92,11 +92,11 @@ def write_demo_report(out_dir: Path, result: RunResult, truth: dict[str, SlideTr
         write_report,
     )
 
-    heat_dir = out_dir / "heatmaps"
+    layout = OutputLayout(out_dir)
     panels = ""
     for item in highest:
-        heatmap = render_heatmap(out_dir / "attention" / f"{item.slide_id}.h5", out_dir, heat_dir / f"{item.slide_id}.png")
-        planted = _planted_png(out_dir, truth[item.slide_id], heat_dir / f"{item.slide_id}.planted.png")
+        heatmap = render_heatmap(layout.attention_file(item.slide_id), out_dir, layout.heatmap(item.slide_id))
+        planted = _planted_png(out_dir, truth[item.slide_id], layout.heatmap(item.slide_id).with_suffix(".planted.png"))
         panels += paragraph(f"{item.slide_id}: risk {item.risk:.3f}; {item.attention_on_planted:.0%} of attention on planted "
                             f"patches, which are {item.planted_patch_share:.0%} of its patches")
         panels += image_html(heatmap, f"attention heatmap of {item.slide_id}") + image_html(planted, f"planted regions of {item.slide_id}")
@@ -108,7 +108,7 @@ def write_demo_report(out_dir: Path, result: RunResult, truth: dict[str, SlideTr
             "come from shufflenet-v2 with RANDOM weights (no pretrained weights are downloaded): the pathology signal "
             "is recovered from texture alone. Each slide has planted lesions whose nuclei are denser, larger and darker "
             "in proportion to the patient's latent grade; how much of the tissue is lesion does not depend on it.")),
-        *survival_sections(result.survival, out_dir / "survival"),
+        *survival_sections(result.survival, layout.survival),
         Section("Attention on planted regions", paragraph(
             f"Highest-risk {len(highest)} slides: on average {mean_on:.0%} of attention falls on planted lesion patches, "
             f"which make up {mean_share:.0%} of their patches (all slides: {np.mean([a.attention_on_planted for a in everyone]):.0%} "
@@ -126,7 +126,7 @@ def _planted_png(out_dir: Path, truth: SlideTruth, path: Path) -> Path:
 
     slide_id = truth.path.stem
     store = open_patch_store(OutputLayout(out_dir).store(slide_id))
-    image = cv2.imread(str(store.path.with_name(f"{slide_id}.thumb.png")))
+    image = cv2.imread(str(OutputLayout(out_dir).thumbnail(slide_id)))
     scale = image.shape[1] / float(store.attrs["slide_width"])
     for polygon in truth.lesions().geoms:
         cv2.polylines(image, [np.rint(np.asarray(polygon.exterior.coords) * scale).astype(np.int32)], True, (0, 0, 230), 2)
