@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pathomics.cli.common import config_from_args
+from pathomics.cli.longitudinal import add_action as add_longitudinal
 from pathomics.survival.config import AGGREGATES, FUSIONS, MISSING_POLICIES, RISK_GROUPINGS, SurvivalConfig
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(SurvivalConfig)}
@@ -56,6 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     evaluate = actions.add_parser("evaluate", help="apply a saved model set to another cohort")
     evaluate.add_argument("--model", type=Path, required=True, metavar="DIR", help="the --out folder of 'pathomics survival fit'")
     _add_tables(evaluate)
+    add_longitudinal(actions)
     parser.set_defaults(run=run)
 
 
