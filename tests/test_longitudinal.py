@@ -244,3 +244,32 @@ def test_longitudinal_fit_library_matches_the_cli_outputs(tables, tmp_path: Path
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]
     written = pd.read_csv(folder / "predictions.csv", dtype={"patient_id": str})
     pd.testing.assert_frame_equal(written, result.predictions, check_dtype=False, rtol=1e-12)
+
+
+def test_landmark_set_by_hand() -> None:
+    """Landmark 5: A (followed to 10) keeps its visits at 0 and 3, not 8, and its time from the landmark is 5;
+    B, censored at the landmark, is out; C, first measured at 7, has no history and is out (counted)."""
+    clinical = pd.DataFrame({"patient_id": ["A", "B", "C"], "time": [10.0, 5.0, 12.0], "event": [1, 0, 1]})
+    markers = pd.DataFrame(
+        {"patient_id": ["A", "A", "A", "B", "C"], "time": [0.0, 3.0, 8.0, 1.0, 7.0], "egfr": [70.0, 60.0, 10.0, 80.0, 50.0]}
+    )
+    data = load_longitudinal(LongitudinalConfig(landmark=5.0), clinical, markers)
+    landmark = landmark_set(data, 5.0)
+    assert list(landmark.patients.index) == ["A"] and landmark.patients.loc["A", "time"] == 5.0
+    np.testing.assert_array_equal(landmark.histories[0], [[0.0, 70.0], [3.0, 60.0]])
+    assert landmark.baseline.loc["A", "egfr"] == 70.0
+    assert (landmark.excluded_before, landmark.excluded_no_history) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"landmark": 0.0}, "the landmark time must be positive"),
+        ({"landmark": 1.0, "folds": 1}, "folds (1) and inner folds (3) must each be at least 2"),
+        ({"landmark": 1.0, "hidden": 0}, "need hidden >= 1"),
+        ({"landmark": 1.0, "signature": "pcs"}, "signature must be one of risk, embedding"),
+    ],
+)
+def test_config_refuses_bad_values(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        LongitudinalConfig(**options)

@@ -81,23 +81,19 @@ class LongitudinalConfig:
             raise CohortError(f"the landmark time must be positive, got {self.landmark}")
         if self.signature not in SIGNATURE_KINDS:
             raise CohortError(f"signature must be one of {', '.join(SIGNATURE_KINDS)}, not {self.signature!r}")
-        if self.folds < 2:
-            raise CohortError(f"folds must be at least 2, got {self.folds}")
+        self.survival_config()  # validates the fields shared with survival fit (folds, penalty, bootstrap)
         if self.hidden < 1 or self.epochs < 1 or not self.lr > 0 or self.weight_decay < 0:
             raise CohortError(
                 f"need hidden >= 1, epochs >= 1, lr > 0 and weight_decay >= 0, got {self.hidden}, {self.epochs}, "
                 f"{self.lr} and {self.weight_decay}"
             )
-        if not (math.isfinite(self.penalizer) and self.penalizer >= 0):
-            raise CohortError(f"penalizer must be finite and >= 0, got {self.penalizer}")
-        if self.n_bootstrap < 0 or not 0.0 < self.ci_level < 1.0:
-            raise CohortError(f"need n_bootstrap >= 0 and 0 < ci_level < 1, got {self.n_bootstrap} and {self.ci_level}")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def survival_config(self) -> SurvivalConfig:
-        """The cohort-table settings, for reading the clinical and signature tables as ``survival fit`` does."""
+        """The settings shared with ``survival fit``: table columns (to read the clinical and signature tables
+        as it does), folds, penalty and bootstrap."""
         fusion = "decision" if self.signature == "risk" else "features"
         return SurvivalConfig(
             id_col=self.id_col,
@@ -107,6 +103,11 @@ class LongitudinalConfig:
             signature_prefix=self.signature_prefix,
             fusion=fusion,
             n_components=1,
+            folds=self.folds,
+            penalizer=(self.penalizer,),
+            n_bootstrap=self.n_bootstrap,
+            ci_level=self.ci_level,
+            seed=self.seed,
         )
 
 
