@@ -109,6 +109,11 @@ class OutputLayout:
         return self.root / "survival"
 
     @property
+    def longitudinal(self) -> Path:
+        """Results of ``survival longitudinal``: the time-varying Cox model and the landmark sequence model."""
+        return self.survival / "longitudinal"
+
+    @property
     def survival_result(self) -> Path:
         """The pickled SurvivalResult of an archive run, reloaded when the stage is skipped."""
         return self.survival / "result.pkl"

@@ -14,7 +14,6 @@ from lifelines import CoxTimeVaryingFitter
 from lifelines.utils import add_covariate_to_timeline, to_long_format
 
 from pathomics.cli.main import main
-from pathomics.longitudinal_sim import simulate_longitudinal
 from pathomics.survival.longitudinal import (
     LongitudinalConfig,
     counting_process,
@@ -25,6 +24,7 @@ from pathomics.survival.longitudinal import (
     load_longitudinal,
     longitudinal_fit,
 )
+from pathomics.synthetic.longitudinal import simulate_longitudinal
 
 LANDMARK = 365.0
 FAST = {"n_bootstrap": 0, "folds": 3, "epochs": 20}
@@ -39,7 +39,9 @@ def test_counting_process_intervals_by_hand() -> None:
     """Each value holds until the next visit or the end of follow-up; the event sits on the last interval only;
     a first visit after 0 is delayed entry; a visit at the end of follow-up adds no interval."""
     clinical = pd.DataFrame({"patient_id": ["A", "B"], "time": [10.0, 5.0], "event": [1, 0]})
-    markers = pd.DataFrame({"patient_id": ["A", "B", "A", "A"], "time": [3.0, 2.0, 0.0, 10.0], "egfr": [60.0, 80.0, 70.0, 50.0]})
+    markers = pd.DataFrame(
+        {"patient_id": ["A", "B", "A", "A"], "time": [3.0, 2.0, 0.0, 10.0], "egfr": [60.0, 80.0, 70.0, 50.0]}
+    )
     expected = pd.DataFrame(
         {
             "patient_id": ["A", "A", "B"],
@@ -62,14 +64,17 @@ def test_time_varying_fit_equals_lifelines_on_its_own_intervals() -> None:
     columns = ["patient_id", "start", "stop", "event", "egfr", "haemoglobin", "risk"]
     key = ["patient_id", "start"]
     pd.testing.assert_frame_equal(
-        ours[columns].sort_values(key).reset_index(drop=True), theirs[columns].sort_values(key).reset_index(drop=True),
+        ours[columns].sort_values(key).reset_index(drop=True),
+        theirs[columns].sort_values(key).reset_index(drop=True),
         check_dtype=False,
     )
     covariates = ("egfr", "haemoglobin", "risk")
     reference = CoxTimeVaryingFitter().fit(theirs[columns], id_col="patient_id", event_col="event").summary
     table = hazard_ratios(fit_time_varying(ours, covariates, 0.0, 0.05)).set_index("covariate").loc[list(covariates)]
     np.testing.assert_allclose(table["coef"], reference["coef"], rtol=1e-8)
-    np.testing.assert_allclose(table[["hr_low", "hr_high"]], reference[["exp(coef) lower 95%", "exp(coef) upper 95%"]], rtol=1e-8)
+    np.testing.assert_allclose(
+        table[["hr_low", "hr_high"]], reference[["exp(coef) lower 95%", "exp(coef) upper 95%"]], rtol=1e-8
+    )
 
 
 def test_time_varying_model_recovers_the_planted_marker_effect() -> None:
@@ -122,7 +127,14 @@ def test_landmark_predictions_are_blind_to_everything_after_the_landmark(leak_co
     changed.loc[after, "egfr"] = 500.0 - changed.loc[after, "egfr"] * 3
     changed.loc[after, "haemoglobin"] = np.random.default_rng(0).normal(0, 50, int(after.sum()))
     extra = clinical[clinical["time"] > LANDMARK + 2].iloc[0]
-    changed = pd.concat([changed, pd.DataFrame({"patient_id": [extra["patient_id"]], "time": [LANDMARK + 1], "egfr": [1.0], "haemoglobin": [1.0]})])
+    changed = pd.concat(
+        [
+            changed,
+            pd.DataFrame(
+                {"patient_id": [extra["patient_id"]], "time": [LANDMARK + 1], "egfr": [1.0], "haemoglobin": [1.0]}
+            ),
+        ]
+    )
     state = torch.random.get_rng_state()
     again = _landmark_predictions(clinical, changed, signatures)
     assert torch.equal(state, torch.random.get_rng_state())
@@ -153,7 +165,9 @@ def test_landmark_excludes_patients_with_event_or_censoring_by_then(leak_cohort)
 @pytest.fixture(scope="module")
 def tables(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     directory = tmp_path_factory.mktemp("s1")
-    clinical, markers, signatures, _ = simulate_longitudinal(150, seed=2, value_effect=-0.5, slope_effect=1.0, pathology_effect=0.8)
+    clinical, markers, signatures, _ = simulate_longitudinal(
+        150, seed=2, value_effect=-0.5, slope_effect=1.0, pathology_effect=0.8
+    )
     paths = directory / "clinical.csv", directory / "markers.csv", directory / "signatures.parquet"
     clinical.to_csv(paths[0], index=False)
     markers.to_csv(paths[1], index=False)
@@ -162,15 +176,37 @@ def tables(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
 
 
 def _argv(clinical: Path, markers: Path, out: Path, *extra: str) -> list[str]:
-    return ["survival", "longitudinal", "--clinical", str(clinical), "--markers", str(markers), "--out", str(out),
-            "--landmark", f"{LANDMARK:g}", "--folds", "3", "--epochs", "20", "--bootstrap", "10", *extra]
+    return [
+        "survival",
+        "longitudinal",
+        "--clinical",
+        str(clinical),
+        "--markers",
+        str(markers),
+        "--out",
+        str(out),
+        "--landmark",
+        f"{LANDMARK:g}",
+        "--folds",
+        "3",
+        "--epochs",
+        "20",
+        "--bootstrap",
+        "10",
+        *extra,
+    ]
 
 
 def test_cli_writes_the_outputs(tables, tmp_path: Path) -> None:
     clinical, markers, signatures = tables
     assert main(_argv(clinical, markers, tmp_path, "--signatures", str(signatures))) == 0
     folder = tmp_path / "survival" / "longitudinal"
-    assert sorted(p.name for p in folder.iterdir()) == ["coefficients.csv", "intervals.csv", "metrics.json", "predictions.csv"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "coefficients.csv",
+        "intervals.csv",
+        "metrics.json",
+        "predictions.csv",
+    ]
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["config"]["landmark"] == LANDMARK and metrics["cohort"]["signature_columns"] == ["risk"]
     coefficients = pd.read_csv(folder / "coefficients.csv")
@@ -179,7 +215,10 @@ def test_cli_writes_the_outputs(tables, tmp_path: Path) -> None:
     assert [c["covariate"] for c in metrics["time_varying"]["coefficients"]] == ["egfr", "haemoglobin", "risk"]
     predictions = pd.read_csv(folder / "predictions.csv", dtype={"patient_id": str})
     landmark = metrics["landmark"]
-    assert len(predictions) == landmark["at_risk"] and landmark["at_risk"] + landmark["excluded_event_or_censored_before"] == 150
+    assert (
+        len(predictions) == landmark["at_risk"]
+        and landmark["at_risk"] + landmark["excluded_event_or_censored_before"] == 150
+    )
     assert predictions["fold"].nunique() == 3 and [f"emb_{k}" for k in range(8)] == list(predictions.columns[-8:])
     for model in ("sequence", "baseline"):
         c = landmark["models"][model]["c_index_harrell"]
@@ -201,9 +240,23 @@ def _broken(markers: pd.DataFrame, clinical: pd.DataFrame, how: str) -> pd.DataF
         return markers.assign(egfr=markers["egfr"].where(markers.index != 7))
     if how == "after follow-up":
         first = clinical.iloc[0]
-        return pd.concat([markers, pd.DataFrame({"patient_id": [first["patient_id"]], "time": [first["time"] + 5], "egfr": [60.0], "haemoglobin": [13.0]})])
+        return pd.concat(
+            [
+                markers,
+                pd.DataFrame(
+                    {
+                        "patient_id": [first["patient_id"]],
+                        "time": [first["time"] + 5],
+                        "egfr": [60.0],
+                        "haemoglobin": [13.0],
+                    }
+                ),
+            ]
+        )
     if how == "unknown patient":
-        return pd.concat([markers, pd.DataFrame({"patient_id": ["X999"], "time": [0.0], "egfr": [60.0], "haemoglobin": [13.0]})])
+        return pd.concat(
+            [markers, pd.DataFrame({"patient_id": ["X999"], "time": [0.0], "egfr": [60.0], "haemoglobin": [13.0]})]
+        )
     if how == "unmeasured patient":
         return markers[markers["patient_id"] != clinical["patient_id"].iloc[3]]
     if how == "negative time":
@@ -225,7 +278,9 @@ def _broken(markers: pd.DataFrame, clinical: pd.DataFrame, how: str) -> pd.DataF
         ("repeated visit", "a second row at time"),
     ],
 )
-def test_bad_marker_tables_fail_with_one_line_naming_the_file(tables, tmp_path: Path, capsys, how: str, message: str) -> None:
+def test_bad_marker_tables_fail_with_one_line_naming_the_file(
+    tables, tmp_path: Path, capsys, how: str, message: str
+) -> None:
     clinical, markers, _ = tables
     frame = _broken(pd.read_csv(markers), pd.read_csv(clinical), how)
     frame.to_csv(tmp_path / "markers.csv", index=False)
@@ -239,7 +294,9 @@ def test_bad_marker_tables_fail_with_one_line_naming_the_file(tables, tmp_path: 
 def test_longitudinal_fit_library_matches_the_cli_outputs(tables, tmp_path: Path) -> None:
     """The library call with ``out`` writes what it returns (no temporary files left behind)."""
     clinical, markers, signatures = tables
-    result = longitudinal_fit(LongitudinalConfig(landmark=LANDMARK, **FAST), clinical, markers, signatures, out=tmp_path)
+    result = longitudinal_fit(
+        LongitudinalConfig(landmark=LANDMARK, **FAST), clinical, markers, signatures, out=tmp_path
+    )
     folder = tmp_path / "survival" / "longitudinal"
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]
     written = pd.read_csv(folder / "predictions.csv", dtype={"patient_id": str})
@@ -251,7 +308,11 @@ def test_landmark_set_by_hand() -> None:
     B, censored at the landmark, is out; C, first measured at 7, has no history and is out (counted)."""
     clinical = pd.DataFrame({"patient_id": ["A", "B", "C"], "time": [10.0, 5.0, 12.0], "event": [1, 0, 1]})
     markers = pd.DataFrame(
-        {"patient_id": ["A", "A", "A", "B", "C"], "time": [0.0, 3.0, 8.0, 1.0, 7.0], "egfr": [70.0, 60.0, 10.0, 80.0, 50.0]}
+        {
+            "patient_id": ["A", "A", "A", "B", "C"],
+            "time": [0.0, 3.0, 8.0, 1.0, 7.0],
+            "egfr": [70.0, 60.0, 10.0, 80.0, 50.0],
+        }
     )
     data = load_longitudinal(LongitudinalConfig(landmark=5.0), clinical, markers)
     landmark = landmark_set(data, 5.0)
@@ -273,3 +334,10 @@ def test_landmark_set_by_hand() -> None:
 def test_config_refuses_bad_values(options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         LongitudinalConfig(**options)
+
+
+def test_cli_refuses_a_bad_landmark_in_one_line(tables, tmp_path: Path, capsys) -> None:
+    clinical, markers, _ = tables
+    assert main(_argv(clinical, markers, tmp_path / "out", "--landmark", "0")) == 2  # the last --landmark wins
+    error = capsys.readouterr().err.strip()
+    assert error == "pathomics survival: error: the landmark time must be positive, got 0.0", error

@@ -7,8 +7,9 @@ Results go to ``<out>/survival/longitudinal/``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
+
+from pathomics.cli.common import config_from_args
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -22,43 +23,75 @@ def add_action(actions: argparse._SubParsersAction) -> None:
         argument_default=argparse.SUPPRESS,
         help="repeated markers: time-varying Cox model, and a GRU on the history up to a landmark",
     )
-    parser.add_argument("--clinical", type=Path, required=True, metavar="CSV", help="clinical table: patient id, time, event")
     parser.add_argument(
-        "--markers", type=Path, required=True, metavar="CSV", help="long table: patient id, measurement time, markers (one row per visit)"
+        "--clinical", type=Path, required=True, metavar="CSV", help="clinical table: patient id, time, event"
     )
-    parser.add_argument("--signatures", type=Path, metavar="PARQUET", help="slide signatures to fuse (signatures.parquet)")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="results go to DIR/survival/longitudinal/")
-    parser.add_argument("--landmark", type=float, required=True, metavar="T", help="landmark time, in the time unit")
-    parser.add_argument("--marker-cols", dest="marker_columns", type=_names, metavar="A,B", help="marker columns (default: all others)")
-    parser.add_argument("--marker-time", dest="marker_time_col", metavar="COL", help="measurement time column (default time)")
-    parser.add_argument("--id-col", dest="id_col", metavar="COL", help="patient id column of every table (default patient_id)")
-    parser.add_argument("--time", dest="time_col", metavar="COL", help="follow-up time column (default time)")
-    parser.add_argument("--event", dest="event_col", metavar="COL", help="event column, 1 recurrence, 0 censored (default event)")
     parser.add_argument(
-        "--signature", choices=("risk", "embedding"), help="what of the signatures to fuse: risk column or sig_* (default risk)"
+        "--markers",
+        type=Path,
+        required=True,
+        metavar="CSV",
+        help="long table: patient id, measurement time, markers (one row per visit)",
+    )
+    parser.add_argument(
+        "--signatures", type=Path, metavar="PARQUET", help="slide signatures to fuse (signatures.parquet)"
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="results go to DIR/survival/longitudinal/"
+    )
+    parser.add_argument("--landmark", type=float, required=True, metavar="T", help="landmark time, in the time unit")
+    parser.add_argument(
+        "--marker-cols", dest="marker_columns", type=_names, metavar="A,B", help="marker columns (default: all others)"
+    )
+    parser.add_argument(
+        "--marker-time", dest="marker_time_col", metavar="COL", help="measurement time column (default time)"
+    )
+    parser.add_argument(
+        "--id-col", dest="id_col", metavar="COL", help="patient id column of every table (default patient_id)"
+    )
+    parser.add_argument("--time", dest="time_col", metavar="COL", help="follow-up time column (default time)")
+    parser.add_argument(
+        "--event", dest="event_col", metavar="COL", help="event column, 1 recurrence, 0 censored (default event)"
+    )
+    parser.add_argument(
+        "--signature",
+        choices=("risk", "embedding"),
+        help="what of the signatures to fuse: risk column or sig_* (default risk)",
     )
     parser.add_argument("--risk-col", dest="risk_col", metavar="COL", help="pathology risk column (default risk)")
-    parser.add_argument("--penalizer", type=float, metavar="X", help="Cox penalty of the time-varying and baseline models (default 0)")
+    parser.add_argument(
+        "--penalizer", type=float, metavar="X", help="Cox penalty of the time-varying and baseline models (default 0)"
+    )
     parser.add_argument("--folds", type=int, metavar="K", help="patient-level folds of the landmark models (default 5)")
     parser.add_argument("--hidden", type=int, metavar="N", help="GRU state size = embedding size (default 8)")
     parser.add_argument("--epochs", type=int, metavar="N", help="full-batch training epochs (default 60)")
     parser.add_argument("--lr", type=float, metavar="X", help="Adam learning rate (default 0.01)")
     parser.add_argument("--weight-decay", dest="weight_decay", type=float, metavar="X", help="(default 0.001)")
-    parser.add_argument("--bootstrap", dest="n_bootstrap", type=int, metavar="N", help="bootstrap resamples of the C-index CIs (default 200)")
+    parser.add_argument(
+        "--bootstrap",
+        dest="n_bootstrap",
+        type=int,
+        metavar="N",
+        help="bootstrap resamples of the C-index CIs (default 200)",
+    )
     parser.add_argument("--time-unit", dest="time_unit", metavar="UNIT", help="unit of the time columns (default days)")
-    parser.add_argument("--seed", type=int, metavar="N", help="seed of the folds, the GRU and the bootstrap (default 0)")
+    parser.add_argument(
+        "--seed", type=int, metavar="N", help="seed of the folds, the GRU and the bootstrap (default 0)"
+    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from pathomics.survival.longitudinal import LongitudinalConfig, longitudinal_fit
 
-    fields = {f.name for f in dataclasses.fields(LongitudinalConfig)}
-    config = LongitudinalConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    config = config_from_args(LongitudinalConfig, args)
     result = longitudinal_fit(config, args.clinical, args.markers, getattr(args, "signatures", None), args.out)
     metrics = result.metrics
     cohort, landmark = metrics["cohort"], metrics["landmark"]
-    print(f"{cohort['patients']} patients, {cohort['events']} events, {cohort['marker_rows']} measurements of {', '.join(cohort['markers'])}")
+    print(
+        f"{cohort['patients']} patients, {cohort['events']} events, "
+        f"{cohort['marker_rows']} measurements of {', '.join(cohort['markers'])}"
+    )
     print(f"time-varying Cox ({metrics['time_varying']['intervals']} intervals):")
     for row in result.coefficients.itertuples():
         print(f"  {row.covariate:<14} HR {row.hr:.4g} ({row.hr_low:.4g}-{row.hr_high:.4g})  p {row.p:.3g}")

@@ -30,6 +30,8 @@ _EXPORTS = {
     "survival_evaluate": "analysis",
     "survival_fit": "analysis",
     "write_results": "analysis",
+    "LongitudinalConfig": "longitudinal",
+    "longitudinal_fit": "longitudinal",
 }
 
 

@@ -19,7 +19,6 @@ Outputs (``<out>/survival/longitudinal/``, each written atomically): ``metrics.j
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -31,19 +30,18 @@ import pandas as pd
 from lifelines import CoxTimeVaryingFitter
 
 from pathomics import __version__
-from pathomics.errors import CohortError
-from pathomics.store import atomic_path
+from pathomics.errors import CohortError, ConfigError
+from pathomics.layout import OutputLayout
+from pathomics.mil.train import patient_folds
+from pathomics.store import atomic_path, json_ready, write_json
 from pathomics.survival import metrics as m
-from pathomics.survival.analysis import _json_ready
 from pathomics.survival.cohort import TableSource, _clinical_frame, _signature_frame, _Table
 from pathomics.survival.config import SurvivalConfig
 from pathomics.survival.models import CoxModel, Design
 from pathomics.survival.sequence import SequenceSettings, fit_sequence, predict_sequence
-from pathomics.train import patient_folds
 
 log = logging.getLogger(__name__)
 SIGNATURE_KINDS = ("risk", "embedding")
-OUTPUT_FOLDER = Path("survival") / "longitudinal"
 
 
 @dataclass(frozen=True)
@@ -78,12 +76,12 @@ class LongitudinalConfig:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.landmark) and self.landmark > 0):
-            raise CohortError(f"the landmark time must be positive, got {self.landmark}")
+            raise ConfigError(f"the landmark time must be positive, got {self.landmark}")
         if self.signature not in SIGNATURE_KINDS:
-            raise CohortError(f"signature must be one of {', '.join(SIGNATURE_KINDS)}, not {self.signature!r}")
+            raise ConfigError(f"signature must be one of {', '.join(SIGNATURE_KINDS)}, not {self.signature!r}")
         self.survival_config()  # validates the fields shared with survival fit (folds, penalty, bootstrap)
         if self.hidden < 1 or self.epochs < 1 or not self.lr > 0 or self.weight_decay < 0:
-            raise CohortError(
+            raise ConfigError(
                 f"need hidden >= 1, epochs >= 1, lr > 0 and weight_decay >= 0, got {self.hidden}, {self.epochs}, "
                 f"{self.lr} and {self.weight_decay}"
             )
@@ -113,7 +111,7 @@ class LongitudinalConfig:
 
 @dataclass(frozen=True)
 class LongitudinalData:
-    """Validated inputs: per-patient outcomes (and signature columns), and the measurements sorted by patient and time."""
+    """Validated inputs: per-patient outcomes (and signature columns), measurements sorted by patient and time."""
 
     patients: pd.DataFrame  # index patient_id; time, event, signature columns
     markers: pd.DataFrame  # patient_id, time, one column per marker
@@ -151,11 +149,17 @@ def load_longitudinal(
         signature_columns = tuple(slides.columns)
         patients = patients.join(slides)
     table = _Table.read(markers, "markers", config.id_col)
-    names = config.marker_columns or tuple(str(c) for c in table.frame.columns if c not in (config.id_col, config.marker_time_col))
+    names = config.marker_columns or tuple(
+        str(c) for c in table.frame.columns if c not in (config.id_col, config.marker_time_col)
+    )
     if not names:
         raise CohortError(f"{table.name}: no marker columns besides {config.id_col!r} and {config.marker_time_col!r}")
-    table.require([config.id_col, config.marker_time_col, *names], "name them with --id-col, --marker-time and --marker-cols")
-    long = pd.DataFrame({"patient_id": table.ids(config.id_col), "time": table.numeric(config.marker_time_col, config.id_col, False)})
+    table.require(
+        [config.id_col, config.marker_time_col, *names], "name them with --id-col, --marker-time and --marker-cols"
+    )
+    long = pd.DataFrame(
+        {"patient_id": table.ids(config.id_col), "time": table.numeric(config.marker_time_col, config.id_col, False)}
+    )
     for name in names:
         long[name] = table.numeric(name, config.id_col, allow_missing=False)
     _check_markers(long, table, patients, clinical_table.name, config)
@@ -163,12 +167,15 @@ def load_longitudinal(
     return LongitudinalData(patients, long, names, signature_columns)
 
 
-def _check_markers(long: pd.DataFrame, table: _Table, patients: pd.DataFrame, clinical_name: str, config: LongitudinalConfig) -> None:
+def _check_markers(
+    long: pd.DataFrame, table: _Table, patients: pd.DataFrame, clinical_name: str, config: LongitudinalConfig
+) -> None:
     """Measurement times within follow-up, every id a known patient, every patient measured, no repeated visit."""
     negative = np.flatnonzero((long["time"] < 0).to_numpy())
     if negative.size:
         raise CohortError(
-            f"{table.where(int(negative[0]), config.id_col)}: measured at {long['time'].iloc[negative[0]]:g}, before time 0 "
+            f"{table.where(int(negative[0]), config.id_col)}: measured at {long['time'].iloc[negative[0]]:g}, "
+            "before time 0 "
             f"({negative.size} such row(s)); times count from the start of follow-up, so put pre-operative values at 0"
         )
     unknown = ~long["patient_id"].isin(patients.index)
@@ -182,7 +189,8 @@ def _check_markers(long: pd.DataFrame, table: _Table, patients: pd.DataFrame, cl
     if late.size:
         i = int(late[0])
         raise CohortError(
-            f"{table.where(i, config.id_col)}: measured at {long['time'].iloc[i]:g}, after the patient's follow-up ends "
+            f"{table.where(i, config.id_col)}: measured at {long['time'].iloc[i]:g}, "
+            "after the patient's follow-up ends "
             f"({follow_up[i]:g} {config.time_unit} in {clinical_name}; {late.size} such row(s)); "
             "check both tables use the same time origin and unit"
         )
@@ -218,7 +226,12 @@ def counting_process(data: LongitudinalData) -> pd.DataFrame:
     last = np.isnan(stop)
     event = data.patients["event"].reindex(visits["patient_id"]).to_numpy() * last
     intervals = pd.DataFrame(
-        {"patient_id": visits["patient_id"].to_numpy(), "start": visits["time"].to_numpy(), "stop": np.where(last, end, stop), "event": event}
+        {
+            "patient_id": visits["patient_id"].to_numpy(),
+            "start": visits["time"].to_numpy(),
+            "stop": np.where(last, end, stop),
+            "event": event,
+        }
     )
     for name in data.marker_names:
         intervals[name] = visits[name].to_numpy()
@@ -227,7 +240,9 @@ def counting_process(data: LongitudinalData) -> pd.DataFrame:
     return intervals
 
 
-def fit_time_varying(intervals: pd.DataFrame, covariates: tuple[str, ...], penalizer: float, alpha: float) -> CoxTimeVaryingFitter:
+def fit_time_varying(
+    intervals: pd.DataFrame, covariates: tuple[str, ...], penalizer: float, alpha: float
+) -> CoxTimeVaryingFitter:
     """lifelines' time-varying Cox model on the counting-process table."""
     constant = [c for c in covariates if intervals[c].nunique() < 2]
     if constant:
@@ -238,7 +253,7 @@ def fit_time_varying(intervals: pd.DataFrame, covariates: tuple[str, ...], penal
 
 
 def hazard_ratios(fitter: CoxTimeVaryingFitter) -> pd.DataFrame:
-    """Per-unit coefficients, hazard ratios with confidence interval and Wald p-values (``coefficients.csv`` columns)."""
+    """Per-unit coefficients, hazard ratios with confidence interval, Wald p-values (``coefficients.csv``)."""
     summary = fitter.summary
     level = f"{100 * (1 - fitter.alpha):g}%"
     return pd.DataFrame(
@@ -285,10 +300,13 @@ def longitudinal_fit(
     signatures: TableSource | None = None,
     out: str | Path | None = None,
 ) -> LongitudinalResult:
-    """Validate the tables, fit the time-varying Cox model, cross-validate the landmark models; with ``out``, write them."""
+    """Validate the tables, fit the time-varying Cox model and cross-validate the landmark models; with ``out``,
+    write them to ``<out>/survival/longitudinal/``."""
     data = load_longitudinal(config, clinical, markers, signatures)
     intervals = counting_process(data)
-    fitter = fit_time_varying(intervals, data.marker_names + data.signature_columns, config.penalizer, 1 - config.ci_level)
+    fitter = fit_time_varying(
+        intervals, data.marker_names + data.signature_columns, config.penalizer, 1 - config.ci_level
+    )
     coefficients = hazard_ratios(fitter)
     landmark = landmark_set(data, config.landmark)
     predictions, landmark_metrics = cross_validate_landmark(landmark, data.marker_names, data.signature_columns, config)
@@ -313,16 +331,16 @@ def longitudinal_fit(
         },
         "landmark": landmark_metrics,
     }
-    result = LongitudinalResult(config, _json_ready(metrics), coefficients, intervals, predictions)
+    result = LongitudinalResult(config, json_ready(metrics), coefficients, intervals, predictions)
     if out is not None:
-        write_longitudinal(result, Path(out) / OUTPUT_FOLDER)
+        write_longitudinal(result, OutputLayout(out).longitudinal)
     return result
 
 
 def cross_validate_landmark(
     landmark: LandmarkSet, marker_names: tuple[str, ...], signature_columns: tuple[str, ...], config: LongitudinalConfig
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Out-of-fold landmark predictions of the sequence model and of the baseline-marker Cox model, and their C-indices."""
+    """Out-of-fold landmark predictions of the sequence model and the baseline-marker Cox model, and their C."""
     patients = landmark.patients
     time, event = patients["time"].to_numpy(), patients["event"].to_numpy()
     if event.sum() < config.folds:
@@ -340,10 +358,20 @@ def cross_validate_landmark(
     sets: dict[str, list[m.EvalSet]] = {"sequence": [], "baseline": []}
     for fold in range(config.folds):
         train, test = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
-        log.info("longitudinal: landmark fold %d of %d (%d train, %d test patients)", fold + 1, config.folds, len(train), len(test))
-        model = fit_sequence([landmark.histories[i] for i in train], static[train], time[train], event[train], config.landmark, settings)
+        log.info(
+            "longitudinal: landmark fold %d of %d (%d train, %d test patients)",
+            fold + 1,
+            config.folds,
+            len(train),
+            len(test),
+        )
+        model = fit_sequence(
+            [landmark.histories[i] for i in train], static[train], time[train], event[train], config.landmark, settings
+        )
         risk[test], embedding[test] = predict_sequence(model, [landmark.histories[i] for i in test], static[test])
-        baseline = CoxModel(Design(numeric=marker_names + signature_columns), penalizer=config.penalizer).fit(baseline_frame.iloc[train])
+        baseline = CoxModel(Design(numeric=marker_names + signature_columns), penalizer=config.penalizer).fit(
+            baseline_frame.iloc[train]
+        )
         baseline_risk[test] = baseline.predict_risk(baseline_frame.iloc[test])
         for name, values in (("sequence", risk), ("baseline", baseline_risk)):
             sets[name].append(_eval_set(time[train], event[train], time[test], event[test], values[test]))
@@ -371,12 +399,21 @@ def cross_validate_landmark(
     return predictions, metrics
 
 
-def _eval_set(train_time: np.ndarray, train_event: np.ndarray, time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> m.EvalSet:
+def _eval_set(
+    train_time: np.ndarray, train_event: np.ndarray, time: np.ndarray, event: np.ndarray, risk: np.ndarray
+) -> m.EvalSet:
     """A test set for the concordance metrics (the landmark models predict risks, not survival curves)."""
     n = len(time)
     return m.EvalSet(
-        train_time, train_event, time, event, m.supported_events(train_time, train_event, time, event), risk,
-        survival=np.empty((n, 0)), event_probability=np.full(n, np.nan), group=np.zeros(n),
+        train_time,
+        train_event,
+        time,
+        event,
+        m.supported_events(train_time, train_event, time, event),
+        risk,
+        survival=np.empty((n, 0)),
+        event_probability=np.full(n, np.nan),
+        group=np.zeros(n),
     )
 
 
@@ -393,9 +430,12 @@ def _concordance(sets: list[m.EvalSet], config: LongitudinalConfig) -> dict[str,
 def write_longitudinal(result: LongitudinalResult, directory: str | Path) -> Path:
     """Write ``metrics.json``, ``coefficients.csv``, ``intervals.csv`` and ``predictions.csv``, each atomically."""
     directory = Path(directory)
-    with atomic_path(directory / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(result.metrics, indent=2) + "\n")
-    for name, frame in (("coefficients", result.coefficients), ("intervals", result.intervals), ("predictions", result.predictions)):
+    write_json(directory / "metrics.json", result.metrics)
+    for name, frame in (
+        ("coefficients", result.coefficients),
+        ("intervals", result.intervals),
+        ("predictions", result.predictions),
+    ):
         with atomic_path(directory / f"{name}.csv") as tmp:
             frame.to_csv(tmp, index=False)
     return directory

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_sequence
 
-from pathomics.train import cox_partial_nll
+from pathomics.mil.train import cox_partial_nll
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,9 @@ def fit_sequence(
     return fitted
 
 
-def predict_sequence(fitted: FittedSequence, histories: Sequence[np.ndarray], static: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def predict_sequence(
+    fitted: FittedSequence, histories: Sequence[np.ndarray], static: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Log-hazard (patients,) and embedding (patients, hidden) at the landmark."""
     fitted.model.eval()
     with torch.inference_mode(), _one_thread():
@@ -103,7 +105,9 @@ def predict_sequence(fitted: FittedSequence, histories: Sequence[np.ndarray], st
     return risk.double().numpy(), embedding.double().numpy()
 
 
-def _inputs(fitted: FittedSequence, histories: Sequence[np.ndarray], static: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
+def _inputs(
+    fitted: FittedSequence, histories: Sequence[np.ndarray], static: np.ndarray
+) -> tuple[Tensor, Tensor, Tensor]:
     """Padded visit features (B, T, 2 markers + 2), lengths (B,) and standardised static features (B, k)."""
     steps = []
     for history in histories:

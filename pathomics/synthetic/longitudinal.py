@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from pathomics.cohort_sim import _N_LATENT, _signatures
+from pathomics.synthetic.cohort import _N_LATENT, _signatures
 
 EGFR_MEAN, EGFR_SD = 70.0, 15.0  # population eGFR at surgery
 SLOPE_MEAN, SLOPE_SD = -2.0, 6.0  # eGFR change per year
@@ -70,7 +70,9 @@ def simulate_longitudinal(
     clinical_rows, marker_rows = [], []
     for i, patient in enumerate(ids):
         steps = np.arange(0.0, follow_up, visit_every)
-        visits = np.maximum(steps + rng.uniform(-visit_every / 6, visit_every / 6, len(steps)) * (steps > 0), 0.0).round()
+        visits = np.maximum(
+            steps + rng.uniform(-visit_every / 6, visit_every / 6, len(steps)) * (steps > 0), 0.0
+        ).round()
         egfr = intercept[i] + slope[i] * visits / YEAR + rng.normal(0.0, EGFR_NOISE, len(visits))
         hazard = np.exp(value_effect * (egfr - EGFR_MEAN) / EGFR_SD + static[i]) / baseline_scale
         time, event = _first_event(visits, hazard, rng.exponential(), censoring[i])
