@@ -95,9 +95,9 @@ def test_sequence_encoder_beats_baseline_markers_when_the_signal_is_the_slope() 
     config = LongitudinalConfig(landmark=LANDMARK, n_bootstrap=0)
     data = load_longitudinal(config, clinical, markers)
     _, metrics = cross_validate_landmark(landmark_set(data, LANDMARK), data.marker_names, (), config)
-    sequence, baseline = (metrics["models"][k]["c_index_harrell"]["estimate"] for k in ("sequence", "baseline"))
-    assert sequence > 0.62 and sequence > baseline + 0.1, (sequence, baseline)
-    assert abs(baseline - 0.5) < 0.1
+    c = {name: model["c_index_harrell"]["estimate"] for name, model in metrics["models"].items()}
+    assert c["sequence"] > 0.62 and c["sequence"] > c["baseline"] + 0.1, c
+    assert abs(c["baseline"] - 0.5) < 0.1 and c["sequence"] > c["last_value"], c
 
 
 def _landmark_predictions(clinical: pd.DataFrame, markers: pd.DataFrame, signatures: pd.DataFrame) -> pd.DataFrame:
@@ -220,7 +220,9 @@ def test_cli_writes_the_outputs(tables, tmp_path: Path) -> None:
         and landmark["at_risk"] + landmark["excluded_event_or_censored_before"] == 150
     )
     assert predictions["fold"].nunique() == 3 and [f"emb_{k}" for k in range(8)] == list(predictions.columns[-8:])
-    for model in ("sequence", "baseline"):
+    assert list(landmark["models"]) == ["sequence", "baseline", "last_value"]
+    assert {"risk", "baseline_risk", "last_value_risk"} <= set(predictions.columns)
+    for model in ("sequence", "baseline", "last_value"):
         c = landmark["models"][model]["c_index_harrell"]
         assert c["ci_low"] <= c["estimate"] <= c["ci_high"] and len(landmark["models"][model]["folds"]) == 3
     assert len(pd.read_csv(folder / "intervals.csv")) == metrics["time_varying"]["intervals"]
@@ -318,7 +320,8 @@ def test_landmark_set_by_hand() -> None:
     landmark = landmark_set(data, 5.0)
     assert list(landmark.patients.index) == ["A"] and landmark.patients.loc["A", "time"] == 5.0
     np.testing.assert_array_equal(landmark.histories[0], [[0.0, 70.0], [3.0, 60.0]])
-    assert landmark.baseline.loc["A", "egfr"] == 70.0
+    assert landmark.snapshots["baseline"].loc["A", "egfr"] == 70.0
+    assert landmark.snapshots["last_value"].loc["A", "egfr"] == 60.0
     assert (landmark.excluded_before, landmark.excluded_no_history) == (1, 1)
 
 

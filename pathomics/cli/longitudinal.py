@@ -60,7 +60,7 @@ def add_action(actions: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--risk-col", dest="risk_col", metavar="COL", help="pathology risk column (default risk)")
     parser.add_argument(
-        "--penalizer", type=float, metavar="X", help="Cox penalty of the time-varying and baseline models (default 0)"
+        "--penalizer", type=float, metavar="X", help="Cox penalty of the time-varying and snapshot models (default 0)"
     )
     parser.add_argument("--folds", type=int, metavar="K", help="patient-level folds of the landmark models (default 5)")
     parser.add_argument("--hidden", type=int, metavar="N", help="GRU state size = embedding size (default 8)")
@@ -82,7 +82,9 @@ def add_action(actions: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathomics.layout import OutputLayout
     from pathomics.survival.longitudinal import LongitudinalConfig, longitudinal_fit
+    from pathomics.survival.report import format_ci
 
     config = config_from_args(LongitudinalConfig, args)
     result = longitudinal_fit(config, args.clinical, args.markers, getattr(args, "signatures", None), args.out)
@@ -100,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         f"{landmark['excluded_event_or_censored_before']} excluded (event or censoring before)"
     )
     for name, model in landmark["models"].items():
-        c = model["c_index_harrell"]
-        print(f"  {name:<9} Harrell C {c['estimate']:.3f}")
-    print(f"results in {args.out / 'survival' / 'longitudinal'}")
+        harrell, uno = format_ci(model["c_index_harrell"]), format_ci(model["c_index_uno"])
+        print(f"  {name:<10} Harrell C {harrell}  Uno C {uno}")
+    print(f"results in {OutputLayout(args.out).longitudinal}")
     return 0

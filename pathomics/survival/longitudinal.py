@@ -8,7 +8,8 @@ A long table (``patient_id, time, marker...``, one row per measurement) joins th
 - **landmark sequence model**: for the patients still at risk at the landmark time (follow-up beyond it), a
   GRU encodes the measurements made at or before the landmark, optionally fused with the slide signature,
   and is trained with the Cox loss on the time from the landmark (:mod:`pathomics.survival.sequence`).
-  Patient-level cross-validation compares it with a Cox model on the baseline (first) measurements.
+  Patient-level cross-validation compares it with Cox models on the baseline (first) measurements and on the
+  last measurements before the landmark (the classic landmark model).
   Nothing measured after the landmark reaches the landmark models, in training or prediction.
 
 Outputs (``<out>/survival/longitudinal/``, each written atomically): ``metrics.json``, ``coefficients.csv``
@@ -33,7 +34,7 @@ from pathomics import __version__
 from pathomics.errors import CohortError, ConfigError
 from pathomics.layout import OutputLayout
 from pathomics.mil.train import patient_folds
-from pathomics.store import atomic_path, json_ready, write_json
+from pathomics.store import atomic_path, write_json
 from pathomics.survival import metrics as m
 from pathomics.survival.cohort import TableSource, _clinical_frame, _signature_frame, _Table
 from pathomics.survival.config import SurvivalConfig
@@ -125,7 +126,7 @@ class LandmarkSet:
 
     patients: pd.DataFrame  # index patient_id; time (from the landmark), event, signature columns
     histories: list[np.ndarray]  # per patient (visits, 1 + markers): time, marker values
-    baseline: pd.DataFrame  # index patient_id; the first measurement of each marker
+    snapshots: dict[str, pd.DataFrame]  # baseline (first) and last_value (latest) measurements, index patient_id
     excluded_before: int  # event or censoring at or before the landmark
     excluded_no_history: int  # at risk, but first measured after the landmark
 
@@ -278,8 +279,12 @@ def landmark_set(data: LongitudinalData, landmark: float) -> LandmarkSet:
     groups = early.groupby("patient_id", sort=False)
     columns = ["time", *data.marker_names]
     histories = [groups.get_group(p)[columns].to_numpy(dtype=np.float64) for p in patients.index]
-    baseline = groups[list(data.marker_names)].first().reindex(patients.index)
-    return LandmarkSet(patients, histories, baseline, int(len(data.patients) - len(at_risk)), int((~measured).sum()))
+    markers = groups[list(data.marker_names)]
+    snapshots = {
+        "baseline": markers.first().reindex(patients.index),
+        "last_value": markers.last().reindex(patients.index),
+    }
+    return LandmarkSet(patients, histories, snapshots, int(len(data.patients) - len(at_risk)), int((~measured).sum()))
 
 
 @dataclass(frozen=True)
@@ -331,7 +336,7 @@ def longitudinal_fit(
         },
         "landmark": landmark_metrics,
     }
-    result = LongitudinalResult(config, json_ready(metrics), coefficients, intervals, predictions)
+    result = LongitudinalResult(config, metrics, coefficients, intervals, predictions)
     if out is not None:
         write_longitudinal(result, OutputLayout(out).longitudinal)
     return result
@@ -340,7 +345,8 @@ def longitudinal_fit(
 def cross_validate_landmark(
     landmark: LandmarkSet, marker_names: tuple[str, ...], signature_columns: tuple[str, ...], config: LongitudinalConfig
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Out-of-fold landmark predictions of the sequence model and the baseline-marker Cox model, and their C."""
+    """Out-of-fold landmark predictions of the sequence model and of Cox models on each snapshot of the markers
+    (baseline, last value), and their C-indices."""
     patients = landmark.patients
     time, event = patients["time"].to_numpy(), patients["event"].to_numpy()
     if event.sum() < config.folds:
@@ -350,12 +356,10 @@ def cross_validate_landmark(
         )
     folds = patient_folds(patients.index.to_numpy(), event, config.folds, config.seed)
     static = patients[list(signature_columns)].to_numpy(dtype=np.float64)
-    baseline_frame = landmark.baseline.join(patients)
     settings = SequenceSettings(config.hidden, config.epochs, config.lr, config.weight_decay, config.seed)
-    risk = np.empty(len(patients))
-    baseline_risk = np.empty(len(patients))
+    risks = {name: np.empty(len(patients)) for name in ("sequence", *landmark.snapshots)}
     embedding = np.empty((len(patients), config.hidden))
-    sets: dict[str, list[m.EvalSet]] = {"sequence": [], "baseline": []}
+    sets: dict[str, list[m.EvalSet]] = {name: [] for name in risks}
     for fold in range(config.folds):
         train, test = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
         log.info(
@@ -368,12 +372,14 @@ def cross_validate_landmark(
         model = fit_sequence(
             [landmark.histories[i] for i in train], static[train], time[train], event[train], config.landmark, settings
         )
-        risk[test], embedding[test] = predict_sequence(model, [landmark.histories[i] for i in test], static[test])
-        baseline = CoxModel(Design(numeric=marker_names + signature_columns), penalizer=config.penalizer).fit(
-            baseline_frame.iloc[train]
+        risks["sequence"][test], embedding[test] = predict_sequence(
+            model, [landmark.histories[i] for i in test], static[test]
         )
-        baseline_risk[test] = baseline.predict_risk(baseline_frame.iloc[test])
-        for name, values in (("sequence", risk), ("baseline", baseline_risk)):
+        for name, snapshot in landmark.snapshots.items():
+            frame = snapshot.join(patients)
+            cox = CoxModel(Design(numeric=marker_names + signature_columns), penalizer=config.penalizer)
+            risks[name][test] = cox.fit(frame.iloc[train]).predict_risk(frame.iloc[test])
+        for name, values in risks.items():
             sets[name].append(_eval_set(time[train], event[train], time[test], event[test], values[test]))
     predictions = pd.DataFrame(
         {
@@ -382,8 +388,8 @@ def cross_validate_landmark(
             "time_from_landmark": time,
             "event": event,
             "visits": [len(h) for h in landmark.histories],
-            "risk": risk,
-            "baseline_risk": baseline_risk,
+            "risk": risks.pop("sequence"),
+            **{f"{name}_risk": values for name, values in risks.items()},
         }
     )
     predictions[[f"emb_{k}" for k in range(config.hidden)]] = embedding
