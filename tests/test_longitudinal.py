@@ -221,6 +221,16 @@ def test_cli_writes_the_outputs(tables, tmp_path: Path) -> None:
     )
     assert predictions["fold"].nunique() == 3 and [f"emb_{k}" for k in range(8)] == list(predictions.columns[-8:])
     assert list(landmark["models"]) == ["sequence", "baseline", "last_value"]
+    for name in ("baseline", "last_value"):
+        gain = landmark["sequence_gain"][name]
+        difference = (
+            landmark["models"]["sequence"]["c_index_harrell"]["estimate"]
+            - landmark["models"][name]["c_index_harrell"]["estimate"]
+        )
+        assert (
+            gain["estimate"] == pytest.approx(difference, abs=1e-12)
+            and gain["ci_low"] <= gain["estimate"] <= gain["ci_high"]
+        )
     assert {"risk", "baseline_risk", "last_value_risk"} <= set(predictions.columns)
     for model in ("sequence", "baseline", "last_value"):
         c = landmark["models"][model]["c_index_harrell"]

@@ -401,6 +401,7 @@ def cross_validate_landmark(
         "excluded_no_measurement_before": landmark.excluded_no_history,
         "folds": config.folds,
         "models": {name: _concordance(s, config) for name, s in sets.items()},
+        "sequence_gain": {name: _gain(sets["sequence"], sets[name], config) for name in landmark.snapshots},
     }
     return predictions, metrics
 
@@ -431,6 +432,20 @@ def _concordance(sets: list[m.EvalSet], config: LongitudinalConfig) -> dict[str,
         result[key] = {"estimate": m.fold_mean([metric(s) for s in sets]), "ci_low": low, "ci_high": high}
     result["folds"] = [m.harrell_c(s) for s in sets]
     return result
+
+
+def _gain(sequence: list[m.EvalSet], other: list[m.EvalSet], config: LongitudinalConfig) -> dict[str, float]:
+    """Harrell C of the sequence model minus that of ``other`` on the same test patients, with a paired bootstrap
+    CI (both models' risks resampled together, as one set with two risk columns)."""
+    paired = [
+        dataclasses.replace(s, risk=np.column_stack([s.risk, o.risk])) for s, o in zip(sequence, other, strict=True)
+    ]
+
+    def gain(s: m.EvalSet) -> float:
+        return m.concordance(s.time, s.event, s.risk[:, 0]) - m.concordance(s.time, s.event, s.risk[:, 1])
+
+    low, high = m.bootstrap_ci(gain, paired, config.n_bootstrap, config.ci_level, config.seed)
+    return {"estimate": m.fold_mean([gain(s) for s in paired]), "ci_low": low, "ci_high": high}
 
 
 def write_longitudinal(result: LongitudinalResult, directory: str | Path) -> Path:
