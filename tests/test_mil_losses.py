@@ -10,7 +10,7 @@ import torch
 from mil_fixtures import grid_coords, one_thread, witness_bag  # noqa: F401 - one_thread: autouse fixture
 from sksurv.linear_model.coxph import CoxPHOptimizer
 
-from pathomics.errors import CohortError
+from pathomics.errors import CohortError, DataWarning
 from pathomics.mil import train
 from pathomics.mil.aggregators import build_aggregator
 
@@ -116,3 +116,11 @@ def test_early_stopping_stops_and_restores_the_best_epoch():
     outputs = train.predict(model, bags.__getitem__, val, torch.device("cpu"))
     restored = objective.loss(torch.stack([o.scores for o in outputs]), targets, val).item()
     assert restored == pytest.approx(min(result.val_loss), rel=1e-5)
+
+
+def test_a_fold_without_admissible_pairs_gets_a_nan_c_index_with_a_warning():
+    """Two patients, the only event after the other's censoring: no comparable pair (lifelines raised ZeroDivisionError)."""
+    targets = train.Targets(time=np.array([5.0, 10.0]), event=np.array([0, 1]))
+    with pytest.warns(DataWarning, match="no admissible pairs"):
+        metrics = train.evaluate(np.array([0.3, 0.9]), targets, np.arange(2), np.array(["p1", "p2"]))
+    assert np.isnan(metrics["c_index"]) and metrics["n"] == 2 and metrics["events"] == 1

@@ -57,7 +57,7 @@ def test_gbsg2_coefficients_equal_lifelines_on_original_scale(gbsg2, gbsg2_refer
     _, out = gbsg2
     reference, design = gbsg2_reference
     ours = pd.read_csv(out / "coefficients.csv").set_index("covariate")
-    assert list(pd.read_csv(out / "coefficients.csv").columns) == ["model", "covariate", "coef", "hr", "hr_low", "hr_high", "p"]
+    assert list(pd.read_csv(out / "coefficients.csv").columns) == ["model", "covariate", "coef", "hr", "hr_low", "hr_high", "p", "flag"]
     assert set(ours["model"]) == {"clinical"}
     expected = reference.summary
     assert (

@@ -130,14 +130,18 @@ class CoxModel(BaseEstimator):
         frame = self._standardise(data).assign(time=data["time"].to_numpy(), event=data["event"].to_numpy())
         self.cph_ = self._fit_cph(frame, self.penalizer_)
         self.separating_: tuple[str, ...] = ()
+        self.stabilised_ = False
         if self.penalizer_ < STABILISING_PENALIZER:
             self.separating_ = self._diverging(frame) if self.cph_ is None else tuple(
                 self.cph_.params_.index[self.cph_.params_.abs().to_numpy() > SEPARATION_COEF])
-        if self.separating_:
-            warnings.warn(f"covariate(s) {', '.join(self.separating_)} separate events: the unpenalised Cox model has "
-                          f"no finite estimate; refitted with ridge penalizer {STABILISING_PENALIZER} and flagged in "
-                          "coefficients.csv", FitWarning, stacklevel=2)
-            self.cph_ = self._fit_cph(frame, STABILISING_PENALIZER)
+            if self.separating_ or self.cph_ is None:
+                reason = (f"covariate(s) {', '.join(self.separating_)} separate events: the unpenalised Cox model has "
+                          "no finite estimate" if self.separating_ else
+                          f"the unpenalised Cox model on {len(frame)} patients, {int(frame['event'].sum())} events, "
+                          "does not converge")
+                warnings.warn(f"{reason}; refitted with ridge penalizer {STABILISING_PENALIZER} and flagged in "
+                              "coefficients.csv", FitWarning, stacklevel=2)
+                self.cph_, self.stabilised_ = self._fit_cph(frame, STABILISING_PENALIZER), True
         if self.cph_ is None:
             raise CohortError("the Cox model does not converge; check the covariates for collinearity or too few "
                               "events, or raise --penalizer")
@@ -157,11 +161,10 @@ class CoxModel(BaseEstimator):
         """Covariates whose coefficients keep growing as a small ridge penalty shrinks tenfold: under separation
         a coefficient grows by about log(10) each time, a finite estimate barely moves."""
         fits = [self._fit_cph(frame, penalizer) for penalizer in (1e-3, 1e-4)]
-        covariates = tuple(c for c in frame.columns if c not in ("time", "event"))
         if fits[0] is None or fits[1] is None:
-            return covariates
+            return ()
         growth = fits[1].params_.abs() - fits[0].params_.abs()
-        return tuple(growth.index[growth.to_numpy() > 0.5]) or covariates
+        return tuple(growth.index[growth.to_numpy() > 0.5])
 
     def _standardise(self, data: pd.DataFrame) -> pd.DataFrame:
         return (self.design_.transform(data) - self.mean_) / self.scale_
@@ -196,7 +199,9 @@ class CoxModel(BaseEstimator):
         coef = summary["coef"].to_numpy() / scale
         with np.errstate(over="ignore"):  # per unit of a covariate with a tiny spread the HR is honestly inf
             hr, hr_low, hr_high = np.exp(coef), np.exp(low), np.exp(high)
-        flag = ["separates events; ridge-stabilised" if c in self.separating_ else "" for c in summary.index]
+        flag = ["separates events; ridge-stabilised" if c in self.separating_ else
+                "ridge-stabilised (no unpenalised convergence)" if self.stabilised_ and not self.separating_ else ""
+                for c in summary.index]
         return pd.DataFrame(
             {"covariate": summary.index, "coef": coef, "hr": hr, "hr_low": hr_low, "hr_high": hr_high,
              "p": summary["p"].to_numpy(), "flag": flag}
