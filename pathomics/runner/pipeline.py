@@ -169,7 +169,9 @@ def dask_client(config: RunConfig) -> Iterator[object]:
         return
     threads = str(config.worker_threads)
     with dask.config.set({"distributed.worker.daemon": False, "distributed.logging.distributed": "warning"}), \
-            LocalCluster(n_workers=config.workers, threads_per_worker=1, processes=True, dashboard_address=None,
+            LocalCluster(n_workers=config.workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                         # the scheduler's HTTP server always starts: on a free local port, never a taken 8787
+                         dashboard_address="127.0.0.1:0",
                          env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}) as cluster, \
             Client(cluster) as client:
         yield client
