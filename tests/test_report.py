@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from browser import CHROMIUM, SKIP_REASON, headless_flags
 from conftest_survival import SYNTHETIC_COVARIATES
 
 from pathomics.survival import SurvivalConfig, survival_fit
 from pathomics.survival.report import Section, html_report, image_html, table_html
 from pathomics.synthetic.cohort import simulate_cohort_tables
 
-CHROMIUM = next(
-    (p for p in (shutil.which("chromium"), "/usr/bin/chromium", shutil.which("chromium-browser")) if p and Path(p).exists()), None
-)
 # Writes each image's decoded width into the DOM once the page has loaded; dumped with --dump-dom.
 PROBE = """<script>window.addEventListener("load", () => {
   const widths = Array.from(document.images, img => img.complete ? img.naturalWidth : -1);
@@ -68,23 +65,12 @@ def test_survival_report_is_self_contained(report: Path) -> None:
     assert all(f"<td>{name}</td>" in page for name in ("clinical", "radiology", "pathology", "combined"))
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+@pytest.mark.skipif(CHROMIUM is None, reason=SKIP_REASON)
 def test_report_opens_in_headless_chromium(report: Path, tmp_path: Path) -> None:
     probed = tmp_path / "probed.html"
     probed.write_text(report.read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"), encoding="utf-8")
-    flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}",
-    ]
     done = subprocess.run(
-        [CHROMIUM, *flags, "--dump-dom", "--virtual-time-budget=5000", probed.as_uri()],
+        [CHROMIUM, *headless_flags(tmp_path / "profile"), "--dump-dom", "--virtual-time-budget=5000", probed.as_uri()],
         capture_output=True,
         text=True,
         timeout=60,

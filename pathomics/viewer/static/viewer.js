@@ -187,9 +187,10 @@ async function main() {
 window.pathomicsView = {
   state,
   ready: () => state.ready || Promise.reject(new Error("no slide open")),
-  toPage(x, y) {
-    const t = transform(), box = $("#overlay").getBoundingClientRect();
-    return t && [box.left + t.x + x * t.scale, box.top + t.y + y * t.scale];
+  toPage(x, y) {  // straight from OpenSeadragon, so that tests check the overlay's own transform against it
+    const item = viewer.world.getItemAt(0), box = $("#osd").getBoundingClientRect();
+    const p = item.imageToViewerElementCoordinates(new OpenSeadragon.Point(x, y));
+    return [box.left + p.x, box.top + p.y];
   },
 };
 
