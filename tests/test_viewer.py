@@ -84,8 +84,10 @@ def test_deep_zoom_matches_openslide_generator(out: Path) -> None:
     from openslide.deepzoom import DeepZoomGenerator
 
     source = Path(open_patch_store(out / "tiles" / "s1.zarr").attrs["source_path"])
-    with open_slide(source) as reader, OpenSlide(source) as reference:
-        ours, theirs = DeepZoom(reader), DeepZoomGenerator(reference, tile_size=254, overlap=1)
+    with OpenSlide(source) as reference:
+        ours, theirs = DeepZoom(open_slide(source)), DeepZoomGenerator(reference, tile_size=254, overlap=1)
+        via_openslide = DeepZoom(open_slide(source, backend="openslide"), direct=False)
+        assert ours.direct and not via_openslide.direct
         assert ours.level_count == theirs.level_count
         assert ours.level_dimensions == theirs.level_dimensions
         assert [ours.level_tiles(z) for z in range(ours.level_count)] == list(theirs.level_tiles)
@@ -93,6 +95,7 @@ def test_deep_zoom_matches_openslide_generator(out: Path) -> None:
             cols, rows = ours.level_tiles(level)
             for col, row in {(0, 0), (cols - 1, rows - 1), (cols // 2, rows // 2)}:
                 mine = ours.tile_array(level, col, row)
+                np.testing.assert_array_equal(mine, via_openslide.tile_array(level, col, row))  # direct decoding = OpenSlide's
                 assert mine.shape[1::-1] == theirs.get_tile_dimensions(level, (col, row)), (level, col, row)
                 if min(ours.level_dimensions[level]) < 64:  # PIL's thumbnail rounds tiny tiles to its own aspect ratio
                     continue
@@ -103,6 +106,8 @@ def test_deep_zoom_matches_openslide_generator(out: Path) -> None:
         with pytest.raises(KeyError):
             ours.tile_box(ours.level_count - 1, cols, 0)
         root = ET.fromstring(ours.dzi())
+        ours.close()
+        via_openslide.close()
     size = root.find("{http://schemas.microsoft.com/deepzoom/2008}Size")
     assert (root.get("TileSize"), root.get("Overlap"), size.get("Width"), size.get("Height")) == ("254", "1", "3072", "2048")
 
@@ -181,6 +186,14 @@ def test_server_refuses_paths_outside_out(out: Path, server: ViewerServer, tmp_p
         assert get(server, path)[0] == 404, path
     assert get(server, "/out/notes.txt") == (200, b"inside")
     assert get(server, "/out/tiles/s1.thumb.png")[1][:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_server_closes_slides_it_no_longer_uses(server: ViewerServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("pathomics.viewer.server.OPEN_SLIDES", 0)
+    for _ in range(2):
+        status, body = get(server, "/dzi/s1_files/12/1_1.jpeg")
+        assert status == 200 and body[:2] == b"\xff\xd8"
+    assert (server._zooms, server._users, server._closing) == ({}, {}, [])
 
 
 def test_cli_view_refuses_a_folder_without_tiles_and_a_busy_port(out: Path, server: ViewerServer, tmp_path: Path,

@@ -22,6 +22,8 @@ import os
 import re
 import shutil
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -34,6 +36,7 @@ from pathomics.viewer.catalog import SlideEntry, find_slide, find_slides, slide_
 from pathomics.viewer.deepzoom import DeepZoom
 
 HOST = "127.0.0.1"
+OPEN_SLIDES = 8  # slides kept open at once (file handles and decoded-tile caches)
 STATIC_DIR = Path(__file__).with_name("static")
 CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
        "script-src 'self'; connect-src 'self'; frame-ancestors 'none'")
@@ -72,7 +75,9 @@ class ViewerServer(ThreadingHTTPServer):
             raise PathomicsError(f"{out}: no tiles/ folder, so not a pathomics output directory; "
                                  "give the --out folder of `pathomics tile` or `pathomics run`")
         self.slides_dir = Path(slides_dir) if slides_dir is not None else None
-        self._zooms: dict[str, DeepZoom] = {}
+        self._zooms: dict[str, DeepZoom] = {}  # open slides, least recently used first
+        self._users: dict[DeepZoom, int] = {}  # requests reading each open slide
+        self._closing: list[DeepZoom] = []  # slides to close once no request reads them
         self._lock = threading.Lock()
         try:
             super().__init__((HOST, port), ViewerHandler)
@@ -92,20 +97,38 @@ class ViewerServer(ThreadingHTTPServer):
         """The slide ``slide_id`` of OUT; KeyError when there is none."""
         return find_slide(self.out, slide_id)
 
-    def deep_zoom(self, slide_id: str) -> DeepZoom:
-        """The Deep Zoom pyramid of ``slide_id``, opening its slide file once."""
+    @contextmanager
+    def deep_zoom(self, slide_id: str) -> Iterator[DeepZoom]:
+        """The Deep Zoom pyramid of ``slide_id``; the last ``OPEN_SLIDES`` used stay open, older ones are closed once idle."""
         with self._lock:
-            if slide_id not in self._zooms:
+            zoom = self._zooms.pop(slide_id, None)
+            if zoom is None:
                 entry = self.slide(slide_id)
-                self._zooms[slide_id] = DeepZoom(open_slide(slide_file(entry, self.slides_dir), mpp=entry.mpp))
-            return self._zooms[slide_id]
+                zoom = DeepZoom(open_slide(slide_file(entry, self.slides_dir), mpp=entry.mpp))
+            self._zooms[slide_id] = zoom  # most recently used last
+            self._users[zoom] = self._users.get(zoom, 0) + 1
+        try:
+            yield zoom
+        finally:
+            with self._lock:
+                self._users[zoom] -= 1
+                while len(self._zooms) > OPEN_SLIDES:
+                    self._closing.append(self._zooms.pop(next(iter(self._zooms))))
+                self._close_idle()
+
+    def _close_idle(self) -> None:
+        """Close the slides that left the open set and that no request is reading (call under the lock)."""
+        for zoom in [z for z in self._closing if self._users[z] == 0]:
+            zoom.close()
+            self._closing.remove(zoom)
+            del self._users[zoom]
 
     def server_close(self) -> None:
         super().server_close()
         with self._lock:
-            for zoom in self._zooms.values():
-                zoom.reader.close()
+            self._closing += self._zooms.values()
             self._zooms.clear()
+            self._close_idle()
 
 
 class ViewerHandler(BaseHTTPRequestHandler):
@@ -137,9 +160,11 @@ class ViewerHandler(BaseHTTPRequestHandler):
         if m := re.fullmatch(r"/api/slides/([^/]+)/overlays", path):
             return self._json(slide_overlays(self.server.out, self.server.slide(unquote(m[1]))))
         if m := re.fullmatch(r"/dzi/([^/]+)\.dzi", path):
-            return self._send(self.server.deep_zoom(unquote(m[1])).dzi().encode(), "application/xml")
+            with self.server.deep_zoom(unquote(m[1])) as zoom:
+                return self._send(zoom.dzi().encode(), "application/xml")
         if m := re.fullmatch(r"/dzi/([^/]+)_files/(\d+)/(\d+)_(\d+)\.jpeg", path):
-            tile = self.server.deep_zoom(unquote(m[1])).tile_jpeg(int(m[2]), int(m[3]), int(m[4]))
+            with self.server.deep_zoom(unquote(m[1])) as zoom:
+                tile = zoom.tile_jpeg(int(m[2]), int(m[3]), int(m[4]))
             return self._send(tile, "image/jpeg", cache=True)
         raise KeyError(f"no such page: {path}")
 
