@@ -117,9 +117,3 @@ class Browser:
         self._proc.wait(timeout=30)
         os.close(self._to_chrome)
         os.close(self._from_chrome)
-
-    def __enter__(self) -> Browser:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -9,19 +9,21 @@ import socket
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from scipy.stats import rankdata
 from browser import CHROMIUM, SKIP_REASON, Browser
+from scipy.stats import rankdata
 
 from pathomics import TileConfig, open_slide, tile_slide
 from pathomics.cli.main import main
-from pathomics.extract import EmbedConfig, embed_store
-from pathomics.mil import SIGNATURES_FILE, SlideResult, write_attention, write_signatures
+from pathomics.embed import EmbedConfig, embed_store
+from pathomics.layout import OutputLayout
+from pathomics.mil.artifacts import SlideResult, write_attention, write_signatures
 from pathomics.store import open_patch_store
 from pathomics.synthetic import write_slide
 from pathomics.tissue import read_geojson
@@ -49,13 +51,14 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     logits = (coords[:, 0] + coords[:, 1] / 10) / 500
     attention = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
     result = SlideResult("s1", "p1", 0, 2.0, np.zeros(4, np.float32), attention, coords)
-    write_attention(out / "attention" / "s1.h5", result, "abmil", {})
+    layout = OutputLayout(out)
+    write_attention(layout.attention_file("s1"), result, "abmil", {})
     others = [SlideResult(s, s, 0, r, np.zeros(4, np.float32), np.ones(1), np.zeros((1, 2))) for s, r in OTHER_RISKS.items()]
-    write_signatures(out / SIGNATURES_FILE, [result, *others], "abmil", {})
+    write_signatures(layout.signatures, [result, *others], "abmil", {})
     pen = coords[:, 1] == coords[:, 1].min()
-    (out / "qc").mkdir()
+    layout.qc_table("s1").parent.mkdir()
     pd.DataFrame({"x": coords[:, 0], "y": coords[:, 1], "focus": np.linspace(0, 1, len(coords)), "pen": pen,
-                  "blur": np.zeros(len(coords), bool), "qc_pass": ~pen}).to_parquet(out / "qc" / "s1.parquet")
+                  "blur": np.zeros(len(coords), bool), "qc_pass": ~pen}).to_parquet(layout.qc_table("s1"))
     return out
 
 
@@ -140,14 +143,15 @@ def test_optional_overlays_absent_or_unreadable(out: Path, tmp_path: Path) -> No
     (bare / "tiles").mkdir(parents=True)
     for name in ("s1.zarr", "s1.tissue.geojson"):
         (bare / "tiles" / name).symlink_to(out / "tiles" / name)
-    data = slide_overlays(bare, find_slide(bare, "s1"))
+    layout = OutputLayout(bare)
+    data = slide_overlays(layout, find_slide(layout, "s1"))
     assert (data["qc"], data["attention"], data["risk"], data["problems"]) == (None, None, None, [])
     (bare / "qc").mkdir()
-    pd.DataFrame({"x": [0], "y": [0], "pen": [True]}).to_parquet(bare / "qc" / "s1.parquet")
-    data = slide_overlays(bare, find_slide(bare, "s1"))
+    pd.DataFrame({"x": [0], "y": [0], "pen": [True]}).to_parquet(layout.qc_table("s1"))
+    data = slide_overlays(layout, find_slide(layout, "s1"))
     assert data["qc"] is None and len(data["problems"]) == 1 and "lacks column(s) qc_pass" in data["problems"][0]
     with pytest.raises(KeyError):
-        find_slide(bare, "../out/tiles/s1")
+        find_slide(layout, "../out/tiles/s1")
 
 
 def test_server_listens_on_loopback_only(server: ViewerServer) -> None:
@@ -214,7 +218,7 @@ def test_page_renders_tiles_and_toggles_overlays(out: Path, server: ViewerServer
     attention = json.loads(get(server, "/api/slides/s1/overlays")[1])["attention"]
     kept = {tuple(c) for c in coords.tolist()}
     size = 256
-    with Browser(tmp_path / "profile", 900, 600) as page:
+    with closing(Browser(tmp_path / "profile", 900, 600)) as page:
         page.open(server.url + "#slide=s1&overlays=tissue,attention", "window.pathomicsView && pathomicsView.state.ready")
         page.evaluate("pathomicsView.ready()")
         checked = "Array.from(document.querySelectorAll('#overlays input:checked'), b => b.value).join(',')"
@@ -229,7 +233,7 @@ def test_page_renders_tiles_and_toggles_overlays(out: Path, server: ViewerServer
 
         def at(x: float, y: float) -> tuple[int, int]:
             px, py = page.evaluate(f"pathomicsView.toPage({x}, {y})")
-            return int(round(py)), int(round(px))
+            return round(py), round(px)
 
         toggle("tissue")
         base = toggle("attention")

@@ -9,14 +9,14 @@ that is unreadable is reported as a problem next to the slide instead of failing
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pathomics.errors import PathomicsError, SlideReadError, StoreError
+from pathomics.errors import InputError, PathomicsError, SlideReadError, StoreError
+from pathomics.layout import OutputLayout
 from pathomics.store import open_patch_store
 from pathomics.tissue import read_geojson
 
@@ -36,13 +36,13 @@ class SlideEntry:
     patch_size_level0: int
 
 
-def find_slides(out: Path) -> tuple[dict[str, SlideEntry], list[str]]:
-    """The complete patch stores under ``out/tiles`` by slide id, and one message per store that was skipped."""
+def find_slides(layout: OutputLayout) -> tuple[dict[str, SlideEntry], list[str]]:
+    """The complete patch stores under ``tiles/`` by slide id, and one message per store that was skipped."""
     slides: dict[str, SlideEntry] = {}
     problems = []
-    for path in sorted((out / "tiles").glob("*.zarr")):
+    for slide_id in layout.store_ids():
         try:
-            entry = _entry(path)
+            entry = _entry(layout.store(slide_id))
         except PathomicsError as exc:
             problems.append(str(exc))
             continue
@@ -50,11 +50,11 @@ def find_slides(out: Path) -> tuple[dict[str, SlideEntry], list[str]]:
     return slides, problems
 
 
-def find_slide(out: Path, slide_id: str) -> SlideEntry:
-    """The slide ``slide_id`` of ``out`` (an id, never a path: it must name a store in the listing); KeyError if none."""
-    if f"{slide_id}.zarr" not in os.listdir(out / "tiles"):
-        raise KeyError(f"no slide {slide_id!r} in {out}")
-    return _entry(out / "tiles" / f"{slide_id}.zarr")
+def find_slide(layout: OutputLayout, slide_id: str) -> SlideEntry:
+    """The slide ``slide_id`` (an id, never a path: it must name a store of the listing); KeyError if none."""
+    if slide_id not in layout.store_ids():
+        raise KeyError(f"no slide {slide_id!r} in {layout.root}")
+    return _entry(layout.store(slide_id))
 
 
 def _entry(path: Path) -> SlideEntry:
@@ -77,13 +77,11 @@ def slide_file(entry: SlideEntry, slides_dir: Path | None = None) -> Path:
                          "pass --slides DIR naming the folder it now lives in")
 
 
-def read_risks(out: Path) -> tuple[dict[str, float], str | None]:
+def read_risks(layout: OutputLayout) -> tuple[dict[str, float], str | None]:
     """Risk per slide id from ``signatures.parquet`` (empty when absent), and a problem message if unreadable."""
     import pyarrow.parquet as pq
 
-    from pathomics.mil import SIGNATURES_FILE  # pathomics.mil imports torch: only when a page asks
-
-    path = out / SIGNATURES_FILE
+    path = layout.signatures
     if not path.is_file():
         return {}, None
     try:
@@ -94,15 +92,15 @@ def read_risks(out: Path) -> tuple[dict[str, float], str | None]:
             if r is not None and math.isfinite(r)}, None
 
 
-def slide_index(out: Path) -> dict[str, Any]:
+def slide_index(layout: OutputLayout) -> dict[str, Any]:
     """The index page's data: each slide with its size, MPP and risk (rank 1 = highest of the cohort)."""
-    slides, problems = find_slides(out)
-    risks, problem = read_risks(out)
+    slides, problems = find_slides(layout)
+    risks, problem = read_risks(layout)
     problems += [problem] if problem else []
     items = [{"slide_id": s.slide_id, "width": s.width, "height": s.height, "mpp": s.mpp, **risk_summary(s.slide_id, risks)}
              for s in slides.values()]
     items.sort(key=lambda item: (item["risk"] is None, -(item["risk"] or 0.0), item["slide_id"]))
-    return {"out": str(out), "slides": items, "problems": problems}
+    return {"out": str(layout.root), "slides": items, "problems": problems}
 
 
 def risk_summary(slide_id: str, risks: dict[str, float]) -> dict[str, Any]:
@@ -116,10 +114,10 @@ def risk_summary(slide_id: str, risks: dict[str, float]) -> dict[str, Any]:
             "risk_percentile": below / (len(values) - 1) if len(values) > 1 else 1.0, "cohort_size": len(values)}
 
 
-def slide_overlays(out: Path, entry: SlideEntry) -> dict[str, Any]:
+def slide_overlays(layout: OutputLayout, entry: SlideEntry) -> dict[str, Any]:
     """Overlay data of one slide, all in level-0 pixels: tissue rings, kept patches, QC flags, attention, risk."""
     store = open_patch_store(entry.store)
-    risks, problem = read_risks(out)
+    risks, problem = read_risks(layout)
     problems = [problem] if problem else []
     data: dict[str, Any] = {
         "slide_id": entry.slide_id, "width": entry.width, "height": entry.height, "mpp": entry.mpp,
@@ -128,7 +126,7 @@ def slide_overlays(out: Path, entry: SlideEntry) -> dict[str, Any]:
     }
     for key, reader in (("tissue", _tissue), ("qc", _qc), ("attention", _attention)):
         try:
-            data[key] = reader(out, entry)
+            data[key] = reader(layout, entry.slide_id)
         except PathomicsError as exc:
             problems.append(str(exc))
     data["problems"] = problems
@@ -139,21 +137,21 @@ def _xy(coords: np.ndarray) -> dict[str, list[int]]:
     return {"x": coords[:, 0].astype(int).tolist(), "y": coords[:, 1].astype(int).tolist()}
 
 
-def _tissue(out: Path, entry: SlideEntry) -> list[list[list[list[int]]]] | None:
+def _tissue(layout: OutputLayout, slide_id: str) -> list[list[list[list[int]]]] | None:
     """Tissue polygons as lists of rings (exterior first, then holes) of [x, y] points."""
-    path = entry.store.with_name(f"{entry.slide_id}.tissue.geojson")
+    path = layout.tissue_geojson(slide_id)
     if not path.is_file():
         return None
     return [[np.rint(np.asarray(ring.coords)).astype(int).tolist() for ring in (poly.exterior, *poly.interiors)]
             for poly in read_geojson(path).geoms]
 
 
-def _attention(out: Path, entry: SlideEntry) -> dict[str, Any] | None:
+def _attention(layout: OutputLayout, slide_id: str) -> dict[str, Any] | None:
     """Attention per patch with its coords, and its rank scaled to 0..1 (what the heatmap colours)."""
-    path = out / "attention" / f"{entry.slide_id}.h5"
+    path = layout.attention_file(slide_id)
     if not path.is_file():
         return None
-    from pathomics.mil import read_attention
+    from pathomics.mil import read_attention  # imports torch: only when a slide has attention
 
     result = read_attention(path)
     order = np.argsort(np.argsort(result.attention, kind="stable"), kind="stable")
@@ -161,26 +159,26 @@ def _attention(out: Path, entry: SlideEntry) -> dict[str, Any] | None:
     return {**_xy(result.coords), "value": result.attention.astype(float).tolist(), "scaled": scaled.tolist()}
 
 
-def _qc(out: Path, entry: SlideEntry) -> dict[str, Any] | None:
+def _qc(layout: OutputLayout, slide_id: str) -> dict[str, Any] | None:
     """Per-patch QC: x, y, qc_pass and every other boolean column as a named flag."""
     import pyarrow.parquet as pq
     import pyarrow.types as pat
 
-    path = out / "qc" / f"{entry.slide_id}.parquet"
+    path = layout.qc_table(slide_id)
     if not path.is_file():
         return None
     try:
         table = pq.read_table(path)
     except (OSError, ValueError) as exc:
-        raise PathomicsError(f"{path}: cannot read the QC table ({exc}); re-run `pathomics tile`") from exc
+        raise InputError(f"{path}: cannot read the QC table ({exc}); re-run `pathomics tile`") from exc
     missing = [c for c in QC_REQUIRED if c not in table.column_names]
     if missing:
-        raise PathomicsError(f"{path}: QC table lacks column(s) {', '.join(missing)}; re-run `pathomics tile`")
+        raise InputError(f"{path}: QC table lacks column(s) {', '.join(missing)}; re-run `pathomics tile`")
     flags = [f.name for f in table.schema if pat.is_boolean(f.type) and f.name not in QC_REQUIRED]
     try:
         column = {name: table.column(name).to_numpy(zero_copy_only=False) for name in (*QC_REQUIRED, *flags)}
         return {"x": column["x"].astype(int).tolist(), "y": column["y"].astype(int).tolist(),
                 "pass": column["qc_pass"].astype(bool).tolist(), "flags": {f: column[f].astype(bool).tolist() for f in flags}}
     except (TypeError, ValueError) as exc:  # nulls or non-numeric coordinates
-        raise PathomicsError(f"{path}: QC columns x, y, qc_pass are not all numbers ({exc}); re-run `pathomics tile`") from exc
+        raise InputError(f"{path}: QC columns x, y, qc_pass are not all numbers ({exc}); re-run `pathomics tile`") from exc
 

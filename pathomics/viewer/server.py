@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from pathomics.errors import PathomicsError, SlideReadError
+from pathomics.errors import InputError, PathomicsError, SlideReadError
+from pathomics.layout import OutputLayout
 from pathomics.slide import open_slide
 from pathomics.viewer.catalog import SlideEntry, find_slide, find_slides, slide_file, slide_index, slide_overlays
 from pathomics.viewer.deepzoom import DeepZoom
@@ -70,10 +71,10 @@ class ViewerServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, out: str | os.PathLike, port: int = 0, slides_dir: str | os.PathLike | None = None) -> None:
-        self.out = Path(out).resolve()
-        if not (self.out / "tiles").is_dir():
-            raise PathomicsError(f"{out}: no tiles/ folder, so not a pathomics output directory; "
-                                 "give the --out folder of `pathomics tile` or `pathomics run`")
+        self.layout = OutputLayout(Path(out).resolve())
+        if not self.layout.tiles.is_dir():
+            raise InputError(f"{out}: no tiles/ folder, so not a pathomics output directory; "
+                             "give the --out folder of `pathomics tile` or `pathomics run`")
         self.slides_dir = Path(slides_dir) if slides_dir is not None else None
         self._zooms: dict[str, DeepZoom] = {}  # open slides, least recently used first
         self._users: dict[DeepZoom, int] = {}  # requests reading each open slide
@@ -95,7 +96,7 @@ class ViewerServer(ThreadingHTTPServer):
 
     def slide(self, slide_id: str) -> SlideEntry:
         """The slide ``slide_id`` of OUT; KeyError when there is none."""
-        return find_slide(self.out, slide_id)
+        return find_slide(self.layout, slide_id)
 
     @contextmanager
     def deep_zoom(self, slide_id: str) -> Iterator[DeepZoom]:
@@ -135,7 +136,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
     server: ViewerServer
     server_version = "pathomics-view"
 
-    def do_GET(self) -> None:  # noqa: N802 - the http.server naming
+    def do_GET(self) -> None:
         if self.headers.get("Host") not in (f"{HOST}:{self.server.port}", f"localhost:{self.server.port}"):
             return self._error(HTTPStatus.FORBIDDEN, "this server answers only to its loopback address")
         path = urlsplit(self.path).path
@@ -154,11 +155,11 @@ class ViewerHandler(BaseHTTPRequestHandler):
         if path.startswith("/static/"):
             return self._file(resolve_inside(STATIC_DIR, unquote(path.removeprefix("/static/"))))
         if path.startswith("/out/"):
-            return self._file(resolve_inside(self.server.out, unquote(path.removeprefix("/out/"))))
+            return self._file(resolve_inside(self.server.layout.root, unquote(path.removeprefix("/out/"))))
         if path == "/api/slides":
-            return self._json(slide_index(self.server.out))
+            return self._json(slide_index(self.server.layout))
         if m := re.fullmatch(r"/api/slides/([^/]+)/overlays", path):
-            return self._json(slide_overlays(self.server.out, self.server.slide(unquote(m[1]))))
+            return self._json(slide_overlays(self.server.layout, self.server.slide(unquote(m[1]))))
         if m := re.fullmatch(r"/dzi/([^/]+)\.dzi", path):
             with self.server.deep_zoom(unquote(m[1])) as zoom:
                 return self._send(zoom.dzi().encode(), "application/xml")
@@ -195,15 +196,15 @@ class ViewerHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Security-Policy", CSP)
         self.end_headers()
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the http.server signature
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
 
 def serve(out: str | os.PathLike, port: int = 0, slides_dir: str | os.PathLike | None = None) -> None:
     """Serve the viewer for ``out`` on 127.0.0.1 until interrupted, printing its address."""
     with ViewerServer(out, port, slides_dir) as server:
-        slides, problems = find_slides(server.out)
+        slides, problems = find_slides(server.layout)
         for problem in problems:
             log.warning("%s", problem)
-        print(f"pathomics view: {len(slides)} slide(s) of {server.out} at {server.url} (Ctrl-C to stop)", flush=True)
+        print(f"pathomics view: {len(slides)} slide(s) of {server.layout.root} at {server.url} (Ctrl-C to stop)", flush=True)
         server.serve_forever()
