@@ -23,21 +23,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tiling import make_slide  # the tiling benchmark's slide writer and cache (this folder is on sys.path)
+
 VIEW = (1024, 768)
 QUALITY = 85
-
-
-def make_slide(cache: Path, width: int, height: int) -> Path:
-    """The benchmark slide, written once and cached."""
-    from pathomics.synthetic import write_slide
-
-    path = cache / f"viewer_{width}x{height}.svs"
-    if not path.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".partial.svs")
-        write_slide(tmp, width, height, mpp=0.25, flavour="aperio", layout="pieces", seed=12)
-        os.replace(tmp, path)
-    return path
 
 
 def viewport_tiles(level_dimensions: tuple[tuple[int, int], ...], tile: int) -> list[tuple[int, int, int]]:

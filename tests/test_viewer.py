@@ -120,6 +120,8 @@ def test_overlay_data_follows_the_output_files(out: Path, server: ViewerServer) 
     index = json.loads(body)
     assert status == 200 and index["problems"] == []
     assert [(s["slide_id"], s["risk"], s["risk_rank"], s["cohort_size"]) for s in index["slides"]] == [("s1", 2.0, 1, 4)]
+    thumbnail = index["slides"][0]["thumbnail"]
+    assert thumbnail == "out/tiles/s1.thumb.png" and get(server, "/" + thumbnail)[1] == (out / "tiles" / "s1.thumb.png").read_bytes()
     status, body = get(server, "/api/slides/s1/overlays")
     data = json.loads(body)
     coords = open_patch_store(out / "tiles" / "s1.zarr").coords

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 
@@ -93,14 +94,20 @@ def read_risks(layout: OutputLayout) -> tuple[dict[str, float], str | None]:
 
 
 def slide_index(layout: OutputLayout) -> dict[str, Any]:
-    """The index page's data: each slide with its size, MPP and risk (rank 1 = highest of the cohort)."""
+    """The index page's data: each slide with its size, MPP, thumbnail and risk (rank 1 = highest of the cohort)."""
     slides, problems = find_slides(layout)
     risks, problem = read_risks(layout)
     problems += [problem] if problem else []
-    items = [{"slide_id": s.slide_id, "width": s.width, "height": s.height, "mpp": s.mpp, **risk_summary(s.slide_id, risks)}
-             for s in slides.values()]
+    items = [{"slide_id": s.slide_id, "width": s.width, "height": s.height, "mpp": s.mpp, "thumbnail": _thumbnail(layout, s.slide_id),
+              **risk_summary(s.slide_id, risks)} for s in slides.values()]
     items.sort(key=lambda item: (item["risk"] is None, -(item["risk"] or 0.0), item["slide_id"]))
     return {"out": str(layout.root), "slides": items, "problems": problems}
+
+
+def _thumbnail(layout: OutputLayout, slide_id: str) -> str | None:
+    """The URL path of the slide's tiling thumbnail (served from OUT), if there is one."""
+    path = layout.thumbnail(slide_id)
+    return "out/" + quote(path.relative_to(layout.root).as_posix()) if path.is_file() else None
 
 
 def risk_summary(slide_id: str, risks: dict[str, float]) -> dict[str, Any]:

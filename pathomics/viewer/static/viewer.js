@@ -123,6 +123,7 @@ function listSlides() {
       textContent: s.risk === null ? s.slide_id : `${s.slide_id} (risk ${s.risk.toFixed(3)})`,
       href: "#" + new URLSearchParams({ slide: s.slide_id, overlays: [...state.overlays].join(",") }).toString().replace(/%2C/g, ","),
     });
+    if (s.thumbnail) link.prepend(Object.assign(document.createElement("img"), { src: s.thumbnail, alt: "", loading: "lazy" }));
     const item = document.createElement("li");
     item.dataset.slide = s.slide_id;
     item.append(link);
