@@ -61,20 +61,13 @@ function draw() {
   if (!t) return;
   ctx.setTransform(t.scale * dpr, 0, 0, t.scale * dpr, t.x * dpr, t.y * dpr);
   const d = state.data, size = d.patch_size_level0, on = (name) => state.overlays.has(name) && d[name];
-  if (on("tissue")) {
-    ctx.fillStyle = STYLE.tissueFill;
-    ctx.strokeStyle = STYLE.tissueLine;
-    ctx.lineWidth = STYLE.tissueLineWidth / t.scale;
-    for (const polygon of d.tissue) {
-      ctx.beginPath();
-      for (const ring of polygon) {
-        ring.forEach(([x, y], i) => (i ? ctx.lineTo(x, y) : ctx.moveTo(x, y)));
-        ctx.closePath();
-      }
-      ctx.fill("evenodd");
-      ctx.stroke();
-    }
+  const tissue = new Path2D();  // every ring; filled even-odd so that holes stay empty
+  for (const ring of on("tissue") ? d.tissue.flat() : []) {
+    ring.forEach(([x, y], i) => (i ? tissue.lineTo(x, y) : tissue.moveTo(x, y)));
+    tissue.closePath();
   }
+  ctx.fillStyle = STYLE.tissueFill;
+  ctx.fill(tissue, "evenodd");
   if (on("attention")) {
     const a = d.attention;
     a.scaled.forEach((s, i) => {
@@ -90,6 +83,9 @@ function draw() {
     ctx.fillStyle = STYLE.qc;
     d.qc.pass.forEach((pass, i) => pass || ctx.fillRect(d.qc.x[i], d.qc.y[i], size, size));
   }
+  ctx.strokeStyle = STYLE.tissueLine;  // the outline last, on top of the patch overlays
+  ctx.lineWidth = STYLE.tissueLineWidth / t.scale;
+  ctx.stroke(tissue);
 }
 
 function drawRisk() {
