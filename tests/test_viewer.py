@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -200,6 +204,21 @@ def test_server_closes_slides_it_no_longer_uses(server: ViewerServer, monkeypatc
         status, body = get(server, "/dzi/s1_files/12/1_1.jpeg")
         assert status == 200 and body[:2] == b"\xff\xd8"
     assert (server._zooms, server._users, server._closing) == ({}, {}, [])
+
+
+def test_cli_view_prints_its_address_and_stops_on_ctrl_c(out: Path) -> None:
+    with subprocess.Popen([sys.executable, "-m", "pathomics.cli.main", "view", str(out)], stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            line = proc.stdout.readline()  # type: ignore[union-attr]
+            url = re.search(r"at (http://127\.0\.0\.1:(\d+)/)", line)
+            assert url and "1 slide(s)" in line, line
+            conn = http.client.HTTPConnection("127.0.0.1", int(url[2]), timeout=30)
+            conn.request("GET", "/api/slides")
+            assert conn.getresponse().status == 200
+            conn.close()
+        finally:
+            proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
 
 
 def test_cli_view_refuses_a_folder_without_tiles_and_a_busy_port(out: Path, server: ViewerServer, tmp_path: Path,
