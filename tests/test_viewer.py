@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,7 +14,7 @@ import sys
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import cv2
@@ -66,14 +67,23 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def server(out: Path) -> Iterator[ViewerServer]:
-    with ViewerServer(out) as srv:
+@contextmanager
+def serving(out: Path, slides_dir: Path | None = None) -> Iterator[ViewerServer]:
+    """A viewer server for ``out`` answering in a background thread."""
+    with ViewerServer(out, slides_dir=slides_dir) as srv:
         thread = threading.Thread(target=srv.serve_forever, daemon=True)
         thread.start()
+        try:
+            yield srv
+        finally:
+            srv.shutdown()
+            thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(out: Path) -> Iterator[ViewerServer]:
+    with serving(out) as srv:
         yield srv
-        srv.shutdown()
-        thread.join(timeout=10)
 
 
 def get(server: ViewerServer, path: str, host: str | None = None) -> tuple[int, bytes]:
@@ -158,6 +168,20 @@ def test_optional_overlays_absent_or_unreadable(out: Path, tmp_path: Path) -> No
     assert data["qc"] is None and len(data["problems"]) == 1 and "lacks column(s) qc_pass" in data["problems"][0]
     with pytest.raises(KeyError):
         find_slide(layout, "../out/tiles/s1")
+
+
+def test_moved_slides_are_found_with_slides_dir(out: Path, tmp_path: Path) -> None:
+    import zarr
+
+    moved = tmp_path / "moved"
+    shutil.copytree(out / "tiles", moved / "tiles")
+    store = zarr.open_group(moved / "tiles" / "s1.zarr", mode="r+", zarr_format=3)
+    source = Path(store.attrs["source_path"])
+    store.attrs["source_path"] = str(tmp_path / "gone" / source.name)
+    for slides_dir, status, says in ((None, 404, b"pass --slides DIR"), (source.parent, 200, b"<Image")):
+        with serving(moved, slides_dir) as srv:
+            answer = get(srv, "/dzi/s1.dzi")
+        assert answer[0] == status and says in answer[1], answer
 
 
 def test_server_listens_on_loopback_only(server: ViewerServer) -> None:

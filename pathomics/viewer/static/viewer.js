@@ -134,12 +134,12 @@ function openSlide(slideId) {
   state.slide = slideId;
   state.data = null;
   for (const item of document.querySelectorAll("#slides li")) item.classList.toggle("current", item.dataset.slide === slideId);
-  const id = encodeURIComponent(slideId);
+  const id = encodeURIComponent(slideId), dzi = `dzi/${id}.dzi`;
   const tiles = new Promise((resolve, reject) => {
     viewer.addOnceHandler("open", () => viewer.world.getItemAt(0).whenFullyLoaded(resolve));
-    viewer.addOnceHandler("open-failed", (e) => reject(new Error(e.message)));
+    viewer.addOnceHandler("open-failed", () => fetch(dzi).then((r) => r.text()).then((why) => reject(new Error(why))));
   });
-  viewer.open(`dzi/${id}.dzi`);
+  viewer.open(dzi);
   const data = getJSON(`api/slides/${id}/overlays`).then((d) => {
     if (state.slide !== slideId) return;
     state.data = d;
@@ -149,7 +149,7 @@ function openSlide(slideId) {
     draw();
     requestAnimationFrame(resolve);
   })));
-  state.ready.catch((error) => { $("#summary").textContent = String(error); });
+  state.ready.catch((error) => $("#problems").append(Object.assign(document.createElement("li"), { textContent: error.message })));
 }
 
 function applyHash() {
