@@ -245,12 +245,14 @@ def test_cli_view_prints_its_address_and_stops_on_ctrl_c(out: Path) -> None:
         assert proc.wait(timeout=30) == 0
 
 
-def test_cli_view_refuses_a_folder_without_tiles_and_a_busy_port(out: Path, server: ViewerServer, tmp_path: Path,
+def test_cli_view_refuses_a_folder_without_tiles_a_busy_port_and_a_bad_one(out: Path, server: ViewerServer, tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["view", str(tmp_path)]) == 2
     assert "no tiles/ folder" in capsys.readouterr().err
     assert main(["view", str(out), "--port", str(server.port)]) == 2
     assert "choose another --port" in capsys.readouterr().err
+    assert main(["view", str(out), "--port", "70000"]) == 2
+    assert "port must be 0 (a free one) to 65535" in capsys.readouterr().err
 
 
 def blend(base: np.ndarray, colour: tuple[int, int, int], alpha: float) -> np.ndarray:

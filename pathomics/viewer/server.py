@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from pathomics.errors import InputError, PathomicsError, SlideReadError
+from pathomics.errors import ConfigError, InputError, PathomicsError, SlideReadError
 from pathomics.layout import OutputLayout
 from pathomics.slide import open_slide
 from pathomics.viewer.catalog import SlideEntry, find_slide, find_slides, slide_file, slide_index, slide_overlays
@@ -71,6 +71,8 @@ class ViewerServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, out: str | os.PathLike, port: int = 0, slides_dir: str | os.PathLike | None = None) -> None:
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"port must be 0 (a free one) to 65535, got {port}")
         self.layout = OutputLayout(Path(out).resolve())
         if not self.layout.tiles.is_dir():
             raise InputError(f"{out}: no tiles/ folder, so not a pathomics output directory; "
