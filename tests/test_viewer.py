@@ -343,3 +343,17 @@ def test_page_renders_tiles_and_toggles_overlays(out: Path, server: ViewerServer
         left, top_px = page.evaluate("(b => [b.left, b.top])(document.querySelector('#risk').getBoundingClientRect())")
         np.testing.assert_allclose(shot[int(top_px) + 3, int(left) + 3], HIGH, atol=2)
         assert page.evaluate("document.querySelector('#risk').textContent") == "risk 2.000 · rank 1 of 4"
+
+        # Hovering a patch names its attention rank and QC flags.
+        def hover(x: float, y: float) -> str:
+            px, py = page.evaluate(f"pathomicsView.toPage({x}, {y})")
+            page.send("Input.dispatchMouseEvent", session=True, type="mouseMoved", x=px, y=py)
+            return page.evaluate("new Promise(r => requestAnimationFrame(r)).then(() => document.querySelector('#info').textContent)")
+
+        best = coords[int(np.argmax(attention["value"]))]
+        said = hover(best[0] + size / 2, best[1] + size / 2)
+        assert said.startswith(f"patch at ({best[0]}, {best[1]}) · attention ") and f"(rank 1 of {len(coords)})" in said, said
+        assert said.endswith("QC flagged: pen" if best[1] == top else "QC passed"), said
+        first_top = coords[coords[:, 1] == top][0]
+        assert hover(first_top[0] + 10, first_top[1] + 10).endswith("· QC flagged: pen")
+        assert hover(100, 100) == ""

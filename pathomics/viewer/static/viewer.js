@@ -70,8 +70,8 @@ function draw() {
   ctx.fill(tissue, "evenodd");
   if (on("attention")) {
     const a = d.attention;
-    a.scaled.forEach((s, i) => {
-      ctx.fillStyle = `rgba(${colour(s).join(",")}, ${STYLE.attentionAlpha})`;
+    a.fill.forEach((fill, i) => {
+      ctx.fillStyle = fill;
       ctx.fillRect(a.x[i], a.y[i], size, size);
     });
   }
@@ -112,6 +112,25 @@ function describe() {
   }
 }
 
+// What the side panel says about the patch under the mouse (level-0 x, y): its attention rank and QC flags.
+function showPatch(x, y) {
+  const d = state.data, size = d ? d.patch_size_level0 : 0;
+  const find = (xs, ys) => xs.findIndex((px, i) => px <= x && x < px + size && ys[i] <= y && y < ys[i] + size);
+  const i = d ? find(d.patches.x, d.patches.y) : -1;
+  const parts = i < 0 ? [] : [`patch at (${d.patches.x[i]}, ${d.patches.y[i]})`];
+  const a = i < 0 || !d.attention ? -1 : find(d.attention.x, d.attention.y);
+  if (a >= 0) {
+    const n = d.attention.value.length, rank = Math.round((1 - d.attention.scaled[a]) * (n - 1)) + 1;
+    parts.push(`attention ${d.attention.value[a].toPrecision(3)} (rank ${rank} of ${n})`);
+  }
+  const q = i < 0 || !d.qc ? -1 : find(d.qc.x, d.qc.y);
+  if (q >= 0) {
+    const flags = Object.keys(d.qc.flags).filter((name) => d.qc.flags[name][q]);
+    parts.push(d.qc.pass[q] ? "QC passed" : `QC flagged${flags.length ? `: ${flags.join(", ")}` : ""}`);
+  }
+  $("#info").textContent = parts.join(" · ");
+}
+
 function listSlides() {
   $("#out").textContent = state.index.out;
   $("#slides").replaceChildren(...state.index.slides.map((s) => {
@@ -142,6 +161,7 @@ function openSlide(slideId) {
   viewer.open(dzi);
   const data = getJSON(`api/slides/${id}/overlays`).then((d) => {
     if (state.slide !== slideId) return;
+    if (d.attention) d.attention.fill = d.attention.scaled.map((s) => `rgba(${colour(s).join(",")}, ${STYLE.attentionAlpha})`);
     state.data = d;
     describe();
   });
@@ -165,6 +185,14 @@ async function main() {
   viewer = OpenSeadragon({
     element: $("#osd"), prefixUrl: "static/openseadragon/images/", showNavigator: false,
     maxZoomPixelRatio: 4, visibilityRatio: 0.5, gestureSettingsMouse: { clickToZoom: false },
+  });
+  new OpenSeadragon.MouseTracker({
+    element: viewer.element,
+    moveHandler: (e) => {
+      const item = viewer.world.getItemAt(0);
+      const p = item && item.viewerElementToImageCoordinates(e.position);
+      if (p) showPatch(p.x, p.y);
+    },
   });
   viewer.addHandler("update-viewport", draw);
   viewer.addHandler("resize", draw);
