@@ -62,8 +62,8 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_signatures(layout.signatures, [result, *others], "abmil", {})
     pen = coords[:, 1] == coords[:, 1].min()
     layout.qc_table("s1").parent.mkdir()
-    pd.DataFrame({"x": coords[:, 0], "y": coords[:, 1], "focus": np.linspace(0, 1, len(coords)), "pen": pen,
-                  "blur": np.zeros(len(coords), bool), "qc_pass": ~pen}).to_parquet(layout.qc_table("s1"))
+    pd.DataFrame({"x": coords[:, 0], "y": coords[:, 1], "focus": np.linspace(0, 1, len(coords)), "pen": pen * 0.3,
+                  "flag_pen": pen, "flag_blur": np.zeros(len(coords), bool), "qc_pass": ~pen}).to_parquet(layout.qc_table("s1"))
     return out
 
 

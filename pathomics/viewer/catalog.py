@@ -22,6 +22,7 @@ from pathomics.store import open_patch_store
 from pathomics.tissue import read_geojson
 
 QC_REQUIRED = ("x", "y", "qc_pass")  # the QC columns the viewer needs; boolean columns besides qc_pass are flags
+FLAG_PREFIX = "flag_"  # a flag column's name without it names the flag ("flag_pen" -> "pen")
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ def _attention(layout: OutputLayout, slide_id: str) -> dict[str, Any] | None:
 
 
 def _qc(layout: OutputLayout, slide_id: str) -> dict[str, Any] | None:
-    """Per-patch QC: x, y, qc_pass and every other boolean column as a named flag."""
+    """Per-patch QC: x, y, qc_pass and every other boolean column as a flag (named without ``flag_``)."""
     import pyarrow.parquet as pq
     import pyarrow.types as pat
 
@@ -185,7 +186,7 @@ def _qc(layout: OutputLayout, slide_id: str) -> dict[str, Any] | None:
     try:
         column = {name: table.column(name).to_numpy(zero_copy_only=False) for name in (*QC_REQUIRED, *flags)}
         return {"x": column["x"].astype(int).tolist(), "y": column["y"].astype(int).tolist(),
-                "pass": column["qc_pass"].astype(bool).tolist(), "flags": {f: column[f].astype(bool).tolist() for f in flags}}
+                "pass": column["qc_pass"].astype(bool).tolist(), "flags": {f.removeprefix(FLAG_PREFIX): column[f].astype(bool).tolist() for f in flags}}
     except (TypeError, ValueError) as exc:  # nulls or non-numeric coordinates
         raise InputError(f"{path}: QC columns x, y, qc_pass are not all numbers ({exc}); re-run `pathomics tile`") from exc
 
