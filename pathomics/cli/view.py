@@ -11,7 +11,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                    description="Serve a deep-zoom viewer of OUT's slides on 127.0.0.1 (this machine only).")
     parser.add_argument("out", type=Path, metavar="OUT", help="output directory of `pathomics tile` or `pathomics run`")
     parser.add_argument("--port", type=int, default=0, help="port to listen on (default: a free one, printed at start)")
-    parser.add_argument("--slides", type=Path, help="folder holding the slide files, when they moved since tiling")
+    parser.add_argument("--slides", type=Path, metavar="DIR", help="folder holding the slide files, when they moved since tiling")
     parser.set_defaults(run=run)
 
 
