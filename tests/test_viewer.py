@@ -343,6 +343,10 @@ def test_page_renders_tiles_and_toggles_overlays(out: Path, server: ViewerServer
         left, top_px = page.evaluate("(b => [b.left, b.top])(document.querySelector('#risk').getBoundingClientRect())")
         np.testing.assert_allclose(shot[int(top_px) + 3, int(left) + 3], HIGH, atol=2)
         assert page.evaluate("document.querySelector('#risk').textContent") == "risk 2.000 · rank 1 of 4"
+        page.evaluate("""new Promise(resolve => {
+            addEventListener("hashchange", () => requestAnimationFrame(resolve), {once: true});
+            document.querySelector("#slides a").click(); })""")
+        assert page.evaluate("location.hash") == "#slide=s1" and page.evaluate(checked) == "risk"  # a slide link keeps the overlays
 
         # Hovering a patch names its attention rank and QC flags.
         def hover(x: float, y: float) -> str:

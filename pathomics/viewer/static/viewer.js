@@ -1,5 +1,6 @@
 // pathomics view: one slide in OpenSeadragon with switchable overlays drawn on a canvas above it.
-// The URL hash is the state: #slide=ID&overlays=tissue,patches,qc,attention,risk (checkboxes write it).
+// The URL hash is the state: #slide=ID&overlays=tissue,patches,qc,attention,risk (checkboxes write it;
+// without overlays= the current ones stay, at first tissue, attention and risk).
 "use strict";
 
 // Attention and risk colours: RdYlBu reversed, low (blue) to high (red). Attention is coloured by its
@@ -24,8 +25,8 @@ function colour(t) {
 
 function parseHash() {
   const params = new URLSearchParams(location.hash.slice(1));
-  const overlays = params.has("overlays") ? params.get("overlays").split(",").filter((o) => ALL_OVERLAYS.includes(o)) : DEFAULT_OVERLAYS;
-  return { slide: params.get("slide"), overlays: new Set(overlays) };
+  const overlays = params.has("overlays") && new Set(params.get("overlays").split(",").filter((o) => ALL_OVERLAYS.includes(o)));
+  return { slide: params.get("slide"), overlays };  // overlays false: keep the current ones
 }
 
 function writeHash() {
@@ -136,7 +137,7 @@ function listSlides() {
   $("#slides").replaceChildren(...state.index.slides.map((s) => {
     const link = Object.assign(document.createElement("a"), {
       textContent: s.risk === null ? s.slide_id : `${s.slide_id} (risk ${s.risk.toFixed(3)})`,
-      href: "#" + new URLSearchParams({ slide: s.slide_id, overlays: [...state.overlays].join(",") }).toString().replace(/%2C/g, ","),
+      href: "#" + new URLSearchParams({ slide: s.slide_id }).toString(),  // the overlays stay as they are
     });
     if (s.thumbnail) link.prepend(Object.assign(document.createElement("img"), { src: s.thumbnail, alt: "", loading: "lazy" }));
     const item = document.createElement("li");
@@ -174,7 +175,7 @@ function openSlide(slideId) {
 
 function applyHash() {
   const wanted = parseHash();
-  state.overlays = wanted.overlays;
+  if (wanted.overlays) state.overlays = wanted.overlays;
   for (const box of document.querySelectorAll("#overlays input")) box.checked = state.overlays.has(box.value);
   const slide = wanted.slide || (state.index.slides[0] || {}).slide_id;
   if (slide && slide !== state.slide) openSlide(slide);
