@@ -230,6 +230,15 @@ def test_server_closes_slides_it_no_longer_uses(server: ViewerServer, monkeypatc
     assert (server._zooms, server._users, server._closing) == ({}, {}, [])
 
 
+def test_dropped_connections_are_not_reported_as_errors(server: ViewerServer, capsys: pytest.CaptureFixture[str]) -> None:
+    for error in (BrokenPipeError(), ConnectionResetError(), ValueError("a bug")):
+        try:
+            raise error
+        except Exception:  # noqa: BLE001 - handle_error reads the exception being handled, as socketserver calls it
+            server.handle_error(None, ("127.0.0.1", 1))
+    assert capsys.readouterr().err.count("Traceback") == 1
+
+
 def test_cli_view_prints_its_address_and_stops_on_ctrl_c(out: Path) -> None:
     with subprocess.Popen([sys.executable, "-m", "pathomics.cli.main", "view", str(out)], stdout=subprocess.PIPE, text=True) as proc:
         try:

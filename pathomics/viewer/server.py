@@ -21,6 +21,7 @@ import mimetypes
 import os
 import re
 import shutil
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -125,6 +126,11 @@ class ViewerServer(ThreadingHTTPServer):
             zoom.close()
             self._closing.remove(zoom)
             del self._users[zoom]
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # the browser dropped a request it no longer needed (tiles of a view it left)
+        super().handle_error(request, client_address)
 
     def server_close(self) -> None:
         super().server_close()
