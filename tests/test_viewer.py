@@ -254,8 +254,8 @@ def test_cli_view_prints_its_address_and_stops_on_ctrl_c(out: Path) -> None:
         assert proc.wait(timeout=30) == 0
 
 
-def test_cli_view_refuses_a_folder_without_tiles_a_busy_port_and_a_bad_one(out: Path, server: ViewerServer, tmp_path: Path,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_view_refuses_a_folder_without_tiles_a_busy_port_and_a_bad_one(
+        out: Path, server: ViewerServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["view", str(tmp_path)]) == 2
     assert "no tiles/ folder" in capsys.readouterr().err
     assert main(["view", str(out), "--port", str(server.port)]) == 2
@@ -271,9 +271,9 @@ def blend(base: np.ndarray, colour: tuple[int, int, int], alpha: float) -> np.nd
 @pytest.mark.skipif(CHROMIUM is None, reason=SKIP_REASON)
 def test_page_renders_tiles_and_toggles_overlays(out: Path, server: ViewerServer, tmp_path: Path) -> None:
     coords = open_patch_store(out / "tiles" / "s1.zarr").coords
-    attention = json.loads(get(server, "/api/slides/s1/overlays")[1])["attention"]
+    overlays = json.loads(get(server, "/api/slides/s1/overlays")[1])
+    attention, size = overlays["attention"], overlays["patch_size_level0"]
     kept = {tuple(c) for c in coords.tolist()}
-    size = 256
     with closing(Browser(tmp_path / "profile", 900, 600)) as page:
         page.open(server.url + "#slide=s1&overlays=tissue,attention", "window.pathomicsView && pathomicsView.state.ready")
         page.evaluate("pathomicsView.ready()")
