@@ -1,6 +1,6 @@
 """What the viewer shows of an output directory: its slides and, per slide, the overlay data as JSON.
 
-Everything is read from the files the stages write (DESIGN.md's contracts): patch stores under
+Everything is read from the files the stages write (the output contracts): patch stores under
 ``tiles/``, tissue GeoJSON beside them, ``attention/<slide_id>.h5``, ``signatures.parquet`` (risk) and
 ``qc/<slide_id>.parquet`` (per-patch flags). An optional file that is missing means no overlay; one
 that is unreadable is reported as a problem next to the slide instead of failing the page.
