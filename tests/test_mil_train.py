@@ -115,26 +115,6 @@ def test_outputs_follow_the_design(tiny, tmp_path):
     assert trained.fold == -1 and trained.config == config and trained.model.in_dim == 8
 
 
-def test_a_run_killed_after_a_fold_resumes_without_retraining_it(tiny, tmp_path):
-    """Checkpoints are written atomically, so a SIGKILL leaves finished folds whole and later ones absent:
-    the state reproduced here by deleting what a kill after fold 0 would not have written."""
-    clean = train_mil(tiny.features, tiny.labels, tmp_path / "clean", TINY)
-    killed = tmp_path / "killed"
-    train_mil(tiny.features, tiny.labels, killed, TINY)
-    layout = OutputLayout(killed)
-    for path in [layout.fold_checkpoint(1), layout.fold_checkpoint(2), layout.final_checkpoint, layout.signatures,
-                 layout.mil_metrics]:
-        path.unlink()
-    finished = layout.fold_checkpoint(0).stat().st_mtime_ns
-    splits = json.loads(layout.splits.read_text())
-    resumed = train_mil(tiny.features, tiny.labels, killed, TINY)
-    assert layout.fold_checkpoint(0).stat().st_mtime_ns == finished  # loaded, not retrained
-    assert layout.fold_checkpoint(1).exists() and layout.final_checkpoint.exists()
-    assert json.loads(layout.splits.read_text()) == splits
-    pd.testing.assert_frame_equal(resumed.signatures, clean.signatures, check_exact=True)
-    assert resumed.metrics["pooled_out_of_fold"] == clean.metrics["pooled_out_of_fold"]
-
-
 def test_a_changed_feature_file_or_config_retrains_the_folds(tiny, tmp_path):
     out = tmp_path / "run"
     train_mil(tiny.features, tiny.labels, out, TINY)
