@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pathomics.errors import InputError
+from pathomics.slide.dicom_backend import is_dicom_slide
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".svslide", ".bif", ".dcm")
 
@@ -42,23 +43,31 @@ def read_manifest(path: str | os.PathLike) -> list[SlideEntry]:
             slide_path = path.parent / slide_path
         mpp = _optional_float(row.get("mpp", ""), f"{path} line {i}: mpp")
         geojson = row.get("tissue_geojson") or None
-        entries.append(SlideEntry(slide_path, row.get("slide_id") or slide_path.stem, row.get("patient_id") or None, mpp,
+        entries.append(SlideEntry(slide_path, row.get("slide_id") or default_slide_id(slide_path), row.get("patient_id") or None, mpp,
                                   (path.parent / geojson) if geojson else None))
     return check_unique(entries, str(path))
 
 
 def entries_from_paths(paths: Sequence[str | os.PathLike], mpp: float | None = None) -> list[SlideEntry]:
-    """Entries for slide files and folders (searched one level deep for known slide suffixes)."""
+    """Entries for slide files, DICOM slide folders, and folders of slides (searched one level deep)."""
     files: list[Path] = []
     for p in map(Path, paths):
-        found = sorted(f for f in p.iterdir() if f.suffix.lower() in SLIDE_SUFFIXES) if p.is_dir() else [p]
+        if p.is_dir() and not is_dicom_slide(p):
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in SLIDE_SUFFIXES or (f.is_dir() and is_dicom_slide(f)))
+        else:
+            found = [p]
         if not found:
-            raise InputError(f"{p}: a folder without slide files ({', '.join(SLIDE_SUFFIXES)}); "
+            raise InputError(f"{p}: a folder without slide files ({', '.join(SLIDE_SUFFIXES)}) or DICOM slide folders; "
                              "name slide files, or folders that hold them")
         files += found
     if not files:
         raise InputError("no slides given; name slide files or folders that hold them")
-    return check_unique([SlideEntry(f, f.stem, None, mpp) for f in files], "the slide list")
+    return check_unique([SlideEntry(f, default_slide_id(f), None, mpp) for f in files], "the slide list")
+
+
+def default_slide_id(path: Path) -> str:
+    """A slide's id when none is given: the file stem, or the folder name of a DICOM slide folder."""
+    return path.name if path.is_dir() else path.stem
 
 
 def check_unique(entries: list[SlideEntry], where: str) -> list[SlideEntry]:

@@ -29,7 +29,8 @@ from shapely.geometry import MultiPolygon
 from pathomics import __version__
 from pathomics.errors import ConfigError, StoreError
 from pathomics.layout import DONE, SKIPPED, OutputLayout
-from pathomics.slide import SlideReader, TiffTileSource, open_slide
+from pathomics.manifest import default_slide_id
+from pathomics.slide import SlideReader, TiffTileSource, open_slide, source_stat
 from pathomics.store import PatchStore, PatchStoreWriter, open_patch_store, write_png
 from pathomics.tissue import Tissue, TissueConfig, detect_tissue, load_tissue, write_geojson
 
@@ -188,7 +189,7 @@ def tile_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, config
     """Tile one slide into ``<out_dir>/tiles/<slide_id>.zarr``; skip it when an identical complete store exists."""
     start_time = time.perf_counter()
     slide_path = Path(slide_path).resolve()
-    slide_id = slide_id or slide_path.stem
+    slide_id = slide_id or default_slide_id(slide_path)
     layout = OutputLayout(out_dir)
     final = layout.store(slide_id)
     with open_slide(slide_path, mpp=mpp, backend=backend) as slide:
@@ -217,11 +218,11 @@ def tile_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, config
 
 def store_attributes(slide: SlideReader, slide_id: str, config: TileConfig, tissue_geojson: str | os.PathLike | None) -> dict:
     """The provenance attributes of a store: source identity, resolution and every tiling parameter."""
-    stat = slide.path.stat()
+    size, mtime = source_stat(slide.path)
     level = slide.best_level(config.target_mpp / slide.mpp)
     return {
-        "slide_id": slide_id, "source_path": str(slide.path), "source_size_bytes": stat.st_size,
-        "source_mtime": stat.st_mtime, "backend": slide.backend, "vendor": slide.vendor,
+        "slide_id": slide_id, "source_path": str(slide.path), "source_size_bytes": size,
+        "source_mtime": mtime, "backend": slide.backend, "vendor": slide.vendor,
         "slide_width": slide.dimensions[0], "slide_height": slide.dimensions[1],
         "mpp_level0": slide.mpp, "mpp_source": slide.resolution.source, "target_mpp": config.target_mpp,
         "read_level": level, "read_downsample": float(slide.level_downsamples[level]),
@@ -304,7 +305,7 @@ def read_patches(store: PatchStore, start: int, stop: int) -> np.ndarray:
         return store.read_images(start, stop)
     attrs = store.attrs
     source = Path(attrs["source_path"])
-    if not source.is_file() or source.stat().st_size != attrs["source_size_bytes"]:
+    if not source.exists() or source_stat(source)[0] != attrs["source_size_bytes"]:
         raise StoreError(f"{store.path}: its source slide {source} is missing or has changed; re-run `pathomics tile`")
     reader = _slide_reader(str(source), float(attrs["mpp_level0"]), int(attrs["read_level"]),
                            int(attrs["read_size"]), int(attrs["patch_size"]))

@@ -1,8 +1,10 @@
 """Open whole-slide images: ``open_slide`` picks a backend and settles the level-0 MPP.
 
-OpenSlide is tried first and tiffslide second. The MPP comes from the slide's vendor metadata, else
-from its TIFF resolution tags; a value the user gives (argument or manifest column) overrides both.
-Without any, opening fails with a message telling the user to give the slide MPP (``--slide-mpp``).
+OpenSlide is tried first and tiffslide second (wsidicom second for DICOM). A DICOM slide is one .dcm
+file of its series or the folder holding the series; its files are checked before any backend opens them.
+The MPP comes from the slide's vendor metadata (DICOM: the pixel spacing), else from its TIFF resolution
+tags; a value the user gives (argument or manifest column) overrides both. Without any, opening fails
+with a message telling the user to give the slide MPP (``--slide-mpp``).
 """
 
 from __future__ import annotations
@@ -12,32 +14,36 @@ import os
 from pathlib import Path
 
 from pathomics.errors import ConfigError, SlideReadError
-from pathomics.slide.base import Resolution, SlideReader, magnification_to_mpp, plausible_mpp
+from pathomics.slide.base import Resolution, SlideReader, magnification_to_mpp, plausible_mpp, source_stat
+from pathomics.slide.dicom_backend import DicomSlideReader, dicom_series, is_dicom_file, is_dicom_slide
 from pathomics.slide.openslide_backend import OpenSlideReader
 from pathomics.slide.tiff_tiles import TiffTileSource
 from pathomics.slide.tiffslide_backend import TiffSlideReader
 
-__all__ = ["open_slide", "SlideReader", "Resolution", "TiffTileSource", "magnification_to_mpp", "BACKENDS"]
+__all__ = ["open_slide", "is_dicom_slide", "source_stat", "SlideReader", "Resolution", "TiffTileSource", "magnification_to_mpp", "BACKENDS"]
 log = logging.getLogger(__name__)
-BACKENDS: dict[str, type[OpenSlideReader] | type[TiffSlideReader]] = {
+BACKENDS: dict[str, type[OpenSlideReader] | type[TiffSlideReader] | type[DicomSlideReader]] = {
     "openslide": OpenSlideReader,
     "tiffslide": TiffSlideReader,
+    "wsidicom": DicomSlideReader,
 }
 
 
 def open_slide(path: str | os.PathLike, mpp: float | None = None, backend: str = "auto") -> SlideReader:
-    """Open ``path`` with ``backend`` ("auto": OpenSlide, then tiffslide) and resolve its level-0 MPP."""
+    """Open ``path`` with ``backend`` ("auto": OpenSlide, then tiffslide or wsidicom) and resolve its level-0 MPP."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise SlideReadError(f"{path}: no such slide file; check the path or the manifest's slide_path column")
     if backend != "auto" and backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose auto, {', '.join(BACKENDS)}")
-    names = list(BACKENDS) if backend == "auto" else [backend]
+    dicom = path.is_dir() or is_dicom_file(path)
+    files = dicom_series(path) if dicom else [path]  # a DICOM slide's files are all checked first
+    names = (["openslide", "wsidicom"] if dicom else ["openslide", "tiffslide"]) if backend == "auto" else [backend]
     reasons = []
     for name in names:
         reader_cls = BACKENDS[name]
         try:
-            handle = reader_cls.open_handle(path)
+            handle = reader_cls.open_handle(files[0])
         except SlideReadError:
             raise
         except Exception as exc:  # noqa: BLE001 - each backend signals "not mine" with its own types

@@ -53,6 +53,12 @@ def mpp_from_tiff_tags(properties: Mapping[str, object]) -> float | None:
     return plausible_mpp(_UNIT_UM[unit] / pixels_per_unit)
 
 
+def source_stat(path: Path) -> tuple[int, float]:
+    """(bytes, last modification time) of a slide file, or of all the files in a slide folder (DICOM)."""
+    files = [f.stat() for f in path.iterdir() if f.is_file()] if path.is_dir() else [path.stat()]
+    return sum(f.st_size for f in files), max((f.st_mtime for f in files), default=0.0)
+
+
 class SlideReader(ABC):
     """An open whole-slide image. Coordinates are level-0 pixels (x, y); arrays are RGB uint8 (h, w, 3)."""
 

@@ -1,0 +1,132 @@
+"""DICOM whole-slide images: a DICOM copy of an SVS fixture opens, reads and tiles like its original; bad DICOM fails clearly."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dicom_fixtures import svs_to_dicom, write_secondary_capture
+from pathomics.cli.main import main
+from pathomics.errors import SlideReadError
+from pathomics.manifest import entries_from_paths, read_manifest
+from pathomics.slide import Resolution, is_dicom_slide, open_slide
+from pathomics.store import open_patch_store
+from pathomics.synthetic import SlideTruth
+from pathomics.tiling import TileConfig, read_patches, tile_slide
+
+WSIDICOM = "wsidicom (the pathomics[dicom] extra) is not installed"
+
+
+@pytest.fixture(scope="module")
+def dicom_slide(tmp_path_factory: pytest.TempPathFactory, aperio_slide: SlideTruth) -> Path:
+    """The aperio fixture converted to a DICOM series (one file a level, the same JPEG tiles), in folder ``aperio_dicom``."""
+    folder = tmp_path_factory.mktemp("dicom") / "aperio_dicom"
+    svs_to_dicom(aperio_slide.path, folder, aperio_slide.mpp)
+    return folder
+
+
+@pytest.fixture
+def damaged(tmp_path: Path, dicom_slide: Path) -> Path:
+    """A copy of the DICOM slide folder, to damage."""
+    return Path(shutil.copytree(dicom_slide, tmp_path / "damaged"))
+
+
+@pytest.mark.parametrize("which", ["folder", "level_0.dcm", "level_1.dcm"])
+def test_dicom_slide_opens_as_its_svs_with_mpp_from_pixel_spacing(dicom_slide, aperio_slide, which):
+    path = dicom_slide if which == "folder" else dicom_slide / which
+    with open_slide(path) as dcm, open_slide(aperio_slide.path) as svs:
+        assert (dcm.backend, dcm.vendor) == ("openslide", "dicom")
+        assert dcm.resolution == svs.resolution == Resolution(0.25, "metadata")
+        assert dcm.level_dimensions == svs.level_dimensions and dcm.level_downsamples == svs.level_downsamples
+        for level, xy, size in [(0, (1000, 700), (600, 500)), (1, (400, 800), (300, 200))]:
+            np.testing.assert_array_equal(dcm.read_region(xy, level, size), svs.read_region(xy, level, size))
+
+
+def test_wsidicom_backend_reads_the_same_pixels(dicom_slide, aperio_slide):
+    pytest.importorskip("wsidicom", reason=WSIDICOM)
+    with open_slide(dicom_slide, backend="wsidicom") as dcm, open_slide(aperio_slide.path) as svs:
+        assert (dcm.backend, dcm.vendor, dcm.resolution) == ("wsidicom", "dicom", Resolution(0.25, "metadata"))
+        assert dcm.level_dimensions == svs.level_dimensions and dcm.level_downsamples == svs.level_downsamples
+        # level 1 at level-0 (400, 800) = level-1 (100, 200); the last box hangs over the corner: white there, as OpenSlide
+        for level, xy, size in [(0, (1000, 700), (600, 500)), (1, (400, 800), (300, 200)), (0, (6000, 4000), (300, 200))]:
+            np.testing.assert_array_equal(dcm.read_region(xy, level, size), svs.read_region(xy, level, size))
+
+
+@pytest.mark.parametrize("backend,target_mpp", [("auto", 0.5), ("auto", 1.0), ("wsidicom", 1.0)])
+def test_tiling_a_dicom_copy_gives_the_svs_patches(tmp_path, dicom_slide, aperio_slide, backend, target_mpp):
+    if backend == "wsidicom":
+        pytest.importorskip("wsidicom", reason=WSIDICOM)
+    config = TileConfig(target_mpp=target_mpp, patch_size=128, threads=2)
+    svs = open_patch_store(tile_slide(aperio_slide.path, tmp_path / "svs", config).path)
+    dcm = open_patch_store(tile_slide(dicom_slide, tmp_path / "dcm", config, backend=backend).path)
+    assert dcm.attrs["slide_id"] == "aperio_dicom" and dcm.attrs["backend"] == ("openslide" if backend == "auto" else backend)
+    assert (dcm.attrs["mpp_level0"], dcm.attrs["mpp_source"]) == (svs.attrs["mpp_level0"], "metadata")
+    assert dcm.attrs["read_level"] == svs.attrs["read_level"] == (0 if target_mpp == 0.5 else 1)
+    assert len(svs) > 20
+    np.testing.assert_array_equal(dcm.coords, svs.coords)
+    difference = np.abs(dcm.read_images(0, len(dcm)).astype(int) - svs.read_images(0, len(svs)).astype(int))
+    assert difference.mean() <= 1.0
+
+
+def test_a_coords_only_store_of_a_dicom_folder_rereads_its_pixels(tmp_path, dicom_slide):
+    config = TileConfig(target_mpp=1.0, patch_size=64, threads=1)
+    full = open_patch_store(tile_slide(dicom_slide, tmp_path / "full", config).path)
+    coords_only = open_patch_store(tile_slide(dicom_slide, tmp_path / "coords", TileConfig(**{**config.__dict__, "with_pixels": False})).path)
+    np.testing.assert_array_equal(read_patches(coords_only, 0, 5), full.read_images(0, 5))
+    assert tile_slide(dicom_slide, tmp_path / "full", config).state == "skipped"
+
+
+def test_a_dicom_folder_is_one_slide_named_after_the_folder(tmp_path, dicom_slide, aperio_slide):
+    assert is_dicom_slide(dicom_slide) and is_dicom_slide(dicom_slide / "level_1.dcm")
+    assert not is_dicom_slide(aperio_slide.path) and not is_dicom_slide(aperio_slide.path.parent)
+    assert [(e.slide_path, e.slide_id) for e in entries_from_paths([dicom_slide])] == [(dicom_slide, "aperio_dicom")]
+    archive = tmp_path / "archive"
+    shutil.copytree(dicom_slide, archive / "case7")
+    shutil.copy(aperio_slide.path, archive / "case8.svs")
+    assert [e.slide_id for e in entries_from_paths([archive])] == ["case7", "case8"]
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"slide_path\n{dicom_slide}\n")
+    assert read_manifest(manifest)[0].slide_id == "aperio_dicom"
+
+
+@pytest.mark.parametrize("given", ["folder", "file"])
+def test_truncated_dicom_file_is_named(damaged, given):
+    data = (damaged / "level_1.dcm").read_bytes()
+    (damaged / "level_1.dcm").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SlideReadError, match=r"level_1\.dcm: the DICOM file ends at byte \d+, before the end of its 24 frames.*truncated"):
+        open_slide(damaged if given == "folder" else damaged / "level_0.dcm")
+
+
+def test_dicom_file_cut_inside_its_header_is_named(damaged):
+    data = (damaged / "level_0.dcm").read_bytes()
+    (damaged / "level_0.dcm").write_bytes(data[:1000])
+    with pytest.raises(SlideReadError, match=r"level_0\.dcm: the DICOM file has no pixel data.*truncated"):
+        open_slide(damaged)
+
+
+def test_non_wsi_dicom_is_refused_naming_the_file(tmp_path):
+    path = write_secondary_capture(tmp_path / "chest.dcm")
+    assert not is_dicom_slide(path) and not is_dicom_slide(tmp_path)
+    with pytest.raises(SlideReadError, match=r"chest\.dcm: a DICOM file of class 'Secondary Capture Image Storage', not a whole-slide image"):
+        open_slide(path)
+    with pytest.raises(SlideReadError, match=r"a folder, and not a DICOM slide"):
+        open_slide(tmp_path)
+
+
+def test_folder_with_two_dicom_slides_is_refused(damaged, aperio_slide):
+    svs_to_dicom(aperio_slide.path, damaged / "second", aperio_slide.mpp)
+    for f in (damaged / "second").iterdir():
+        f.rename(damaged / f"second_{f.name}")
+    with pytest.raises(SlideReadError, match=r"damaged: the folder holds 2 DICOM slides"):
+        open_slide(damaged)
+
+
+def test_cli_tiles_a_dicom_folder_and_names_a_bad_file(tmp_path, dicom_slide, capsys):
+    bad = write_secondary_capture(tmp_path / "scan.dcm")
+    code = main(["tile", str(dicom_slide), str(bad), "--out", str(tmp_path / "out"), "--mpp", "1.0", "--patch-size", "64"])
+    assert code == 1
+    assert open_patch_store(tmp_path / "out" / "tiles" / "aperio_dicom.zarr").attrs["mpp_source"] == "metadata"
+    assert "scan.dcm: a DICOM file of class" in capsys.readouterr().out
