@@ -3,8 +3,8 @@
 A patch of ``patch_size`` pixels at ``target_mpp`` covers ``round(patch_size * target_mpp / mpp0)``
 level-0 pixels (a 0.263 µm/px slide at 0.5 µm/px × 256 px reads 487, not 512). Patches are read from
 the coarsest pyramid level at or below the target resolution and area-resampled to the target. For TIFF
-slides each needed tile is decoded once (``TiffTileSource``); other formats go through the backend's
-``read_region``. Patches are processed in vertical strips, so the tile cache, and with it memory, is
+slides each needed tile is decoded once (``TiffTileSource``), for JPEG DICOM slides each needed frame
+(``DicomTileSource``); other formats go through the backend's ``read_region``. Patches are processed in vertical strips, so the tile cache, and with it memory, is
 bounded by the strip, not the slide. The store is written shard by shard and published atomically;
 an interrupted run resumes from its last full shard.
 """
@@ -30,7 +30,7 @@ from pathomics import __version__
 from pathomics.errors import ConfigError, StoreError
 from pathomics.layout import DONE, SKIPPED, OutputLayout
 from pathomics.manifest import default_slide_id
-from pathomics.slide import SlideReader, TiffTileSource, open_slide, source_stat
+from pathomics.slide import DicomTileSource, SlideReader, TiffTileSource, open_slide, source_stat
 from pathomics.store import PatchStore, PatchStoreWriter, open_patch_store, write_png
 from pathomics.tissue import Tissue, TissueConfig, detect_tissue, load_tissue, write_geojson
 
@@ -137,7 +137,8 @@ class PatchReader:
         self.slide, self.level, self.read_size, self.patch_size = slide, level, read_size, patch_size
         self.downsample = slide.level_downsamples[level]
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="pathomics-read")
-        self.tiles = TiffTileSource.open(slide.path, slide.level_dimensions)
+        dims = slide.level_dimensions
+        self.tiles = TiffTileSource.open(slide.path, dims) or DicomTileSource.open(slide.path, dims)
         if self.tiles is not None:
             tw, th = self.tiles.tile_shape(level)
             cols = STRIP_PIXELS // tw + read_size // tw + 3
@@ -145,7 +146,7 @@ class PatchReader:
 
     @property
     def method(self) -> str:
-        return "tiff-tiles" if self.tiles is not None else f"{self.slide.backend}-read-region"
+        return self.tiles.method if self.tiles is not None else f"{self.slide.backend}-read-region"
 
     def read(self, coords: np.ndarray) -> np.ndarray:
         """Patches at ``coords`` as (n, P, P, 3) uint8."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from dicom_fixtures import svs_to_dicom, write_secondary_capture
 from pathomics.cli.main import main
 from pathomics.errors import SlideReadError
 from pathomics.manifest import entries_from_paths, read_manifest
-from pathomics.slide import Resolution, is_dicom_slide, open_slide
+from pathomics.slide import DicomTileSource, Resolution, is_dicom_slide, open_slide
 from pathomics.store import open_patch_store
 from pathomics.synthetic import SlideTruth
 from pathomics.tiling import TileConfig, read_patches, tile_slide
@@ -55,10 +56,26 @@ def test_wsidicom_backend_reads_the_same_pixels(dicom_slide, aperio_slide):
             np.testing.assert_array_equal(dcm.read_region(xy, level, size), svs.read_region(xy, level, size))
 
 
-@pytest.mark.parametrize("backend,target_mpp", [("auto", 0.5), ("auto", 1.0), ("wsidicom", 1.0)])
-def test_tiling_a_dicom_copy_gives_the_svs_patches(tmp_path, dicom_slide, aperio_slide, backend, target_mpp):
+def test_direct_frame_decoding_is_bit_identical_to_openslide(dicom_slide):
+    with open_slide(dicom_slide) as reference:
+        frames = DicomTileSource.open(dicom_slide, reference.level_dimensions)
+        assert frames is not None and frames.method == "dicom-tiles" and frames.tile_shape(1) == (256, 256)
+        with ThreadPoolExecutor(2) as pool:
+            for level, box in [(0, (1000, 700, 600, 500)), (1, (100, 50, 300, 250)), (0, (6144 - 300, 4096 - 200, 300, 200))]:
+                frames.prefetch(frames.tiles_for(level, [box]), pool)
+                x, y, w, h = box
+                ds = int(reference.level_downsamples[level])
+                np.testing.assert_array_equal(frames.assemble(level, box), reference.read_region((x * ds, y * ds), level, (w, h)))
+        frames.close()
+
+
+@pytest.mark.parametrize("backend,target_mpp,frames", [("auto", 0.5, True), ("auto", 1.0, True), ("openslide", 1.0, False),
+                                                        ("wsidicom", 1.0, False)])
+def test_tiling_a_dicom_copy_gives_the_svs_patches(tmp_path, dicom_slide, aperio_slide, monkeypatch, backend, target_mpp, frames):
     if backend == "wsidicom":
         pytest.importorskip("wsidicom", reason=WSIDICOM)
+    if not frames:  # read patches through the backend's read_region, not the direct frame path
+        monkeypatch.setattr("pathomics.tiling.DicomTileSource.open", classmethod(lambda cls, *a: None))
     config = TileConfig(target_mpp=target_mpp, patch_size=128, threads=2)
     svs = open_patch_store(tile_slide(aperio_slide.path, tmp_path / "svs", config).path)
     dcm = open_patch_store(tile_slide(dicom_slide, tmp_path / "dcm", config, backend=backend).path)

@@ -19,8 +19,9 @@ from pathomics.slide.dicom_backend import DicomSlideReader, dicom_series, is_dic
 from pathomics.slide.openslide_backend import OpenSlideReader
 from pathomics.slide.tiff_tiles import TiffTileSource
 from pathomics.slide.tiffslide_backend import TiffSlideReader
+from pathomics.slide.dicom_tiles import DicomTileSource
 
-__all__ = ["open_slide", "is_dicom_slide", "source_stat", "SlideReader", "Resolution", "TiffTileSource", "magnification_to_mpp", "BACKENDS"]
+__all__ = ["open_slide", "is_dicom_slide", "source_stat", "SlideReader", "Resolution", "TiffTileSource", "DicomTileSource", "magnification_to_mpp", "BACKENDS"]
 log = logging.getLogger(__name__)
 BACKENDS: dict[str, type[OpenSlideReader] | type[TiffSlideReader] | type[DicomSlideReader]] = {
     "openslide": OpenSlideReader,

@@ -13,12 +13,15 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pathomics.errors import SlideReadError
 from pathomics.slide.base import Resolution, SlideReader, plausible_mpp
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
 _HEADER_TAGS = ["SOPClassUID", "SeriesInstanceUID", "ImageType", "NumberOfFrames", "TotalPixelMatrixColumns"]
@@ -63,20 +66,25 @@ def dicom_series(path: Path) -> list[Path]:
     Raises ``SlideReadError`` naming the file when a file is not a whole-slide image or is truncated,
     and naming the folder when it holds no DICOM slide or several.
     """
-    if path.is_dir():
-        volumes = [i for i in _headers(path) if i.sop_class == WSI_SOP_CLASS and i.flavour == "VOLUME"]
-        if not volumes:
-            raise SlideReadError(f"{path}: a folder, and not a DICOM slide (no whole-slide-image .dcm files in it); "
-                                 "pass slide files, or a folder holding the .dcm files of one DICOM slide")
-        series = sorted({i.series for i in volumes})
-        if len(series) > 1:
-            raise SlideReadError(f"{path}: the folder holds {len(series)} DICOM slides (series {', '.join(series)}); "
-                                 "put each slide's .dcm files in a folder of its own and pass those folders")
-        path = volumes[0].path
-    files = series_files(path)
+    files = slide_files(path)
     for file in files:
         _check_pixel_data(file)
     return files
+
+
+def slide_files(path: Path) -> list[Path]:
+    """The files of the DICOM slide at ``path`` (a .dcm file or a folder holding one series), level 0 first."""
+    if not path.is_dir():
+        return series_files(path)
+    volumes = [i for i in _headers(path) if i.sop_class == WSI_SOP_CLASS and i.flavour == "VOLUME"]
+    if not volumes:
+        raise SlideReadError(f"{path}: a folder, and not a DICOM slide (no whole-slide-image .dcm files in it); "
+                             "pass slide files, or a folder holding the .dcm files of one DICOM slide")
+    series = sorted({i.series for i in volumes})
+    if len(series) > 1:
+        raise SlideReadError(f"{path}: the folder holds {len(series)} DICOM slides (series {', '.join(series)}); "
+                             "put each slide's .dcm files in a folder of its own and pass those folders")
+    return series_files(volumes[0].path)
 
 
 def series_files(path: Path) -> list[Path]:
@@ -121,38 +129,48 @@ def _checked_header(path: Path) -> _Instance:
 def _check_pixel_data(path: Path) -> None:
     """Refuse a file whose pixel data is missing or ends early (a truncated copy), reading only item headers."""
     size = path.stat().st_size
-    with open(path, "rb") as fp:
-        try:
-            frames, end = _pixel_data_extent(fp)
-        except (OSError, ValueError, AttributeError, EOFError) as exc:
-            raise SlideReadError(f"{path}: not a readable DICOM file ({exc}); re-copy it from the archive") from exc
-    if end is None:
+    layout = pixel_data_layout(path)
+    if layout.end is None:
         raise SlideReadError(f"{path}: the DICOM file has no pixel data (it ends at byte {size}); "
                              "it is truncated or not an image — re-copy it from the archive")
-    if end > size:
-        raise SlideReadError(f"{path}: the DICOM file ends at byte {size}, before the end of its {frames} frames of "
+    if layout.end > size:
+        raise SlideReadError(f"{path}: the DICOM file ends at byte {size}, before the end of its {layout.frames} frames of "
                              "pixel data; it is truncated — re-copy it from the archive")
 
 
-def _pixel_data_extent(fp: BinaryIO) -> tuple[int, int | None]:
-    """(frames, byte offset where the pixel data ends; None without pixel data), from element and item headers only."""
+@dataclass(frozen=True)
+class PixelDataLayout:
+    """Where a DICOM file's pixel data lies: its header, encapsulated fragments and end (None: no pixel data)."""
+
+    header: Dataset
+    frames: int
+    fragments: tuple[int, ...] | None  # file offset of each fragment's item tag; None for native pixel data
+    end: int | None  # byte offset where the pixel data ends (beyond the file's size: truncated)
+
+
+def pixel_data_layout(path: Path) -> PixelDataLayout:
+    """The layout of ``path``'s pixel data, from element and item headers only (no pixels are read)."""
     import pydicom
     from pydicom.encaps import parse_basic_offsets, parse_fragments
 
-    ds = pydicom.dcmread(fp, stop_before_pixels=True)
-    frames = int(ds.get("NumberOfFrames", 1))
-    header = fp.read(8 if ds.file_meta.TransferSyntaxUID.is_implicit_VR else 12)
-    if header[:4] != _PIXEL_DATA_TAG:
-        return frames, None
-    length = int.from_bytes(header[-4:], "little")
-    if length != _UNDEFINED_LENGTH:
-        return frames, fp.tell() + length
-    parse_basic_offsets(fp)
-    count, offsets = parse_fragments(fp)
-    if count < frames:
-        return frames, sys.maxsize
-    fp.seek(offsets[-1] + 4)
-    return frames, offsets[-1] + 8 + int.from_bytes(fp.read(4), "little")
+    with open(path, "rb") as fp:
+        try:
+            ds = pydicom.dcmread(fp, stop_before_pixels=True)
+            frames = int(ds.get("NumberOfFrames", 1))
+            header = fp.read(8 if ds.file_meta.TransferSyntaxUID.is_implicit_VR else 12)
+            if header[:4] != _PIXEL_DATA_TAG:
+                return PixelDataLayout(ds, frames, None, None)
+            length = int.from_bytes(header[-4:], "little")
+            if length != _UNDEFINED_LENGTH:
+                return PixelDataLayout(ds, frames, None, fp.tell() + length)
+            parse_basic_offsets(fp)
+            _, offsets = parse_fragments(fp)
+            if len(offsets) < frames:
+                return PixelDataLayout(ds, frames, tuple(offsets), sys.maxsize)
+            fp.seek(offsets[-1] + 4)
+            return PixelDataLayout(ds, frames, tuple(offsets), offsets[-1] + 8 + int.from_bytes(fp.read(4), "little"))
+        except (OSError, ValueError, AttributeError, EOFError) as exc:
+            raise SlideReadError(f"{path}: not a readable DICOM file ({exc}); re-copy it from the archive") from exc
 
 
 class DicomSlideReader(SlideReader):

@@ -28,6 +28,8 @@ JPEG = 7  # TIFF compression tag value
 class TiffTileSource:
     """Decoded-once tiles of a TIFF slide's pyramid levels, assembled into arbitrary boxes."""
 
+    method = "tiff-tiles"
+
     def __init__(self, path: Path, pages: Sequence[object], tiff: object) -> None:
         self.path = path
         self._pages = list(pages)
