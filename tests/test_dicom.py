@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dicom_fixtures import svs_to_dicom, write_secondary_capture
 from pathomics.cli.main import main
 from pathomics.errors import SlideReadError
 from pathomics.manifest import entries_from_paths, read_manifest
 from pathomics.slide import DicomTileSource, Resolution, is_dicom_slide, open_slide
 from pathomics.store import open_patch_store
 from pathomics.synthetic import SlideTruth
+from pathomics.synthetic.dicom import write_dicom_copy, write_non_wsi_dicom
 from pathomics.tiling import TileConfig, read_patches, tile_slide
 
 WSIDICOM = "wsidicom (the pathomics[dicom] extra) is not installed"
@@ -25,7 +25,7 @@ WSIDICOM = "wsidicom (the pathomics[dicom] extra) is not installed"
 def dicom_slide(tmp_path_factory: pytest.TempPathFactory, aperio_slide: SlideTruth) -> Path:
     """The aperio fixture converted to a DICOM series (one file a level, the same JPEG tiles), in folder ``aperio_dicom``."""
     folder = tmp_path_factory.mktemp("dicom") / "aperio_dicom"
-    svs_to_dicom(aperio_slide.path, folder, aperio_slide.mpp)
+    write_dicom_copy(aperio_slide.path, folder, aperio_slide.mpp)
     return folder
 
 
@@ -125,7 +125,7 @@ def test_dicom_file_cut_inside_its_header_is_named(damaged):
 
 
 def test_non_wsi_dicom_is_refused_naming_the_file(tmp_path):
-    path = write_secondary_capture(tmp_path / "chest.dcm")
+    path = write_non_wsi_dicom(tmp_path / "chest.dcm")
     assert not is_dicom_slide(path) and not is_dicom_slide(tmp_path)
     with pytest.raises(SlideReadError, match=r"chest\.dcm: a DICOM file of class 'Secondary Capture Image Storage', not a whole-slide image"):
         open_slide(path)
@@ -134,7 +134,7 @@ def test_non_wsi_dicom_is_refused_naming_the_file(tmp_path):
 
 
 def test_folder_with_two_dicom_slides_is_refused(damaged, aperio_slide):
-    svs_to_dicom(aperio_slide.path, damaged / "second", aperio_slide.mpp)
+    write_dicom_copy(aperio_slide.path, damaged / "second", aperio_slide.mpp)
     for f in (damaged / "second").iterdir():
         f.rename(damaged / f"second_{f.name}")
     with pytest.raises(SlideReadError, match=r"damaged: the folder holds 2 DICOM slides"):
@@ -142,7 +142,7 @@ def test_folder_with_two_dicom_slides_is_refused(damaged, aperio_slide):
 
 
 def test_cli_tiles_a_dicom_folder_and_names_a_bad_file(tmp_path, dicom_slide, capsys):
-    bad = write_secondary_capture(tmp_path / "scan.dcm")
+    bad = write_non_wsi_dicom(tmp_path / "scan.dcm")
     code = main(["tile", str(dicom_slide), str(bad), "--out", str(tmp_path / "out"), "--mpp", "1.0", "--patch-size", "64"])
     assert code == 1
     assert open_patch_store(tmp_path / "out" / "tiles" / "aperio_dicom.zarr").attrs["mpp_source"] == "metadata"

@@ -14,7 +14,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_slide_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="output directory (stores go to OUT/tiles)")
     add_tile_options(parser)
-    parser.add_argument("--backend", choices=("auto", "openslide", "tiffslide"), default="auto")
+    parser.add_argument("--backend", choices=("auto", "openslide", "tiffslide", "wsidicom"), default="auto")
     parser.set_defaults(run=run)
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 from pathomics.errors import ConfigError, SlideReadError
 from pathomics.slide.base import Resolution, SlideReader, magnification_to_mpp, plausible_mpp, source_stat
 from pathomics.slide.dicom_backend import DicomSlideReader, dicom_series, is_dicom_file, is_dicom_slide
+from pathomics.slide.dicom_tiles import DicomTileSource
 from pathomics.slide.openslide_backend import OpenSlideReader
 from pathomics.slide.tiff_tiles import TiffTileSource
 from pathomics.slide.tiffslide_backend import TiffSlideReader
-from pathomics.slide.dicom_tiles import DicomTileSource
 
 __all__ = ["open_slide", "is_dicom_slide", "source_stat", "SlideReader", "Resolution", "TiffTileSource", "DicomTileSource", "magnification_to_mpp", "BACKENDS"]
 log = logging.getLogger(__name__)

@@ -1,8 +1,9 @@
-"""Convert a synthetic SVS slide into a real DICOM WSI series (one VL Whole Slide Microscopy Image file a level).
+"""DICOM copies of synthetic slides: a real DICOM WSI series (one VL Whole Slide Microscopy Image file a level).
 
-The JPEG tiles are copied byte for byte (no re-encoding), so a DICOM copy holds exactly the SVS's pixels.
-wsidicomizer, the usual converter, is not used: its releases for Python 3.11 pin an old wsidicom and need
-the system libturbojpeg (see the README's DICOM section).
+The JPEG tiles of the SVS are copied byte for byte (no re-encoding), so the copy holds exactly the SVS's
+pixels and a test can compare the two bit for bit. wsidicomizer, the usual converter, is not used: its
+newest release for Python 3.11 (0.26.1) pins wsidicom < 0.32 and PyTurboJPEG < 2, and its direct (opentile)
+path needs the system libturbojpeg.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import tifffile
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -20,8 +20,11 @@ from pydicom.uid import JPEGBaseline8Bit, VLWholeSlideMicroscopyImageStorage, ge
 JPEG = 7  # TIFF compression tag value
 
 
-def svs_to_dicom(svs: Path, out_dir: Path, mpp: float) -> list[Path]:
-    """Write ``out_dir/level_<i>.dcm`` for each pyramid level of ``svs`` (JPEG-tiled, no JPEGTables); returns the files."""
+def write_dicom_copy(svs: Path, out_dir: Path, mpp: float) -> list[Path]:
+    """Write ``out_dir/level_<i>.dcm`` for each pyramid level of ``svs`` (JPEG-tiled, no JPEGTables); returns the files.
+
+    ``mpp`` is the level-0 resolution, written as each level's DICOM pixel spacing.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     uids = {"StudyInstanceUID": generate_uid(), "SeriesInstanceUID": generate_uid(), "FrameOfReferenceUID": generate_uid()}
     files = []
@@ -29,7 +32,8 @@ def svs_to_dicom(svs: Path, out_dir: Path, mpp: float) -> list[Path]:
         pages = [p for p in tiff.pages if p.is_tiled]
         width0 = pages[0].imagewidth
         for level, page in enumerate(pages):
-            assert page.compression == JPEG and page.jpegtables is None, f"{svs}: level {level} is not self-contained JPEG tiles"
+            if page.compression != JPEG or page.jpegtables is not None:
+                raise ValueError(f"{svs}: level {level} is not self-contained JPEG tiles; only such slides can be copied")
             frames = []
             for offset, count in zip(page.dataoffsets, page.databytecounts):
                 tiff.filehandle.seek(offset)
@@ -95,8 +99,8 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
     return _attributes(CodeValue=value, CodingSchemeDesignator=scheme, CodeMeaning=meaning)
 
 
-def write_secondary_capture(path: Path) -> Path:
-    """A small valid DICOM image that is not a whole-slide image (a CT-like secondary capture)."""
+def write_non_wsi_dicom(path: Path) -> Path:
+    """A small valid DICOM image that is not a whole-slide image (an 8x8 secondary capture), for error tests."""
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
     meta = FileMetaDataset()
@@ -108,5 +112,4 @@ def write_secondary_capture(path: Path) -> Path:
                      BitsStored=8, HighBit=7, PixelRepresentation=0, PixelData=np.zeros((8, 8), np.uint8).tobytes())
     ds.file_meta = meta
     ds.save_as(path, enforce_file_format=True)
-    assert pydicom.dcmread(path).SOPClassUID == SecondaryCaptureImageStorage
     return path
