@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import openslide
 import pytest
 
 from pathomics.cli.main import main
@@ -86,6 +87,23 @@ def test_tiling_a_dicom_copy_gives_the_svs_patches(tmp_path, dicom_slide, aperio
     np.testing.assert_array_equal(dcm.coords, svs.coords)
     difference = np.abs(dcm.read_images(0, len(dcm)).astype(int) - svs.read_images(0, len(svs)).astype(int))
     assert difference.mean() <= 1.0
+
+
+def test_a_dicom_slide_openslide_cannot_read_falls_back_to_wsidicom(tmp_path, aperio_slide):
+    pytest.importorskip("wsidicom", reason=WSIDICOM)
+    folder = tmp_path / "jpegls"
+    write_dicom_copy(aperio_slide.path, folder, aperio_slide.mpp, codec="jpeg-ls")
+    with pytest.raises(openslide.OpenSlideError, match="Unsupported transfer syntax"):
+        openslide.OpenSlide(str(folder / "level_0.dcm"))
+    with open_slide(folder) as dcm, open_slide(aperio_slide.path) as svs:
+        assert (dcm.backend, dcm.resolution) == ("wsidicom", Resolution(0.25, "metadata"))
+        for level, xy, size in [(0, (1000, 700), (600, 500)), (1, (400, 800), (300, 200))]:
+            np.testing.assert_array_equal(dcm.read_region(xy, level, size), svs.read_region(xy, level, size))
+    config = TileConfig(target_mpp=1.0, patch_size=64, threads=2)
+    svs_store = open_patch_store(tile_slide(aperio_slide.path, tmp_path / "svs", config).path)
+    dcm_store = open_patch_store(tile_slide(folder, tmp_path / "dcm", config).path)
+    np.testing.assert_array_equal(dcm_store.coords, svs_store.coords)
+    assert np.abs(dcm_store.read_images(0, len(dcm_store)).astype(int) - svs_store.read_images(0, len(svs_store))).mean() <= 1.0
 
 
 def test_a_coords_only_store_of_a_dicom_folder_rereads_its_pixels(tmp_path, dicom_slide):

@@ -45,8 +45,11 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None, backend: str =
         reader_cls = BACKENDS[name]
         try:
             handle = reader_cls.open_handle(files[0])
-        except SlideReadError:
-            raise
+        except SlideReadError as exc:
+            if not dicom:  # a damaged file of a format this backend knows: no other backend reads it better
+                raise
+            reasons.append(f"{name}: {exc.__cause__ or exc}")  # a checked DICOM series: the next reader may support it
+            continue
         except Exception as exc:  # noqa: BLE001 - each backend signals "not mine" with its own types
             reasons.append(f"{name}: {exc}".strip())
             continue

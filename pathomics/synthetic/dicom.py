@@ -10,21 +10,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import tifffile
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
-from pydicom.uid import JPEGBaseline8Bit, VLWholeSlideMicroscopyImageStorage, generate_uid
+from pydicom.uid import JPEGBaseline8Bit, JPEGLSLossless, VLWholeSlideMicroscopyImageStorage, generate_uid
 
 JPEG = 7  # TIFF compression tag value
 
 
-def write_dicom_copy(svs: Path, out_dir: Path, mpp: float) -> list[Path]:
+def write_dicom_copy(svs: Path, out_dir: Path, mpp: float, codec: str = "jpeg") -> list[Path]:
     """Write ``out_dir/level_<i>.dcm`` for each pyramid level of ``svs`` (JPEG-tiled, no JPEGTables); returns the files.
 
-    ``mpp`` is the level-0 resolution, written as each level's DICOM pixel spacing.
+    ``mpp`` is the level-0 resolution, written as each level's DICOM pixel spacing. ``codec`` "jpeg" copies
+    the tiles; "jpeg-ls" stores their decoded pixels losslessly as JPEG-LS, a transfer syntax OpenSlide
+    does not read (the case the wsidicom backend is there for).
     """
+    if codec not in ("jpeg", "jpeg-ls"):
+        raise ValueError(f"codec must be jpeg or jpeg-ls, got {codec!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
     uids = {"StudyInstanceUID": generate_uid(), "SeriesInstanceUID": generate_uid(), "FrameOfReferenceUID": generate_uid()}
     files = []
@@ -38,19 +43,22 @@ def write_dicom_copy(svs: Path, out_dir: Path, mpp: float) -> list[Path]:
             for offset, count in zip(page.dataoffsets, page.databytecounts):
                 tiff.filehandle.seek(offset)
                 frames.append(tiff.filehandle.read(count))
+            if codec == "jpeg-ls":
+                frames = [imagecodecs.jpegls_encode(imagecodecs.jpeg8_decode(frame)) for frame in frames]
             spacing_mm = mpp * width0 / page.imagewidth / 1000.0
             path = out_dir / f"level_{level}.dcm"
-            _level_dataset(page, frames, spacing_mm, level, uids).save_as(path, enforce_file_format=True)
+            _level_dataset(page, frames, spacing_mm, level, uids, codec).save_as(path, enforce_file_format=True)
             files.append(path)
     return files
 
 
-def _level_dataset(page: tifffile.TiffPage, frames: list[bytes], spacing_mm: float, level: int, uids: dict) -> Dataset:
-    """A TILED_FULL VL WSI instance with the given JPEG frames (row-major tiles)."""
+def _level_dataset(page: tifffile.TiffPage, frames: list[bytes], spacing_mm: float, level: int, uids: dict,
+                   codec: str) -> Dataset:
+    """A TILED_FULL VL WSI instance with the given JPEG or JPEG-LS frames (row-major tiles)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = VLWholeSlideMicroscopyImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = JPEGBaseline8Bit
+    meta.TransferSyntaxUID = JPEGBaseline8Bit if codec == "jpeg" else JPEGLSLossless
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
@@ -67,7 +75,7 @@ def _level_dataset(page: tifffile.TiffPage, frames: list[bytes], spacing_mm: flo
         VolumetricProperties="VOLUME", SpecimenLabelInImage="NO", BurnedInAnnotation="NO", FocusMethod="AUTO",
         ExtendedDepthOfField="NO", TotalPixelMatrixFocalPlanes=1, NumberOfOpticalPaths=1,
         ImageOrientationSlide=[0, -1, 0, -1, 0, 0], LossyImageCompression="01", LossyImageCompressionMethod="ISO_10918_1",
-        SamplesPerPixel=3, PhotometricInterpretation="YBR_FULL_422", PlanarConfiguration=0, BitsAllocated=8, BitsStored=8,
+        SamplesPerPixel=3, PhotometricInterpretation="YBR_FULL_422" if codec == "jpeg" else "RGB", PlanarConfiguration=0, BitsAllocated=8, BitsStored=8,
         HighBit=7, PixelRepresentation=0, Rows=page.tilelength, Columns=page.tilewidth,
         TotalPixelMatrixColumns=page.imagewidth, TotalPixelMatrixRows=page.imagelength, NumberOfFrames=len(frames),
         ImagedVolumeWidth=page.imagewidth * spacing_mm, ImagedVolumeHeight=page.imagelength * spacing_mm, ImagedVolumeDepth=0.001,
