@@ -4,7 +4,8 @@ A synthetic 0.25 µm/px Aperio-style slide and its DICOM copy (same JPEG tiles, 
 tiled to 0.5 µm/px x 256 px. Patch reading alone (the tiling grid's coordinates, one thread, 64 a batch)
 is timed for: the SVS through the direct TIFF tile path; the DICOM copy through the direct frame path,
 OpenSlide's ``read_region`` and wsidicom's ``read_region``; repeats interleaved, median reported, with
-each rate's ratio to the SVS path. End-to-end ``tile_slide`` (one thread) is timed for both files too.
+each rate's ratio to the SVS path. End-to-end ``tile_slide`` (one thread) is timed for both files too, and
+decoding alone: 512 level-0 tiles, each once, from the TIFF tile source and from the DICOM frame source.
 
     python benchmarks/dicom.py [--width 16384 --height 12288] [--repeats 5]
 """
@@ -53,6 +54,8 @@ def main() -> None:
         "dicom, wsidicom read_region": (dicom, "wsidicom", False),
     }
     rates: dict[str, list[float]] = {name: [] for name in [*readers, "svs, tile_slide", "dicom, tile_slide"]}
+    decoders = {"svs, decode tiles": (tiling.TiffTileSource, svs), "dicom, decode frames": (tiling.DicomTileSource, dicom)}
+    decode_rates: dict[str, list[float]] = {name: [] for name in decoders}
     try:
         store = open_patch_store(tile_slide(svs, out / "grid", config).path)
         coords, level, read_size = store.coords, store.attrs["read_level"], store.attrs["read_size"]
@@ -68,6 +71,16 @@ def main() -> None:
                         reader.read(coords[i:i + 64])
                     reader.close()
                     rates[name].append(len(coords) / (time.perf_counter() - start))
+            for name, (source_cls, path) in decoders.items():
+                with open_slide(path) as slide:
+                    source = source_cls.open(path, slide.level_dimensions)
+                    columns = -(-slide.dimensions[0] // source.tile_shape(0)[0])
+                    keys = [(0, i // columns, i % columns) for i in range(512)]
+                    start = time.perf_counter()
+                    for key in keys:
+                        source._decode(key)
+                    decode_rates[name].append(len(keys) / (time.perf_counter() - start))
+                    source.close()
             for name, path in [("svs, tile_slide", svs), ("dicom, tile_slide", dicom)]:
                 shutil.rmtree(out / "run", ignore_errors=True)
                 start = time.perf_counter()
@@ -82,6 +95,9 @@ def main() -> None:
         rate = statistics.median(values)
         print(f"  {name:32s} {rate:7.0f} patches/s  {rate / base:5.2f}x svs direct" if "tile_slide" not in name
               else f"  {name:32s} {rate:7.0f} patches/s  (end to end)")
+    tiles = statistics.median(decode_rates["svs, decode tiles"])
+    for name, values in decode_rates.items():
+        print(f"  {name:32s} {statistics.median(values):7.0f} tiles/s    {statistics.median(values) / tiles:5.2f}x svs tiles")
 
 
 if __name__ == "__main__":
