@@ -9,7 +9,6 @@ with one focal plane and one optical path qualify; any other slide keeps its bac
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 
 from pathomics.errors import SlideReadError
 from pathomics.slide.dicom_backend import is_dicom_file, pixel_data_layout, slide_files
-from pathomics.slide.tiff_tiles import TiffTileSource, misaligned_empty
+from pathomics.slide.tiff_tiles import TileCache, misaligned_empty
 
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 _JCS_RGB, _JCS_YCBCR = 2, 3  # libjpeg colour spaces
@@ -35,17 +34,15 @@ class _Level:
     colorspace: int  # how the JPEG frames are coded: RGB, or YCbCr (DICOM YBR_*)
 
 
-class DicomTileSource(TiffTileSource):
-    """Decoded-once JPEG frames of a DICOM slide's levels, assembled into arbitrary boxes (cache shared with TIFF)."""
+class DicomTileSource(TileCache):
+    """Decoded-once JPEG frames of a DICOM slide's levels, assembled into arbitrary boxes."""
 
     method = "dicom-tiles"
 
     def __init__(self, path: Path, levels: Sequence[_Level]) -> None:
-        self.path = path
+        super().__init__(path)
         self._levels = list(levels)
         self._fds = {level.file: os.open(level.file, os.O_RDONLY) for level in levels}
-        self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
-        self.capacity = 256
 
     @classmethod
     def open(cls, path: Path, level_dimensions: Sequence[tuple[int, int]]) -> DicomTileSource | None:
@@ -62,7 +59,7 @@ class DicomTileSource(TiffTileSource):
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
-        self._cache.clear()
+        super().close()
 
     def tile_shape(self, level: int) -> tuple[int, int]:
         return self._levels[level].tile_width, self._levels[level].tile_height
