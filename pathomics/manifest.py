@@ -52,8 +52,8 @@ def entries_from_paths(paths: Sequence[str | os.PathLike], mpp: float | None = N
     """Entries for slide files, DICOM slide folders, and folders of slides (searched one level deep)."""
     files: list[Path] = []
     for p in map(Path, paths):
-        if p.is_dir() and not is_dicom_slide(p):
-            found = sorted(f for f in p.iterdir() if f.suffix.lower() in SLIDE_SUFFIXES or (f.is_dir() and is_dicom_slide(f)))
+        if p.is_dir() and not _is_dicom_slide_folder(p):
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in SLIDE_SUFFIXES or (f.is_dir() and _is_dicom_slide_folder(f)))
         else:
             found = [p]
         if not found:
@@ -63,6 +63,11 @@ def entries_from_paths(paths: Sequence[str | os.PathLike], mpp: float | None = N
     if not files:
         raise InputError("no slides given; name slide files or folders that hold them")
     return check_unique([SlideEntry(f, default_slide_id(f), None, mpp) for f in files], "the slide list")
+
+
+def _is_dicom_slide_folder(path: Path) -> bool:
+    """A folder of DICOM whole-slide-image files and no slide files of other formats (those make it an archive)."""
+    return is_dicom_slide(path) and not any(f.suffix.lower() in SLIDE_SUFFIXES and f.suffix.lower() != ".dcm" for f in path.iterdir())
 
 
 def default_slide_id(path: Path) -> str:

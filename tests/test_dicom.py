@@ -122,6 +122,8 @@ def test_a_dicom_folder_is_one_slide_named_after_the_folder(tmp_path, dicom_slid
     shutil.copytree(dicom_slide, archive / "case7")
     shutil.copy(aperio_slide.path, archive / "case8.svs")
     assert [e.slide_id for e in entries_from_paths([archive])] == ["case7", "case8"]
+    shutil.copy(dicom_slide / "level_1.dcm", archive / "case9.dcm")  # a one-file DICOM slide beside an SVS: an archive
+    assert [e.slide_id for e in entries_from_paths([archive])] == ["case7", "case8", "case9"]
     manifest = tmp_path / "manifest.csv"
     manifest.write_text(f"slide_path\n{dicom_slide}\n")
     assert read_manifest(manifest)[0].slide_id == "aperio_dicom"
