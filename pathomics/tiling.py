@@ -4,8 +4,8 @@ A patch of ``patch_size`` pixels at ``target_mpp`` covers ``round(patch_size * t
 level-0 pixels (a 0.263 µm/px slide at 0.5 µm/px × 256 px reads 487, not 512). Patches are read from
 the coarsest pyramid level at or below the target resolution and area-resampled to the target. For TIFF
 slides each needed tile is decoded once (``TiffTileSource``), for JPEG DICOM slides each needed frame
-(``DicomTileSource``); other formats go through the backend's ``read_region``. Patches are processed in vertical strips, so the tile cache, and with it memory, is
-bounded by the strip, not the slide. The store is written shard by shard and published atomically;
+(``DicomTileSource``); other formats go through the backend's ``read_region``. Patches are processed in
+vertical strips, so the tile cache, and with it memory, is bounded by the strip, not the slide. The store is written shard by shard and published atomically;
 an interrupted run resumes from its last full shard.
 """
 

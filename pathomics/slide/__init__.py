@@ -21,7 +21,8 @@ from pathomics.slide.openslide_backend import OpenSlideReader
 from pathomics.slide.tiff_tiles import TiffTileSource
 from pathomics.slide.tiffslide_backend import TiffSlideReader
 
-__all__ = ["open_slide", "is_dicom_slide", "source_stat", "SlideReader", "Resolution", "TiffTileSource", "DicomTileSource", "magnification_to_mpp", "BACKENDS"]
+__all__ = ["open_slide", "is_dicom_slide", "source_stat", "SlideReader", "Resolution", "TiffTileSource", "DicomTileSource",
+           "magnification_to_mpp", "BACKENDS"]
 log = logging.getLogger(__name__)
 BACKENDS: dict[str, type[OpenSlideReader] | type[TiffSlideReader] | type[DicomSlideReader]] = {
     "openslide": OpenSlideReader,
