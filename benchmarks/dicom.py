@@ -32,8 +32,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "pathomics-bench")
     args = parser.parse_args()
 
-    import pathomics.tiling as tiling
-    from pathomics.slide import open_slide
+    from pathomics.slide import DicomTileSource, TiffTileSource, open_slide
     from pathomics.synthetic import write_slide
     from pathomics.synthetic.dicom import write_dicom_copy
     from pathomics.store import open_patch_store
@@ -54,7 +53,7 @@ def main() -> None:
         "dicom, wsidicom read_region": (dicom, "wsidicom", False),
     }
     rates: dict[str, list[float]] = {name: [] for name in [*readers, "svs, tile_slide", "dicom, tile_slide"]}
-    decoders = {"svs, decode tiles": (tiling.TiffTileSource, svs), "dicom, decode frames": (tiling.DicomTileSource, dicom)}
+    decoders = {"svs, decode tiles": (TiffTileSource, svs), "dicom, decode frames": (DicomTileSource, dicom)}
     decode_rates: dict[str, list[float]] = {name: [] for name in decoders}
     try:
         store = open_patch_store(tile_slide(svs, out / "grid", config).path)
@@ -63,7 +62,7 @@ def main() -> None:
             for name, (path, backend, frames) in readers.items():
                 with contextlib.ExitStack() as stack:
                     if not frames:
-                        stack.enter_context(mock.patch.object(tiling.DicomTileSource, "open", classmethod(lambda cls, *a: None)))
+                        stack.enter_context(mock.patch.object(DicomTileSource, "open", classmethod(lambda cls, *a: None)))
                     slide = stack.enter_context(open_slide(path, backend=backend))
                     start = time.perf_counter()
                     reader = PatchReader(slide, level, read_size, PATCH, threads=1)

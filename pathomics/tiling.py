@@ -30,7 +30,7 @@ from pathomics import __version__
 from pathomics.errors import ConfigError, StoreError
 from pathomics.layout import DONE, SKIPPED, OutputLayout
 from pathomics.manifest import default_slide_id
-from pathomics.slide import DicomTileSource, SlideReader, TiffTileSource, open_slide, source_stat
+from pathomics.slide import SlideReader, open_slide, open_tile_source, source_stat
 from pathomics.store import PatchStore, PatchStoreWriter, open_patch_store, write_png
 from pathomics.tissue import Tissue, TissueConfig, detect_tissue, load_tissue, write_geojson
 
@@ -137,8 +137,7 @@ class PatchReader:
         self.slide, self.level, self.read_size, self.patch_size = slide, level, read_size, patch_size
         self.downsample = slide.level_downsamples[level]
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="pathomics-read")
-        dims = slide.level_dimensions
-        self.tiles = TiffTileSource.open(slide.path, dims) or DicomTileSource.open(slide.path, dims)
+        self.tiles = open_tile_source(slide.path, slide.level_dimensions)
         if self.tiles is not None:
             tw, th = self.tiles.tile_shape(level)
             cols = STRIP_PIXELS // tw + read_size // tw + 3

@@ -76,7 +76,7 @@ def test_tiling_a_dicom_copy_gives_the_svs_patches(tmp_path, dicom_slide, aperio
     if backend == "wsidicom":
         pytest.importorskip("wsidicom", reason=WSIDICOM)
     if not frames:  # read patches through the backend's read_region, not the direct frame path
-        monkeypatch.setattr("pathomics.tiling.DicomTileSource.open", classmethod(lambda cls, *a: None))
+        monkeypatch.setattr("pathomics.slide.DicomTileSource.open", classmethod(lambda cls, *a: None))
     config = TileConfig(target_mpp=target_mpp, patch_size=128, threads=2)
     svs = open_patch_store(tile_slide(aperio_slide.path, tmp_path / "svs", config).path)
     dcm = open_patch_store(tile_slide(dicom_slide, tmp_path / "dcm", config, backend=backend).path)
@@ -127,6 +127,21 @@ def test_a_dicom_folder_is_one_slide_named_after_the_folder(tmp_path, dicom_slid
     manifest = tmp_path / "manifest.csv"
     manifest.write_text(f"slide_path\n{dicom_slide}\n")
     assert read_manifest(manifest)[0].slide_id == "aperio_dicom"
+
+
+def test_viewer_serves_a_dicom_folder_from_its_frames_with_the_svs_tiles(dicom_slide, aperio_slide):
+    from pathomics.viewer import DeepZoom
+    from pathomics.viewer.catalog import SlideEntry as ViewerEntry, slide_file
+
+    entry = ViewerEntry("aperio_dicom", dicom_slide / "x.zarr", dicom_slide, 0.25, 6144, 4096, 256)
+    dcm, svs = DeepZoom(open_slide(slide_file(entry))), DeepZoom(open_slide(aperio_slide.path))
+    try:
+        assert dcm.direct and dcm.dzi() == svs.dzi()
+        for level in (dcm.level_count - 1, dcm.level_count - 2, dcm.level_count - 4):  # full size, 2x and 8x (level 1) down
+            np.testing.assert_array_equal(dcm.tile_array(level, 1, 1), svs.tile_array(level, 1, 1))
+    finally:
+        dcm.close()
+        svs.close()
 
 
 @pytest.mark.parametrize("given", ["folder", "file"])

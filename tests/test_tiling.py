@@ -110,7 +110,7 @@ def test_coords_only_store_reads_pixels_from_the_slide(tmp_path, aperio_slide):
 def test_openslide_path_equals_tile_decoding_path(tmp_path, generic_slide, monkeypatch):
     config = TileConfig(target_mpp=0.5, patch_size=128)
     fast = open_patch_store(tile_slide(generic_slide.path, tmp_path / "fast", config).path)
-    monkeypatch.setattr("pathomics.tiling.TiffTileSource.open", classmethod(lambda cls, *a: None))
+    monkeypatch.setattr("pathomics.slide.TiffTileSource.open", classmethod(lambda cls, *a: None))
     slow = open_patch_store(tile_slide(generic_slide.path, tmp_path / "slow", config).path)
     np.testing.assert_array_equal(fast.read_images(0, len(fast)), slow.read_images(0, len(slow)))
 

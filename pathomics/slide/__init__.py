@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from pathomics.errors import ConfigError, SlideReadError
@@ -18,11 +19,11 @@ from pathomics.slide.base import Resolution, SlideReader, magnification_to_mpp, 
 from pathomics.slide.dicom_backend import DicomSlideReader, dicom_series, is_dicom_file, is_dicom_slide
 from pathomics.slide.dicom_tiles import DicomTileSource
 from pathomics.slide.openslide_backend import OpenSlideReader
-from pathomics.slide.tiff_tiles import TiffTileSource
+from pathomics.slide.tiff_tiles import TileCache, TiffTileSource
 from pathomics.slide.tiffslide_backend import TiffSlideReader
 
-__all__ = ["open_slide", "is_dicom_slide", "source_stat", "SlideReader", "Resolution", "TiffTileSource", "DicomTileSource",
-           "magnification_to_mpp", "BACKENDS"]
+__all__ = ["open_slide", "open_tile_source", "is_dicom_slide", "source_stat", "SlideReader", "Resolution", "TileCache",
+           "TiffTileSource", "DicomTileSource", "magnification_to_mpp", "BACKENDS"]
 log = logging.getLogger(__name__)
 BACKENDS: dict[str, type[OpenSlideReader] | type[TiffSlideReader] | type[DicomSlideReader]] = {
     "openslide": OpenSlideReader,
@@ -62,6 +63,11 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None, backend: str =
         return reader_cls(path, handle, resolution)
     raise SlideReadError(f"{path}: not a slide that {' or '.join(names)} can read ({'; '.join(reasons)}); "
                          "check that the file is a whole-slide image and was copied completely")
+
+
+def open_tile_source(path: Path, level_dimensions: Sequence[tuple[int, int]]) -> TileCache | None:
+    """The direct tile reader of a slide (TIFF tiles, DICOM JPEG frames), or None: read it with ``read_region``."""
+    return TiffTileSource.open(path, level_dimensions) or DicomTileSource.open(path, level_dimensions)
 
 
 def _resolve_mpp(path: Path, found: Resolution | None, override: float | None) -> Resolution:

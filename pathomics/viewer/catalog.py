@@ -70,10 +70,10 @@ def _entry(path: Path) -> SlideEntry:
 
 
 def slide_file(entry: SlideEntry, slides_dir: Path | None = None) -> Path:
-    """The slide file of ``entry``: its recorded source path, else a file of that name in ``slides_dir``."""
-    if entry.source_path.is_file():
+    """The slide of ``entry`` (a file, or a DICOM slide folder): its recorded source path, else one of that name in ``slides_dir``."""
+    if entry.source_path.exists():
         return entry.source_path
-    if slides_dir is not None and (slides_dir / entry.source_path.name).is_file():
+    if slides_dir is not None and (slides_dir / entry.source_path.name).exists():
         return slides_dir / entry.source_path.name
     raise SlideReadError(f"{entry.source_path}: the slide file of {entry.slide_id} is not there any more; "
                          "pass --slides DIR naming the folder it now lives in")

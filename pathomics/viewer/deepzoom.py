@@ -3,9 +3,9 @@
 The tile geometry is OpenSlide's ``DeepZoomGenerator`` (``limit_bounds=False``): level ``L`` of
 ``max_level + 1`` is the slide halved (rounding up) ``max_level - L`` times, tiles are ``tile_size``
 square plus ``overlap`` pixels on each inner side. Pixels come from the coarsest pyramid level at or
-below the tile's downsample and are area-resized. TIFF-family slides (SVS, pyramidal TIFF) are read by
-decoding their JPEG tiles directly (``TiffTileSource``, the tiling fast path, pixels identical to
-OpenSlide's); other formats through the slide reader's ``read_region``.
+below the tile's downsample and are area-resized. TIFF-family slides (SVS, pyramidal TIFF) and JPEG DICOM
+slides are read by decoding their tiles directly (``open_tile_source``, the tiling fast path, pixels
+identical to OpenSlide's); other formats through the slide reader's ``read_region``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pathomics.slide import SlideReader, TiffTileSource
+from pathomics.slide import SlideReader, open_tile_source
 
 DZI_NAMESPACE = "http://schemas.microsoft.com/deepzoom/2008"
 TILE_CACHE = 32  # decoded slide tiles kept per open slide (256² px: 6 MB)
@@ -37,7 +37,7 @@ class TileBox:
 class DeepZoom:
     """The Deep Zoom pyramid of one open slide: DZI descriptor and JPEG tiles (thread-safe).
 
-    ``direct``: decode TIFF tiles directly when the slide allows (else, or when False, ``read_region``).
+    ``direct``: decode TIFF tiles or DICOM frames directly when the slide allows (else, or when False, ``read_region``).
     Closing it closes ``reader``.
     """
 
@@ -50,7 +50,7 @@ class DeepZoom:
         self.max_level = math.ceil(math.log2(max(width, height, 1)))
         self.level_dimensions = tuple((-(-width // 2 ** (self.max_level - z)), -(-height // 2 ** (self.max_level - z)))
                                       for z in range(self.max_level + 1))
-        self._tiles = TiffTileSource.open(reader.path, reader.level_dimensions) if direct else None
+        self._tiles = open_tile_source(reader.path, reader.level_dimensions) if direct else None
         self.direct = self._tiles is not None  # whether tiles are decoded directly
         if self._tiles is not None:
             self._tiles.capacity = TILE_CACHE
