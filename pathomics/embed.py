@@ -229,7 +229,8 @@ def _collect(features: np.ndarray, start: int, host: torch.Tensor, event: torch.
 
 def store_fingerprint(store: PatchStore) -> str:
     """SHA-256 of a store's provenance attributes and coordinates: changes whenever the store is rebuilt differently."""
-    digest = hashlib.sha256(json.dumps(store.attrs, sort_keys=True, default=str).encode())
+    attrs = {k: v for k, v in store.attrs.items() if k != "qc"}  # QC is refreshed in place and changes no pixel
+    digest = hashlib.sha256(json.dumps(attrs, sort_keys=True, default=str).encode())
     digest.update(np.ascontiguousarray(store.coords, dtype=np.int64).tobytes())
     return digest.hexdigest()
 

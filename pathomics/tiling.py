@@ -30,6 +30,7 @@ from pathomics import __version__
 from pathomics.errors import ConfigError, StoreError
 from pathomics.layout import DONE, SKIPPED, OutputLayout
 from pathomics.manifest import default_slide_id
+from pathomics.qc import BatchScores, QCConfig, score_batch, update_slide_qc
 from pathomics.slide import SlideReader, open_slide, open_tile_source, source_stat
 from pathomics.store import PatchStore, PatchStoreWriter, open_patch_store, write_png
 from pathomics.tissue import Tissue, TissueConfig, detect_tissue, load_tissue, write_geojson
@@ -51,6 +52,7 @@ class TileConfig:
     tissue: TissueConfig = field(default_factory=TissueConfig)
     batch_size: int = 64
     threads: int = max(1, os.cpu_count() or 1)
+    qc: QCConfig | None = field(default_factory=QCConfig)  # None: no quality control
 
     def __post_init__(self) -> None:
         if not self.target_mpp > 0:
@@ -196,6 +198,7 @@ def tile_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, config
         attrs = store_attributes(slide, slide_id, config, tissue_geojson)
         if _unchanged(final, attrs):
             log.info("%s: complete store with the same source and parameters exists; skipped", slide_id)
+            update_slide_qc(out_dir, final, config.qc)
             return TileResult(slide_id, final, int(attrs["n_patches"] or 0), SKIPPED, time.perf_counter() - start_time)
         tissue = load_tissue(slide, tissue_geojson, config.tissue) if tissue_geojson else detect_tissue(slide, config.tissue)
         grid = plan_grid(slide, tissue.polygons, config)
@@ -210,9 +213,11 @@ def tile_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, config
         writer = PatchStoreWriter(final, attrs, grid.coords, grid.tissue_fraction, with_pixels=config.with_pixels)
         if 0 < writer.patches_written < len(grid.coords):
             log.info("%s: resuming an interrupted store at patch %d of %d", slide_id, writer.patches_written, len(grid.coords))
+        scores: list[BatchScores] = []
         if config.with_pixels:
-            _stream_patches(slide, grid, config, writer, progress)
+            _stream_patches(slide, grid, config, writer, progress, scores)
         writer.publish()
+        update_slide_qc(out_dir, final, config.qc, scores)
     return TileResult(slide_id, final, len(grid.coords), DONE, time.perf_counter() - start_time)
 
 
@@ -247,8 +252,8 @@ def _unchanged(final: Path, attrs: dict) -> bool:
 
 
 def _stream_patches(slide: SlideReader, grid: Grid, config: TileConfig, writer: PatchStoreWriter,
-                    progress: Callable[[int, int], None] | None) -> None:
-    """Read patches batch by batch and hand full shards to a writer thread (reading and compression overlap)."""
+                    progress: Callable[[int, int], None] | None, scores: list[BatchScores]) -> None:
+    """Read patches batch by batch (QC-scoring each into ``scores``) and hand full shards to a writer thread."""
     reader = PatchReader(slide, grid.read_level, grid.read_size, config.patch_size, config.threads)
     shards: queue.Queue = queue.Queue(maxsize=1)
     failure: list[BaseException] = []
@@ -269,6 +274,8 @@ def _stream_patches(slide: SlideReader, grid: Grid, config: TileConfig, writer: 
             images = np.empty((min(n, shard_start + shard) - shard_start, config.patch_size, config.patch_size, 3), np.uint8)
             for i in range(0, len(images), batch):
                 images[i:i + batch] = reader.read(grid.coords[shard_start + i:shard_start + min(len(images), i + batch)])
+                if config.qc:
+                    scores.append(score_batch(images[i:i + batch], config.qc))
             if failure:
                 break
             shards.put((shard_start, images))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,12 +115,13 @@ def tissue_layout(layout: str, width: int, height: int) -> tuple[Ellipse, ...]:
 def write_slide(path: str | os.PathLike, width: int, height: int, mpp: float | None = 0.25, flavour: str = "aperio",
                 layout: str = "blob", seed: int = 0, tile: int = 256, quality: int = 90,
                 level_factor: int = 4, min_level_size: int = 512, shapes: tuple[Ellipse, ...] | None = None,
-                regions: tuple[Ellipse, ...] = (), atypia: float = 1.0) -> SlideTruth:
+                regions: tuple[Ellipse, ...] = (), atypia: float = 1.0, paint: Painter | None = None) -> SlideTruth:
     """Write a pyramidal, tiled, JPEG-compressed TIFF slide and return its truth.
 
     ``flavour`` "aperio" writes an SVS-style description (needs ``mpp``); "generic" writes TIFF
     resolution tags in centimetres, or none when ``mpp`` is None. ``shapes`` replaces the named
     ``layout``; ``regions`` are painted with nuclei of the given ``atypia`` (0 to 1, see ``Nuclei.atypical``).
+    ``paint`` alters each rendered level-0 block of tissue (planted artefacts, see ``synthetic_artefacts``).
     """
     import tifffile
 
@@ -146,11 +147,16 @@ def write_slide(path: str | os.PathLike, width: int, height: int, mpp: float | N
                                         f"JPEG/RGB Q={quality}|AppMag = {round(10 / mpp)}|MPP = {mpp}")
             if flavour == "generic" and mpp is not None:
                 extra.update(resolution=(1e4 / (mpp * ds), 1e4 / (mpp * ds)), resolutionunit="CENTIMETER")
-            writer.write(_level_tiles(truth, atlas, ds, lw, lh, tile), shape=(lh, lw, 3), dtype=np.uint8, **options, **extra)
+            writer.write(_level_tiles(truth, atlas, ds, lw, lh, tile, paint), shape=(lh, lw, 3), dtype=np.uint8, **options, **extra)
     return truth
 
 
-def _level_tiles(truth: SlideTruth, atlas: tuple[np.ndarray, np.ndarray], ds: int, lw: int, lh: int, tile: int) -> Iterator[np.ndarray]:
+# paint(block, x0, y0, render) -> block: alters the level-0 block at (x0, y0); render(x, y, size) renders any other block
+Painter = Callable[[np.ndarray, int, int, Callable[[int, int, int], np.ndarray]], np.ndarray]
+
+
+def _level_tiles(truth: SlideTruth, atlas: tuple[np.ndarray, np.ndarray], ds: int, lw: int, lh: int, tile: int,
+                 paint: Painter | None = None) -> Iterator[np.ndarray]:
     """Tiles of one pyramid level in row-major order, each the area-downsampled level-0 block."""
     import cv2
 
@@ -163,6 +169,8 @@ def _level_tiles(truth: SlideTruth, atlas: tuple[np.ndarray, np.ndarray], ds: in
                 yield glass
                 continue
             block = _render(truth, atlas, x0, y0, size)
+            if paint is not None:
+                block = paint(block, x0, y0, lambda x, y, s: _render(truth, atlas, x, y, s))
             yield block if ds == 1 else cv2.resize(block, (tile, tile), interpolation=cv2.INTER_AREA)
 
 

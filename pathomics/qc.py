@@ -1,0 +1,399 @@
+"""Per-patch and per-slide quality control, scored at tiling time on the pixels already decoded.
+
+Every patch (at the target MPP) gets cheap, vectorised scores:
+
+- ``focus``: mean squared Laplacian of the grey image over its tissue pixels, divided by their grey
+  variance: the share of the tissue's contrast that is fine detail. Dividing by the variance makes it
+  independent of how much (and how dark) tissue the patch holds; blur removes fine detail first.
+- ``pen``: fraction of pixels of a marker hue (``pen_blue``, ``pen_green``, ``pen_black``). H&E has no
+  green and its haematoxylin is purple, not blue; black ink is dark and grey, unlike any stain.
+- ``fold``: the patch's mean eosin concentration over the slide's median. A fold (or thick section)
+  stacks tissue on tissue, doubling the stroma's eosin; dense nuclei raise haematoxylin instead.
+- ``bubble``: the share of the patch that looks blank (bright, colourless: a washed-out bubble interior,
+  glare) beyond what its tissue polygon leaves blank.
+- stain: each slide's Macenko haematoxylin and eosin vectors (fitted on a fixed sample of tissue pixels
+  of every patch), each patch's mean haematoxylin and eosin concentrations (``stain_h``, ``stain_e``),
+  and, across the slides of an output directory, slides whose vectors are outliers.
+
+Colour and stain statistics use every ``pixel_stride``-th pixel in each direction; focus uses all pixels.
+``<out>/qc/<slide_id>.parquet`` holds one row per patch in the store's order; ``<out>/qc_summary.csv``
+one row per slide (also in the store attribute ``qc``); ``<out>/qc/<slide_id>.qc.png`` shows the flags.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pathomics.errors import StoreError
+
+FLAGS = ("blur", "pen", "fold", "bubble")
+FLAG_COLORS = {"pen": (255, 0, 255), "blur": (255, 200, 0), "fold": (220, 0, 0), "bubble": (0, 200, 255)}  # RGB
+REFERENCE_STAINS = np.array([[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]])  # Macenko et al.'s H and E columns
+SUMMARY_FILE = "qc_summary.csv"
+SAMPLE_GRID = 8  # pixels sampled per patch for the stain fit: an 8x8 grid
+FOCUS_BLOCKS = 4  # focus is scored on 4x4 blocks of each patch
+
+
+@dataclass(frozen=True)
+class QCConfig:
+    """Thresholds of the per-patch flags (a patch passes when it raises none) and of the stain outlier test.
+
+    Pixel classes, in OpenCV's HSV (hue 0-180, i.e. degrees / 2; saturation and value 0-255): *blank*
+    (glass, glare, a washed-out bubble) when value >= ``blank_value`` and saturation <= ``blank_saturation``,
+    *tissue* otherwise; *blue ink* with hue in ``blue_hue`` and *green ink* with hue in ``green_hue``, both
+    with saturation >= ``ink_saturation``; *black ink* with value < ``black_value`` and saturation <
+    ``black_saturation`` (dark and grey). Flags: ``blur`` when ``focus < min_focus``; ``pen`` when the ink
+    fraction exceeds ``max_pen``; ``fold`` when the eosin concentration exceeds ``max_fold`` times the slide's
+    median; ``bubble`` when the blank share beyond the tissue polygon's exceeds ``max_bubble``.
+    Stain: optical density ``-ln((I + 1) / stain_io)``; Macenko's ``stain_beta`` (OD floor) and
+    ``stain_alpha`` (angle percentile). A slide is a stain outlier when its H or E vector lies more than
+    ``max(stain_outlier_degrees, stain_outlier_mads x 1.4826 x MAD)`` degrees from the batch's median
+    vector, in a batch of at least ``stain_min_slides`` slides.
+    """
+
+    min_focus: float = 1.2
+    max_pen: float = 0.10
+    max_fold: float = 1.5
+    max_bubble: float = 0.25
+    blank_value: int = 215
+    blank_saturation: int = 25
+    blue_hue: tuple[int, int] = (95, 125)
+    green_hue: tuple[int, int] = (35, 85)
+    ink_saturation: int = 60
+    black_value: int = 70
+    black_saturation: int = 110
+    pixel_stride: int = 8
+    stain_io: int = 240
+    stain_beta: float = 0.15
+    stain_alpha: float = 1.0
+    stain_outlier_degrees: float = 10.0
+    stain_outlier_mads: float = 3.0
+    stain_min_slides: int = 3
+
+    def __post_init__(self) -> None:
+        if self.min_focus < 0 or not 0 <= self.max_pen <= 1 or self.max_fold <= 0 or not 0 <= self.max_bubble <= 1:
+            raise ValueError(f"QC thresholds out of range: {self}")
+        if self.pixel_stride < 1 or self.stain_min_slides < 2 or self.stain_io < 1:
+            raise ValueError(f"QC sampling parameters out of range: {self}")
+
+
+@dataclass(frozen=True)
+class BatchScores:
+    """Raw per-patch statistics of a batch, before the slide-level steps (stain fit, fold normalisation)."""
+
+    focus: np.ndarray        # (n,) see _focus
+    blank: np.ndarray        # (n,) fraction of blank pixels
+    pen: np.ndarray          # (n, 3) fractions of blue, green and black ink pixels
+    mean_od: np.ndarray      # (n, 3) mean optical density of the tissue pixels
+    sample: np.ndarray       # (n, SAMPLE_GRID**2, 3) uint8 RGB pixels for the stain fit
+
+
+def score_batch(images: np.ndarray, config: QCConfig) -> BatchScores:
+    """Raw QC statistics of a batch of (n, P, P, 3) uint8 RGB patches at the target MPP.
+
+    Each patch's statistics depend on its own pixels only (not on the batch), so a resumed slide scores alike.
+    """
+    import cv2
+
+    n, p = len(images), images.shape[1] if len(images) else 0
+    if n == 0:
+        return BatchScores(*(np.zeros((0, *shape), np.float32) for shape in ((), (), (3,), (3,))),
+                           np.zeros((0, SAMPLE_GRID * SAMPLE_GRID, 3), np.uint8))
+    sub = np.ascontiguousarray(images[:, ::config.pixel_stride, ::config.pixel_stride])
+    s = sub.shape[1]
+    classes = pixel_classes(sub.reshape(n * s, s, 3), config)
+    blank, blue, green, black = (patch_means(c, n) for c in classes)
+    tissue = 255 - classes[0]
+    od = cv2.LUT(sub.reshape(n * s, s, 3), _od_table(config.stain_io))
+    od_sum = patch_means(cv2.multiply(od, cv2.merge([tissue] * 3), scale=1 / 255, dtype=cv2.CV_32F), n)
+    mean_od = od_sum / np.maximum(1.0 - blank, 1e-6)[:, None]
+    step = max(1, p // SAMPLE_GRID)
+    sample = images[:, step // 2::step, step // 2::step][:, :SAMPLE_GRID, :SAMPLE_GRID].reshape(n, -1, 3)
+    return BatchScores(_focus(images, config), blank, np.stack([blue, green, black], axis=1), mean_od.astype(np.float32),
+                       np.ascontiguousarray(sample))
+
+
+def pixel_classes(rgb: np.ndarray, config: QCConfig) -> tuple[np.ndarray, ...]:
+    """Masks (0 or 255) of blank, blue-ink, green-ink and black-ink pixels of an (h, w, 3) uint8 RGB image."""
+    import cv2
+
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+    return (cv2.inRange(hsv, (0, 0, config.blank_value), (180, config.blank_saturation, 255)),
+            cv2.inRange(hsv, (config.blue_hue[0], config.ink_saturation, 0), (config.blue_hue[1] - 1, 255, 255)),
+            cv2.inRange(hsv, (config.green_hue[0], config.ink_saturation, 0), (config.green_hue[1] - 1, 255, 255)),
+            cv2.inRange(hsv, (0, 0, 0), (180, config.black_saturation - 1, config.black_value - 1)))
+
+
+def patch_means(image: np.ndarray, n: int) -> np.ndarray:
+    """Per-patch means of a tall (n x s, s[, c]) image of n stacked patches (0-255 masks become fractions)."""
+    import cv2
+
+    means = cv2.resize(image.astype(np.float32, copy=False), (1, n), interpolation=cv2.INTER_AREA).reshape(n, -1)
+    if means.shape[1] == 1:
+        means = means[:, 0]
+    return means / 255.0 if image.dtype == np.uint8 else means
+
+
+def _focus(images: np.ndarray, config: QCConfig) -> np.ndarray:
+    """Per patch, the lowest mean squared Laplacian per tissue pixel among its FOCUS_BLOCKS² blocks with half or more tissue.
+
+    The grey image's 4-neighbour Laplacian at the target MPP; rows touching a neighbouring patch of the batch
+    are left out, so a patch scores alike in any batch. Dividing by the tissue pixels normalises for tissue
+    content; taking the worst block catches a patch half out of focus. Inf when no block has enough tissue.
+    """
+    import cv2
+
+    n, p = images.shape[:2]
+    grey = cv2.cvtColor(np.ascontiguousarray(images).reshape(n * p, p, 3), cv2.COLOR_RGB2GRAY)
+    lap = cv2.Laplacian(grey, cv2.CV_16S, ksize=1)
+    tissue = cv2.compare(grey, config.blank_value, cv2.CMP_LT)
+    k = FOCUS_BLOCKS
+    edges = [round(i * p / k) for i in range(k + 1)]
+    energy = np.full((n, k * k), np.inf, dtype=np.float32)
+    for i in range(n):
+        for r in range(k):
+            rows = slice(i * p + max(1, edges[r]), i * p + min(p - 1, edges[r + 1]))
+            for c in range(k):
+                cols = slice(edges[c], edges[c + 1])
+                count = cv2.countNonZero(tissue[rows, cols])
+                if 2 * count >= (rows.stop - rows.start) * (cols.stop - cols.start):
+                    energy[i, r * k + c] = cv2.norm(lap[rows, cols], cv2.NORM_L2SQR) / count
+    return energy.min(axis=1)
+
+
+_OD_TABLES: dict[int, np.ndarray] = {}
+
+
+def _od_table(io: int) -> np.ndarray:
+    """Optical density -ln((v + 1) / io) of each uint8 value (as torchstain's Macenko computes it)."""
+    if io not in _OD_TABLES:
+        _OD_TABLES[io] = (-np.log((np.arange(256, dtype=np.float64) + 1) / io)).astype(np.float32)
+    return _OD_TABLES[io]
+
+
+def macenko_stains(rgb: np.ndarray, config: QCConfig) -> np.ndarray | None:
+    """Macenko stain vectors (3, 2): haematoxylin and eosin unit OD columns, or None without enough stained pixels.
+
+    The algorithm of Macenko et al. (2009) as torchstain implements it: OD of the pixels, those with every
+    channel above ``stain_beta``, projected on the plane of the two main eigenvectors; the ``stain_alpha``
+    and 100 - ``stain_alpha`` percentiles of the angle give the two stains, haematoxylin the one redder in OD.
+    """
+    od = _od_table(config.stain_io)[np.asarray(rgb, dtype=np.uint8).reshape(-1, 3)].astype(np.float64)
+    od = od[~np.any(od < config.stain_beta, axis=1)]
+    if len(od) < 100:
+        return None
+    _, vectors = np.linalg.eigh(np.cov(od.T))
+    plane = od @ vectors[:, 1:3]
+    phi = np.arctan2(plane[:, 1], plane[:, 0])
+    lo, hi = np.percentile(phi, config.stain_alpha), np.percentile(phi, 100 - config.stain_alpha)
+    v_min = vectors[:, 1:3] @ np.array([np.cos(lo), np.sin(lo)])
+    v_max = vectors[:, 1:3] @ np.array([np.cos(hi), np.sin(hi)])
+    stains = np.stack([v_min, v_max] if v_min[0] > v_max[0] else [v_max, v_min], axis=1)
+    stains *= np.where(stains.sum(axis=0) < 0, -1.0, 1.0)  # an eigenvector's sign is arbitrary; OD is positive
+    return stains / np.linalg.norm(stains, axis=0)
+
+
+def qc_path(out_dir: str | os.PathLike, slide_id: str) -> Path:
+    """Where the per-patch QC table of ``slide_id`` lives under an output directory."""
+    return Path(out_dir) / "qc" / f"{slide_id}.parquet"
+
+
+@dataclass(frozen=True)
+class SlideQC:
+    """A slide's QC: one row per patch (store order) and the per-slide summary."""
+
+    table: Any  # pandas.DataFrame
+    summary: dict[str, Any]
+
+
+def slide_qc(batches: Sequence[BatchScores], coords: np.ndarray, tissue_fraction: np.ndarray, config: QCConfig,
+             slide_id: str) -> SlideQC:
+    """Slide-level QC from the raw scores of all its patches (in store order): stain fit, scores, flags, summary."""
+    import pandas as pd
+
+    raw = BatchScores(*(np.concatenate([getattr(b, f) for b in batches]) if batches else np.zeros((0, *shape), dtype)
+                        for f, shape, dtype in (("focus", (), np.float32), ("blank", (), np.float32), ("pen", (3,), np.float32),
+                                                ("mean_od", (3,), np.float32), ("sample", (SAMPLE_GRID ** 2, 3), np.uint8))))
+    if len(raw.focus) != len(coords):
+        raise StoreError(f"{slide_id}: QC scored {len(raw.focus)} patches of {len(coords)}")
+    stains, fit = _slide_stains(raw.sample, config)
+    conc = np.linalg.lstsq(stains, raw.mean_od.T.astype(np.float64), rcond=None)[0].T if len(coords) else np.zeros((0, 2))
+    eosin = float(np.median(conc[:, 1])) if len(coords) else 0.0
+    table = pd.DataFrame({
+        "x": coords[:, 0].astype(np.int64), "y": coords[:, 1].astype(np.int64), "focus": raw.focus,
+        "pen": raw.pen.sum(axis=1), "pen_blue": raw.pen[:, 0], "pen_green": raw.pen[:, 1], "pen_black": raw.pen[:, 2],
+        "fold": (conc[:, 1] / eosin if eosin > 0 else np.zeros(len(coords))).astype(np.float32),
+        "bubble": np.maximum(raw.blank - (1.0 - np.asarray(tissue_fraction, np.float32)), 0.0),
+        "stain_h": conc[:, 0].astype(np.float32), "stain_e": conc[:, 1].astype(np.float32),
+    })
+    table["flag_blur"] = table.focus < config.min_focus
+    table["flag_pen"] = table.pen > config.max_pen
+    table["flag_fold"] = table.fold > config.max_fold
+    table["flag_bubble"] = table.bubble > config.max_bubble
+    table["qc_pass"] = ~table[[f"flag_{f}" for f in FLAGS]].any(axis=1)
+    summary: dict[str, Any] = {"slide_id": slide_id, "patches": len(table)}
+    summary.update({f"frac_{f}": _fraction(table[f"flag_{f}"]) for f in FLAGS})
+    summary["frac_fail"] = _fraction(~table.qc_pass)
+    summary.update({f"stain_{s}_{c}": round(float(stains[i, j]), 6) for j, s in enumerate("he") for i, c in enumerate("rgb")})
+    summary["stain_fit"] = fit
+    return SlideQC(table, summary)
+
+
+def _fraction(flags: Any) -> float:
+    return round(float(np.mean(flags)), 6) if len(flags) else 0.0
+
+
+def _slide_stains(sample: np.ndarray, config: QCConfig) -> tuple[np.ndarray, str]:
+    """Macenko vectors from the sampled pixels that are neither blank nor ink; the reference vectors if too few."""
+    pixels = sample.reshape(-1, 1, 3)
+    if len(pixels):
+        pixels = pixels[np.max(np.stack(pixel_classes(pixels, config)), axis=0).ravel() == 0]
+    stains = macenko_stains(pixels, config) if len(pixels) else None
+    return (stains, "macenko") if stains is not None else (REFERENCE_STAINS / np.linalg.norm(REFERENCE_STAINS, axis=0), "reference")
+
+
+def store_key(store: Any) -> str:
+    """SHA-256 of a patch store's coordinates and tiling attributes (its ``qc`` attribute aside): what QC depends on."""
+    attrs = {k: v for k, v in store.attrs.items() if k != "qc"}
+    digest = hashlib.sha256(json.dumps(attrs, sort_keys=True, default=str).encode())
+    digest.update(np.ascontiguousarray(store.coords, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def _metadata(store: Any, config: QCConfig) -> dict[str, Any]:
+    return {"store_key": store_key(store), "config": json.loads(json.dumps(asdict(config)))}
+
+
+def read_qc(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
+    """A QC table and its provenance (``store_key``, ``config``)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    meta = json.loads((table.schema.metadata or {}).get(b"pathomics_qc", b"{}"))
+    return table.to_pandas(), meta
+
+
+def is_current(out_dir: str | os.PathLike, store: Any, config: QCConfig) -> bool:
+    """Whether the slide's QC table was computed from this very store with this configuration."""
+    path = qc_path(out_dir, store.slide_id)
+    try:
+        return path.exists() and read_qc(path)[1] == _metadata(store, config)
+    except (OSError, ValueError):
+        return False
+
+
+def update_slide_qc(out_dir: str | os.PathLike, store_path: str | os.PathLike, config: QCConfig | None,
+                    batches: Sequence[BatchScores] = (), batch_size: int = 256) -> SlideQC | None:
+    """Write a slide's QC outputs unless they are current: the table, its summary row and store attribute, the thumbnail.
+
+    ``batches`` score the store's last patches (those this run decoded); earlier ones (a resumed store) and
+    all of a skipped store are read back from the store. Nothing for a coords-only store or ``config`` None.
+    """
+    from pathomics.store import open_patch_store
+
+    store = open_patch_store(store_path)
+    if config is None or not store.has_pixels or (not batches and is_current(out_dir, store, config)):
+        return None
+    scored = sum(len(b.focus) for b in batches)
+    head = [score_batch(store.read_images(i, min(i + batch_size, len(store) - scored)), config)
+            for i in range(0, len(store) - scored, batch_size)]
+    result = slide_qc([*head, *batches], store.coords, store.tissue_fraction, config, store.slide_id)
+    write_qc(out_dir, store, result, config)
+    return result
+
+
+def write_qc(out_dir: str | os.PathLike, store: Any, result: SlideQC, config: QCConfig) -> None:
+    """The table (atomically, with its provenance), the store's ``qc`` attribute, the summary row and the thumbnail."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zarr
+
+    from pathomics.store import atomic_path
+
+    table = pa.Table.from_pandas(result.table, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                           b"pathomics_qc": json.dumps(_metadata(store, config)).encode()})
+    with atomic_path(qc_path(out_dir, store.slide_id)) as tmp:
+        pq.write_table(table, tmp)
+    zarr.open_group(store.path, mode="r+", zarr_format=3).attrs["qc"] = {**result.summary, "config": asdict(config)}
+    update_summary(out_dir, result.summary, config)
+    write_thumbnail(out_dir, store, result.table)
+
+
+def update_summary(out_dir: str | os.PathLike, row: dict[str, Any], config: QCConfig) -> Any:
+    """Merge a slide's row into ``<out>/qc_summary.csv`` and re-test every slide's stain against the batch (under a lock)."""
+    import pandas as pd
+
+    from pathomics.batch import exclusive_lock
+    from pathomics.store import atomic_path
+
+    path = Path(out_dir) / SUMMARY_FILE
+    with exclusive_lock(Path(out_dir) / "locks" / "qc_summary.lock", wait=True):
+        old = pd.read_csv(path, dtype={"slide_id": str}) if path.exists() else pd.DataFrame(columns=["slide_id"])
+        table = pd.concat([old[old.slide_id != row["slide_id"]], pd.DataFrame([row])], ignore_index=True)
+        table = table.drop(columns=["stain_angle", "stain_outlier"], errors="ignore")
+        angle, outlier = stain_outliers(table[[f"stain_{s}_{c}" for s in "he" for c in "rgb"]].to_numpy(float), config)
+        table["stain_angle"], table["stain_outlier"] = angle.round(3), outlier
+        with atomic_path(path) as tmp:
+            table.to_csv(tmp, index=False)
+    return table
+
+
+def stain_outliers(vectors: np.ndarray, config: QCConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per slide (rows: H rgb then E rgb), the angle in degrees of its farther stain vector from the batch's median,
+    and whether that makes it an outlier (see QCConfig); nobody is an outlier in a batch under ``stain_min_slides``."""
+    if len(vectors) == 0:
+        return np.zeros(0), np.zeros(0, dtype=bool)
+    angles = []
+    for part in (vectors[:, :3], vectors[:, 3:]):
+        unit = part / np.linalg.norm(part, axis=1, keepdims=True)
+        median = np.median(unit, axis=0)
+        angles.append(np.degrees(np.arccos(np.clip(unit @ (median / np.linalg.norm(median)), -1.0, 1.0))))
+    angle = np.maximum(*angles)
+    spread = config.stain_outlier_mads * 1.4826 * np.median(np.abs(angle - np.median(angle)))
+    outlier = (angle > max(config.stain_outlier_degrees, spread)) & (len(vectors) >= config.stain_min_slides)
+    return angle, outlier
+
+
+def write_thumbnail(out_dir: str | os.PathLike, store: Any, table: Any) -> Path | None:
+    """``<out>/qc/<slide_id>.qc.png``: the tiling thumbnail with each flagged patch filled in its flag's colour."""
+    import cv2
+
+    from pathomics.store import write_png
+
+    background = store.path.with_name(f"{store.slide_id}.thumb.png")
+    image = cv2.imread(str(background)) if background.exists() else None
+    if image is None:
+        return None
+    scale = 1.0 / float(store.attrs.get("thumbnail_downsample") or 1.0)
+    size = max(1, round(int(store.attrs["patch_size_level0"]) * scale))
+    overlay = image.copy()
+    for flag in reversed(FLAGS):  # blur drawn last, on top
+        rgb = FLAG_COLORS[flag]
+        for x, y in table.loc[table[f"flag_{flag}"], ["x", "y"]].to_numpy():
+            x0, y0 = round(x * scale), round(y * scale)
+            cv2.rectangle(overlay, (x0, y0), (x0 + size - 1, y0 + size - 1), rgb[::-1], -1)
+    return write_png(qc_path(out_dir, store.slide_id).with_suffix(".qc.png"), cv2.addWeighted(overlay, 0.6, image, 0.4, 0))
+
+
+def keep_mask(out_dir: str | os.PathLike, store: Any, exclude: Sequence[str]) -> np.ndarray:
+    """Which patches of ``store`` (in order) raise none of the ``exclude`` flags, from its current QC table."""
+    unknown = sorted(set(exclude) - set(FLAGS))
+    if unknown:
+        raise ValueError(f"unknown QC flag(s) {', '.join(unknown)}; choose from {', '.join(FLAGS)}")
+    path = qc_path(out_dir, store.slide_id)
+    if not path.exists():
+        raise StoreError(f"{path}: no QC table for {store.slide_id}; re-run `pathomics tile` with pixels (not --no-pixels) "
+                         "to write it, or drop --qc-exclude")
+    table, meta = read_qc(path)
+    if meta.get("store_key") != store_key(store) or len(table) != len(store):
+        raise StoreError(f"{path}: QC table is older than the patch store {store.path}; re-run `pathomics tile` to refresh it")
+    return ~table[[f"flag_{f}" for f in exclude]].any(axis=1).to_numpy() if exclude else np.ones(len(store), dtype=bool)

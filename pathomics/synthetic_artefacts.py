@@ -1,0 +1,164 @@
+"""Synthetic slides with planted artefacts whose extent is known: the ground truth of quality control.
+
+Builds on ``synthetic.write_slide`` through its ``paint`` hook, which alters every rendered level-0 block
+(so every pyramid level shows the artefacts, area-downsampled like the tissue):
+
+- pen strokes (blue, green, black marker): the ink's transmittance multiplies the tissue under it;
+- out-of-focus regions: the tissue rendered with a margin and Gaussian-blurred;
+- folds: a second layer of tissue (the same texture, shifted) lies on the first, so optical densities add;
+- air bubbles: the tissue under the bubble washed out towards white, inside a dark refraction rim;
+- an off-stain scan: every optical density mapped by a 3x3 matrix that turns the synthetic haematoxylin
+  and eosin directions into other ones (a different lab's stain), glass unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import shapely
+from shapely.geometry import LineString, MultiPolygon
+
+from pathomics.synthetic import GLASS, NUCLEUS, STROMA, Ellipse, SlideTruth, _multipolygon, _overlaps, write_slide
+
+INK_TRANSMITTANCE = {"blue": (0.22, 0.42, 0.92), "green": (0.30, 0.78, 0.45), "black": (0.12, 0.12, 0.13)}
+BUBBLE_WASH, BUBBLE_RIM, BUBBLE_RIM_COLOR = 0.9, 0.08, (90, 90, 95)  # washed-out fraction, rim width / radius
+
+
+@dataclass(frozen=True)
+class Stroke:
+    """A marker stroke: a polyline in level-0 pixels, ``width`` pixels wide, ink ``color`` (blue, green, black)."""
+
+    points: tuple[tuple[float, float], ...]
+    width: float
+    color: str
+
+    def __post_init__(self) -> None:
+        if self.color not in INK_TRANSMITTANCE:
+            raise ValueError(f"unknown ink {self.color!r}; choose one of {', '.join(INK_TRANSMITTANCE)}")
+
+    def polygon(self) -> MultiPolygon:
+        return _multipolygon(LineString(self.points).buffer(self.width / 2))  # round caps, as OpenCV draws them
+
+
+@dataclass(frozen=True)
+class Artefacts:
+    """What to plant on a slide; ``stain`` gives the (haematoxylin, eosin) RGB colours of an off-stain scan."""
+
+    strokes: tuple[Stroke, ...] = ()
+    blur: tuple[Ellipse, ...] = ()
+    blur_sigma: float = 5.0  # level-0 pixels
+    folds: tuple[Ellipse, ...] = ()
+    fold_shift: tuple[int, int] = (300, 170)  # where the folded-over layer comes from, level-0 pixels
+    bubbles: tuple[Ellipse, ...] = ()
+    stain: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None
+
+    def regions(self) -> dict[str, MultiPolygon]:
+        """Each planted artefact kind (``pen_blue``, ``pen_green``, ``pen_black``, ``blur``, ``fold``, ``bubble``) as polygons."""
+        out = {f"pen_{c}": _union([s.polygon() for s in self.strokes if s.color == c]) for c in INK_TRANSMITTANCE}
+        out.update(blur=_union([e.polygon() for e in self.blur]), fold=_union([e.polygon() for e in self.folds]),
+                   bubble=_union([e.polygon() for e in self.bubbles]))
+        return out
+
+    def painter(self) -> Callable[[np.ndarray, int, int, Callable[[int, int, int], np.ndarray]], np.ndarray]:
+        """The ``paint`` hook of ``write_slide`` that plants these artefacts."""
+        stain = stain_transform(*self.stain) if self.stain else None
+
+        def paint(block: np.ndarray, x0: int, y0: int, render: Callable[[int, int, int], np.ndarray]) -> np.ndarray:
+            size = block.shape[0]
+            box = (x0, y0, x0 + size, y0 + size)
+            blur, folds, bubbles = ([e for e in group if _overlaps(e.bounds(), box)] for group in (self.blur, self.folds, self.bubbles))
+            strokes = [s for s in self.strokes if _overlaps(s.polygon().bounds, box)]
+            if not (blur or folds or bubbles or strokes or stain is not None):
+                return block
+            out = block.astype(np.float32)
+            for e in blur:
+                out = np.where(_ellipse_mask(e, x0, y0, size)[..., None], self._blurred(render, x0, y0, size), out)
+            for e in folds:
+                layer = render(x0 + self.fold_shift[0], y0 + self.fold_shift[1], size).astype(np.float32)
+                out = np.where(_ellipse_mask(e, x0, y0, size)[..., None], out * layer / np.float32(GLASS), out)
+            for stroke in strokes:
+                out = np.where(_stroke_mask(stroke, x0, y0, size)[..., None], out * np.float32(INK_TRANSMITTANCE[stroke.color]), out)
+            for e in bubbles:
+                out = _bubble(out, e, x0, y0)
+            if stain is not None:
+                out = apply_stain(out, stain)
+            return out.clip(0, 255).round().astype(np.uint8)
+
+        return paint
+
+    def _blurred(self, render: Callable[[int, int, int], np.ndarray], x0: int, y0: int, size: int) -> np.ndarray:
+        import cv2
+
+        m = math.ceil(4 * self.blur_sigma)
+        big = render(x0 - m, y0 - m, size + 2 * m).astype(np.float32)
+        return cv2.GaussianBlur(big, (0, 0), self.blur_sigma)[m:m + size, m:m + size]
+
+
+def write_artefact_slide(path: str | os.PathLike, width: int, height: int, artefacts: Artefacts, **kwargs) -> SlideTruth:
+    """``write_slide`` with ``artefacts`` planted (same keyword arguments)."""
+    return write_slide(path, width, height, paint=artefacts.painter(), **kwargs)
+
+
+def stain_transform(haematoxylin: tuple[int, int, int], eosin: tuple[int, int, int]) -> np.ndarray:
+    """3x3 matrix on optical densities mapping the synthetic stains' directions to those of these colours."""
+    def basis(h: tuple[int, int, int], e: tuple[int, int, int]) -> np.ndarray:
+        hv, ev = _od_direction(h), _od_direction(e)
+        third = np.cross(hv, ev)
+        return np.stack([hv, ev, third / np.linalg.norm(third)], axis=1)
+
+    return basis(haematoxylin, eosin) @ np.linalg.inv(basis(NUCLEUS, STROMA))
+
+
+def apply_stain(rgb: np.ndarray, transform: np.ndarray) -> np.ndarray:
+    """Re-stain float RGB pixels: optical density relative to the glass, mapped by ``transform``."""
+    glass = np.float32(GLASS)
+    od = -np.log(np.clip(rgb, 1.0, glass) / glass)
+    return glass * np.exp(-(od @ transform.T.astype(np.float32)))
+
+
+def patch_coverage(region: MultiPolygon, coords: np.ndarray, size0: int) -> np.ndarray:
+    """Fraction of each patch (level-0 top-left ``coords``, side ``size0``) that ``region`` covers."""
+    from pathomics.tiling import tissue_fractions
+
+    if region.is_empty or len(coords) == 0:
+        return np.zeros(len(coords))
+    return tissue_fractions(region, coords[:, 0], coords[:, 1], size0)
+
+
+def _od_direction(rgb: tuple[int, int, int]) -> np.ndarray:
+    od = -np.log(np.asarray(rgb, dtype=np.float64) / np.asarray(GLASS, dtype=np.float64))
+    return od / np.linalg.norm(od)
+
+
+def _union(polygons: list[MultiPolygon]) -> MultiPolygon:
+    return _multipolygon(shapely.union_all(polygons)) if polygons else MultiPolygon()
+
+
+def _ellipse_mask(e: Ellipse, x0: int, y0: int, size: int) -> np.ndarray:
+    """True at the centres of the level-0 pixels of the block at (x0, y0) that lie inside ``e``."""
+    centres = np.arange(size) + 0.5
+    return e.inside((x0 + centres)[None, :], (y0 + centres)[:, None])
+
+
+def _stroke_mask(stroke: Stroke, x0: int, y0: int, size: int) -> np.ndarray:
+    """The stroke's pixels in the block at (x0, y0), drawn on a margin (OpenCV clips a line before thickening it)."""
+    import cv2
+
+    pad = math.ceil(stroke.width)
+    mask = np.zeros((size + 2 * pad, size + 2 * pad), dtype=np.uint8)
+    pts = np.rint(np.asarray(stroke.points) - (x0 - pad, y0 - pad)).astype(np.int32)
+    cv2.polylines(mask, [pts], False, 1, thickness=max(1, round(stroke.width)))
+    return mask[pad:pad + size, pad:pad + size].astype(bool)
+
+
+def _bubble(out: np.ndarray, e: Ellipse, x0: int, y0: int) -> np.ndarray:
+    """The tissue under a bubble washed out towards white, with a dark rim of ``BUBBLE_RIM`` of its radius."""
+    centres = np.arange(out.shape[0]) + 0.5
+    r = np.hypot((x0 + centres[None, :] - e.cx) / e.rx, (y0 + centres[:, None] - e.cy) / e.ry)
+    inside, rim = r <= 1 - BUBBLE_RIM, (r > 1 - BUBBLE_RIM) & (r <= 1)
+    out = np.where(inside[..., None], out + BUBBLE_WASH * (250 - out), out)
+    return np.where(rim[..., None], 0.3 * out + 0.7 * np.float32(BUBBLE_RIM_COLOR), out)
