@@ -40,13 +40,16 @@ from pathomics.device import PRECISIONS, resolve_device, resolve_precision
 from pathomics.errors import ConfigError
 from pathomics.layout import DONE, SKIPPED, OutputLayout
 from pathomics.models.backbones import Backbone, check_embeddings, load_backbone
+from pathomics.qc import check_flags as check_qc_flags
+from pathomics.qc import keep_mask as qc_keep_mask
 from pathomics.store import PatchStore, open_patch_store, write_feature_file
 from pathomics.tiling import read_patches
 
 log = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Attributes that determine the numbers in a feature file: when all match, the file is reused.
-RESULT_KEYS = ("model", "weights_sha256", "precision", "input_size", "embedding_dim", "store_fingerprint")
+RESULT_KEYS = ("model", "weights_sha256", "precision", "input_size", "embedding_dim", "store_fingerprint", "qc_exclude",
+               "qc_kept_sha256")
 CPU_ACTIVATION_BYTES = 16 << 20  # largest activation of one CPU micro-batch: half glibc's largest mmap threshold
 
 
@@ -62,6 +65,7 @@ class EmbedConfig:
 
     ``weights``: a state-dict path, ``"random"``, or None for torchvision's file in the torch hub cache.
     ``input_size``: the side patches are resized to (None: the backbone's own).
+    ``qc_exclude``: QC flags (``pathomics.qc.FLAGS``) whose patches are left out of the feature file.
     """
 
     model: str = "resnet50-trunc"
@@ -71,8 +75,10 @@ class EmbedConfig:
     batch_size: int = 256
     num_workers: int = field(default_factory=default_workers)
     input_size: int | None = None
+    qc_exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        check_qc_flags(self.qc_exclude)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
@@ -176,25 +182,29 @@ def retain_freed_memory() -> None:
 
 
 class PatchBatches(Dataset):
-    """Item i is batch i of a patch store: patches [i·b, (i+1)·b) as one uint8 tensor (n, P, P, 3)."""
+    """Item i is batch i of the patches ``index`` (default: all) of a store, as one uint8 tensor (n, P, P, 3)."""
 
-    def __init__(self, store: PatchStore, batch_size: int) -> None:
+    def __init__(self, store: PatchStore, batch_size: int, index: np.ndarray | None = None) -> None:
         self.store, self.batch_size = store, batch_size
+        self.index = np.arange(len(store)) if index is None else np.asarray(index, dtype=np.int64)
 
     def __len__(self) -> int:
-        return -(-len(self.store) // self.batch_size)
+        return -(-len(self.index) // self.batch_size)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        start = i * self.batch_size
-        return torch.from_numpy(read_patches(self.store, start, min(start + self.batch_size, len(self.store))))
+        index = self.index[i * self.batch_size:(i + 1) * self.batch_size]
+        start, stop = int(index[0]), int(index[-1]) + 1
+        patches = read_patches(self.store, start, stop)
+        return torch.from_numpy(patches if stop - start == len(index) else patches[index - start])
 
 
-def encode_store(store: PatchStore, encoder: Encoder, batch_size: int, num_workers: int) -> np.ndarray:
-    """Embeddings (N, D) float32 of every patch of ``store``, in store order."""
-    features = np.empty((len(store), encoder.backbone.embedding_dim), dtype=np.float32)
-    if len(store) == 0:
+def encode_store(store: PatchStore, encoder: Encoder, batch_size: int, num_workers: int,
+                 index: np.ndarray | None = None) -> np.ndarray:
+    """Embeddings (n, D) float32 of the patches ``index`` (ascending; default: all) of ``store``, in store order."""
+    batches = PatchBatches(store, batch_size, index)
+    features = np.empty((len(batches.index), encoder.backbone.embedding_dim), dtype=np.float32)
+    if len(features) == 0:
         return features
-    batches = PatchBatches(store, batch_size)
     loader = DataLoader(batches, batch_size=None, num_workers=min(num_workers, len(batches)),
                         pin_memory=encoder.device.type == "cuda")
     in_flight: deque[tuple[int, torch.Tensor, torch.cuda.Event | None]] = deque()
@@ -236,15 +246,24 @@ def store_fingerprint(store: PatchStore) -> str:
 
 
 def feature_attributes(store: PatchStore, backbone: Backbone, config: EmbedConfig, device: torch.device,
-                       precision: str) -> dict[str, Any]:
-    """The feature file's attributes: DESIGN's provenance plus every EmbedConfig value, resolved."""
+                       precision: str, keep: np.ndarray | None = None) -> dict[str, Any]:
+    """The feature file's attributes: DESIGN's provenance plus every EmbedConfig value, resolved.
+
+    With ``keep`` (the patches that pass ``config.qc_exclude``): which flags were excluded, how many patches
+    that dropped, and a hash of the kept set (so a refreshed QC table makes the file stale).
+    """
     resolved = {"model": backbone.name, "weights": backbone.weights, "device": str(device), "precision": precision,
                 "input_size": backbone.input_size}
-    return {
+    attrs = {
         **asdict(config), **resolved, "weights_sha256": backbone.weights_sha256, "embedding_dim": backbone.embedding_dim,
         "mean": list(backbone.mean), "std": list(backbone.std), "slide_id": store.slide_id,
         "store_path": str(store.path), "store_fingerprint": store_fingerprint(store), "pathomics_version": __version__,
     }
+    attrs.pop("qc_exclude")
+    if keep is not None:
+        attrs.update(qc_exclude=",".join(config.qc_exclude), qc_dropped=int((~keep).sum()),
+                     qc_kept_sha256=hashlib.sha256(np.packbits(keep).tobytes()).hexdigest())
+    return attrs
 
 
 def coords_attributes(store: PatchStore) -> dict[str, Any]:
@@ -264,7 +283,7 @@ def is_current(path: Path, attrs: dict[str, Any], n: int) -> bool:
             shape = h5["features"].shape
     except (OSError, KeyError):
         return False
-    return shape == (n, attrs["embedding_dim"]) and all(stored.get(k) == attrs[k] for k in RESULT_KEYS)
+    return shape == (n, attrs["embedding_dim"]) and all(stored.get(k) == attrs.get(k) for k in RESULT_KEYS)
 
 
 def embed_store(store_path: str | os.PathLike, out_dir: str | os.PathLike, config: EmbedConfig | None = None,
@@ -289,21 +308,25 @@ def embed_slide(store_path: str | os.PathLike, out_dir: str | os.PathLike, confi
                 backbone: Backbone | None = None) -> EmbedResult:
     """Embed one store unless its features are current."""
     store = open_patch_store(Path(store_path))
+    keep = qc_keep_mask(store, config.qc_exclude) if config.qc_exclude else None
+    index = None if keep is None else np.flatnonzero(keep)
     if backbone is None:
         backbone = load_backbone(config.model, config.weights, config.input_size)
     elif backbone.name != config.model:
         raise ConfigError(f"backbone {backbone.name!r} given for a config of model {config.model!r}")
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
-    attrs = feature_attributes(store, backbone, config, device, precision)
+    attrs = feature_attributes(store, backbone, config, device, precision, keep)
     path = OutputLayout(out_dir).feature_file(store.slide_id)
-    if is_current(path, attrs, len(store)):
+    n = len(store) if index is None else len(index)
+    if is_current(path, attrs, n):
         log.info("%s: features from the same store, model and precision exist; skipped", store.slide_id)
-        return EmbedResult(path, SKIPPED, len(store))
+        return EmbedResult(path, SKIPPED, n)
     start = time.perf_counter()
-    features = encode_store(store, Encoder(backbone, device, precision), config.batch_size, config.num_workers)
-    write_feature_file(path, features, store.coords, attrs, coords_attributes(store))
+    features = encode_store(store, Encoder(backbone, device, precision), config.batch_size, config.num_workers, index)
+    coords = store.coords if index is None else store.coords[index]
+    write_feature_file(path, features, coords, attrs, coords_attributes(store))
     seconds = time.perf_counter() - start
-    log.info("%s: %d patches embedded in %.1f s (%.0f patches/s, %s, %s)", store.slide_id, len(store), seconds,
-             len(store) / max(seconds, 1e-9), device, precision)
-    return EmbedResult(path, DONE, len(store))
+    log.info("%s: %d patches embedded in %.1f s (%.0f patches/s, %s, %s)", store.slide_id, n, seconds,
+             n / max(seconds, 1e-9), device, precision)
+    return EmbedResult(path, DONE, n)

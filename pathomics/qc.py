@@ -112,7 +112,7 @@ def score_batch(images: np.ndarray, config: QCConfig) -> BatchScores:
     classes = pixel_classes(sub.reshape(n * s, s, 3), config)
     blank, blue, green, black = (patch_means(c, n) for c in classes)
     tissue = 255 - classes[0]
-    od = cv2.LUT(sub.reshape(n * s, s, 3), _od_table(config.stain_io))
+    od = cv2.LUT(sub.reshape(n * s, s, 3), _od_table(config.stain_io).astype(np.float32))
     od_sum = patch_means(cv2.multiply(od, cv2.merge([tissue] * 3), scale=1 / 255, dtype=cv2.CV_32F), n)
     mean_od = od_sum / np.maximum(1.0 - blank, 1e-6)[:, None]
     step = max(1, p // SAMPLE_GRID)
@@ -175,7 +175,7 @@ _OD_TABLES: dict[int, np.ndarray] = {}
 def _od_table(io: int) -> np.ndarray:
     """Optical density -ln((v + 1) / io) of each uint8 value (as torchstain's Macenko computes it)."""
     if io not in _OD_TABLES:
-        _OD_TABLES[io] = (-np.log((np.arange(256, dtype=np.float64) + 1) / io)).astype(np.float32)
+        _OD_TABLES[io] = -np.log((np.arange(256, dtype=np.float64) + 1) / io)
     return _OD_TABLES[io]
 
 
@@ -186,7 +186,7 @@ def macenko_stains(rgb: np.ndarray, config: QCConfig) -> np.ndarray | None:
     channel above ``stain_beta``, projected on the plane of the two main eigenvectors; the ``stain_alpha``
     and 100 - ``stain_alpha`` percentiles of the angle give the two stains, haematoxylin the one redder in OD.
     """
-    od = _od_table(config.stain_io)[np.asarray(rgb, dtype=np.uint8).reshape(-1, 3)].astype(np.float64)
+    od = _od_table(config.stain_io)[np.asarray(rgb, dtype=np.uint8).reshape(-1, 3)]
     od = od[~np.any(od < config.stain_beta, axis=1)]
     if len(od) < 100:
         return None
@@ -384,12 +384,19 @@ def write_thumbnail(out_dir: str | os.PathLike, store: Any, table: Any) -> Path 
     return write_png(qc_path(out_dir, store.slide_id).with_suffix(".qc.png"), cv2.addWeighted(overlay, 0.6, image, 0.4, 0))
 
 
-def keep_mask(out_dir: str | os.PathLike, store: Any, exclude: Sequence[str]) -> np.ndarray:
-    """Which patches of ``store`` (in order) raise none of the ``exclude`` flags, from its current QC table."""
-    unknown = sorted(set(exclude) - set(FLAGS))
+def check_flags(names: Sequence[str]) -> tuple[str, ...]:
+    """``names`` as a tuple, refusing any that is not a QC flag."""
+    unknown = sorted(set(names) - set(FLAGS))
     if unknown:
         raise ValueError(f"unknown QC flag(s) {', '.join(unknown)}; choose from {', '.join(FLAGS)}")
-    path = qc_path(out_dir, store.slide_id)
+    return tuple(names)
+
+
+def keep_mask(store: Any, exclude: Sequence[str]) -> np.ndarray:
+    """Which patches of ``store`` (in order) raise none of the ``exclude`` flags, from its current QC table
+    (in the output directory the store was tiled into: ``<out>/tiles/<slide_id>.zarr`` -> ``<out>/qc/``)."""
+    exclude = check_flags(exclude)
+    path = qc_path(Path(store.path).parent.parent, store.slide_id)
     if not path.exists():
         raise StoreError(f"{path}: no QC table for {store.slide_id}; re-run `pathomics tile` with pixels (not --no-pixels) "
                          "to write it, or drop --qc-exclude")

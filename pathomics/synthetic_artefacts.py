@@ -162,3 +162,53 @@ def _bubble(out: np.ndarray, e: Ellipse, x0: int, y0: int) -> np.ndarray:
     inside, rim = r <= 1 - BUBBLE_RIM, (r > 1 - BUBBLE_RIM) & (r <= 1)
     out = np.where(inside[..., None], out + BUBBLE_WASH * (250 - out), out)
     return np.where(rim[..., None], 0.3 * out + 0.7 * np.float32(BUBBLE_RIM_COLOR), out)
+
+
+OWN_FLAG = {"pen_blue": "pen", "pen_green": "pen", "pen_black": "pen", "blur": "blur", "fold": "fold", "bubble": "bubble"}
+INSIDE = 0.5  # a patch is inside an artefact when the artefact covers at least this fraction of it
+
+
+def artefact_layout(width: int, height: int) -> tuple[Ellipse, Artefacts]:
+    """One tissue ellipse with every artefact kind planted on it, apart from each other, scaled to the slide.
+
+    Drawn for 4096 x 3072 px at 0.5 µm/px: marker strokes 175 µm wide, a blurred region (sigma 1.5 µm), a fold,
+    two bubbles; every artefact covers 19-33 patches of 128 px at 0.5 µm/px.
+    """
+    sx, sy = width / 4096, height / 3072
+    s = (sx * sy) ** 0.5
+
+    def xy(x: float, y: float) -> tuple[float, float]:
+        return x * sx, y * sy
+
+    def ellipse(cx: float, cy: float, rx: float, ry: float, angle: float = 0.0) -> Ellipse:
+        return Ellipse(cx * sx, cy * sy, rx * sx, ry * sy, angle)
+
+    artefacts = Artefacts(
+        strokes=(Stroke((xy(600, 750), xy(1900, 650)), 350 * s, "blue"), Stroke((xy(2300, 650), xy(3500, 850)), 350 * s, "green"),
+                 Stroke((xy(750, 2300), xy(1850, 2500)), 350 * s, "black")),
+        blur=(ellipse(1000, 1525, 380, 300),), blur_sigma=3.0 * s, folds=(ellipse(2150, 1650, 420, 280, 15),),
+        fold_shift=(round(150 * sx), round(85 * sy)), bubbles=(ellipse(3150, 1550, 240, 240), ellipse(3150, 2275, 210, 210)))
+    return ellipse(2048, 1536, 1950, 1450), artefacts
+
+
+def qc_confusion(artefacts: Artefacts, table, size0: int):  # noqa: ANN001, ANN201 - pandas DataFrames
+    """Per planted artefact: patches inside it, how many its own flag and any flag caught; then the clean patches
+    (touching no artefact) and how many any flag raised. ``table``: a QC table (``pathomics.qc``)."""
+    import pandas as pd
+
+    coords = table[["x", "y"]].to_numpy()
+    coverage = {kind: patch_coverage(region, coords, size0) for kind, region in artefacts.regions().items()}
+    failed = ~table.qc_pass.to_numpy()
+    rows = []
+    for kind, cover in coverage.items():
+        inside = cover >= INSIDE
+        own = table[f"flag_{OWN_FLAG[kind]}"].to_numpy()
+        rows.append({"artefact": kind, "patches": int(inside.sum()), "flagged_own": int((own & inside).sum()),
+                     "flagged_any": int((failed & inside).sum()), "missed": int((inside & ~own).sum())})
+    clean = np.max(np.stack(list(coverage.values())), axis=0) == 0 if coverage else np.ones(len(table), bool)
+    rows.append({"artefact": "clean", "patches": int(clean.sum()), "flagged_own": 0,
+                 "flagged_any": int((failed & clean).sum()), "missed": 0})
+    out = pd.DataFrame(rows)
+    out["rate_own"] = (out.flagged_own / out.patches.clip(lower=1)).round(3)
+    out["rate_any"] = (out.flagged_any / out.patches.clip(lower=1)).round(3)
+    return out

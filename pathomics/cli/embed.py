@@ -31,6 +31,14 @@ def add_embed_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="patches per batch (default 256)")
     parser.add_argument("--num-workers", type=int, help="background reader processes (default: one per core, up to 8)")
     parser.add_argument("--input-size", type=int, help="resize patches to this side (default: the backbone's own)")
+    parser.add_argument("--qc-exclude", metavar="FLAGS", type=comma_list,
+                        help="leave out patches with these QC flags, comma-separated: blur, pen, fold, bubble "
+                             "(needs the QC tables tiling wrote)")
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    """``a, b,c`` -> ("a", "b", "c")."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def embed_config(args: argparse.Namespace):  # noqa: ANN201 - EmbedConfig, imported lazily

@@ -29,17 +29,21 @@ def add_tile_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-pixels", dest="with_pixels", action="store_false", default=None,
                         help="write coords-only stores (the embedder reads the slide)")
     parser.add_argument("--tissue-dir", type=Path, help="folder of <slide_id>.geojson tissue annotations to use instead of detection")
+    parser.add_argument("--no-qc", action="store_true", help="skip the per-patch quality scores (OUT/qc/, qc_summary.csv)")
     parser.add_argument("--threads", type=int, default=None,
                         help="decoding threads per slide (default: all cores; in `run`: cores / workers, for torch too)")
 
 
 def tile_config(args: argparse.Namespace):  # noqa: ANN201 - TileConfig, imported lazily
     """The TileConfig the tiling options describe (magnification converted to MPP here, at the edge)."""
+    import dataclasses
+
     from pathomics.slide import magnification_to_mpp
     from pathomics.tiling import TileConfig
 
     target = magnification_to_mpp(args.magnification) if args.magnification is not None else None
-    return config_from_args(TileConfig, args, target_mpp=target)
+    config = config_from_args(TileConfig, args, target_mpp=target)
+    return dataclasses.replace(config, qc=None) if args.no_qc else config
 
 
 def run(args: argparse.Namespace) -> int:

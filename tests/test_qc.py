@@ -1,0 +1,201 @@
+"""Quality control: planted artefacts found, clean tissue left alone, stain outliers, outputs consistent, --qc-exclude."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from pathomics.cli.main import main
+from pathomics.extract import EmbedConfig, embed_store
+from pathomics.qc import (FLAG_COLORS, FLAGS, SUMMARY_FILE, QCConfig, keep_mask, macenko_stains, qc_path, read_qc,
+                          score_batch, stain_outliers)
+from pathomics.store import PatchStoreWriter, open_patch_store, read_feature_file
+from pathomics.synthetic import SlideTruth, write_slide
+from pathomics.synthetic_artefacts import Artefacts, artefact_layout, qc_confusion, write_artefact_slide
+from pathomics.tiling import TileConfig, tile_slide
+from pathomics.errors import StoreError
+from pathomics.tissue import write_geojson
+
+TILE = TileConfig(target_mpp=0.5, patch_size=128, threads=2)
+EMBED = EmbedConfig(model="shufflenet-v2", weights="random", device="cpu", precision="fp32", batch_size=128,
+                    num_workers=0, input_size=32)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Artefacts, Path, Path]:
+    """A 4096 x 3072 slide at 0.5 µm/px with every artefact planted, tiled on its true tissue: (artefacts, slide, out)."""
+    root = tmp_path_factory.mktemp("planted")
+    tissue, artefacts = artefact_layout(4096, 3072)
+    truth = write_artefact_slide(root / "planted.svs", 4096, 3072, artefacts, mpp=0.5, shapes=(tissue,), seed=5)
+    write_geojson(truth.tissue(), root / "planted.geojson")
+    tile_slide(truth.path, root / "out", TILE, tissue_geojson=root / "planted.geojson")
+    return artefacts, truth.path, root / "out"
+
+
+def test_planted_artefacts_are_flagged_and_clean_tissue_is_not(planted) -> None:
+    artefacts, _, out = planted
+    store = open_patch_store(out / "tiles" / "planted.zarr")
+    table, _ = read_qc(qc_path(out, "planted"))
+    confusion = qc_confusion(artefacts, table, int(store.attrs["patch_size_level0"])).set_index("artefact")
+    print("\n" + confusion.to_string())
+    planted_rows = confusion.drop(index="clean")
+    assert (planted_rows.patches >= 15).all()
+    assert (planted_rows.rate_own >= 0.9).all(), planted_rows
+    assert confusion.loc["clean", "patches"] >= 200 and confusion.loc["clean", "rate_any"] <= 0.03
+
+
+def test_qc_outputs_follow_the_store(planted) -> None:
+    _, _, out = planted
+    store = open_patch_store(out / "tiles" / "planted.zarr")
+    table, meta = read_qc(qc_path(out, "planted"))
+    np.testing.assert_array_equal(table[["x", "y"]].to_numpy(), store.coords)
+    assert {"focus", "pen", "pen_blue", "pen_green", "pen_black", "fold", "bubble", "stain_h", "stain_e", "qc_pass",
+            *(f"flag_{f}" for f in FLAGS)} <= set(table.columns)
+    assert (table.qc_pass == ~table[[f"flag_{f}" for f in FLAGS]].any(axis=1)).all()
+    summary = pd.read_csv(out / SUMMARY_FILE).set_index("slide_id").loc["planted"]
+    attrs = store.attrs["qc"]
+    for flag in FLAGS:
+        assert summary[f"frac_{flag}"] == pytest.approx(table[f"flag_{flag}"].mean(), abs=1e-6)
+        assert attrs[f"frac_{flag}"] == pytest.approx(summary[f"frac_{flag}"])
+    assert attrs["stain_fit"] == "macenko" and attrs["config"] == meta["config"]
+    # the QC thumbnail is the tiling thumbnail with each flagged patch blended with its flag's colour
+    thumb = cv2.imread(str(store.path.with_name("planted.thumb.png"))).astype(float)
+    qc_png = cv2.imread(str(qc_path(out, "planted").with_suffix(".qc.png"))).astype(float)
+    scale, size = 1 / store.attrs["thumbnail_downsample"], store.attrs["patch_size_level0"]
+    for flag in FLAGS:
+        only = table[table[f"flag_{flag}"] & (table[[f"flag_{f}" for f in FLAGS]].sum(axis=1) == 1)].iloc[0]
+        cx, cy = round((only.x + size / 2) * scale), round((only.y + size / 2) * scale)
+        expected = 0.6 * np.array(FLAG_COLORS[flag][::-1]) + 0.4 * thumb[cy, cx]
+        np.testing.assert_allclose(qc_png[cy, cx], expected, atol=1.5)
+    passing = table[table.qc_pass].iloc[0]
+    cx, cy = round((passing.x + size / 2) * scale), round((passing.y + size / 2) * scale)
+    np.testing.assert_allclose(qc_png[cy, cx], thumb[cy, cx], atol=1.0)
+
+
+def test_skipped_resumed_and_reconfigured_stores_keep_qc_consistent(planted, tmp_path: Path, monkeypatch) -> None:
+    _, slide, out = planted
+    geojson = slide.with_suffix(".geojson")
+    reference, _ = read_qc(qc_path(out, "planted"))
+    # an unchanged re-run skips the store and leaves a current QC table alone
+    table_file = qc_path(out, "planted")
+    mtime = table_file.stat().st_mtime_ns
+    assert tile_slide(slide, out, TILE, tissue_geojson=geojson).state == "skipped"
+    assert table_file.stat().st_mtime_ns == mtime
+    # a store tiled before its QC was written (or whose QC was lost) gets it on the next, skipping, run
+    table_file.unlink()
+    assert tile_slide(slide, out, TILE, tissue_geojson=geojson).state == "skipped"
+    pd.testing.assert_frame_equal(read_qc(table_file)[0], reference)
+    # other thresholds: the store is kept, QC recomputed with them
+    stricter = TileConfig(**{**TILE.__dict__, "qc": QCConfig(max_pen=0.9)})
+    assert tile_slide(slide, out, stricter, tissue_geojson=geojson).state == "skipped"
+    assert read_qc(table_file)[1]["config"]["max_pen"] == 0.9
+    assert read_qc(table_file)[0].flag_pen.sum() < reference.flag_pen.sum()
+    # a run interrupted after its first shard resumes; QC scores the written patches from the store, alike
+    original_write = PatchStoreWriter.write
+
+    def failing_write(self, start, images):
+        if start > 0:
+            raise RuntimeError("simulated crash")
+        original_write(self, start, images)
+
+    monkeypatch.setattr(PatchStoreWriter, "write", failing_write)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        tile_slide(slide, tmp_path, TILE, tissue_geojson=geojson)
+    monkeypatch.setattr(PatchStoreWriter, "write", original_write)
+    assert 0 < open_patch_store_partial_written(tmp_path) < len(reference)
+    assert tile_slide(slide, tmp_path, TILE, tissue_geojson=geojson).state == "done"
+    pd.testing.assert_frame_equal(read_qc(qc_path(tmp_path, "planted"))[0], reference)
+
+
+def open_patch_store_partial_written(out: Path) -> int:
+    import zarr
+
+    return int(zarr.open_group(out / "tiles" / "planted.zarr.partial", mode="r").attrs["patches_written"])
+
+
+def test_stain_outlier_slide_is_flagged_in_its_batch(tmp_path: Path) -> None:
+    slides = [write_slide(tmp_path / f"normal{i}.svs", 1536, 1152, mpp=0.5, layout=layout, seed=20 + i).path
+              for i, layout in enumerate(("blob", "pieces", "ring"))]
+    slides.append(write_artefact_slide(tmp_path / "offstain.svs", 1536, 1152, Artefacts(stain=((110, 40, 100), (240, 175, 140))),
+                                       mpp=0.5, layout="blob", seed=30).path)
+    for slide in slides:
+        tile_slide(slide, tmp_path / "out", TILE)
+    summary = pd.read_csv(tmp_path / "out" / SUMMARY_FILE).set_index("slide_id")
+    assert summary.stain_outlier.to_dict() == {"normal0": False, "normal1": False, "normal2": False, "offstain": True}
+    assert summary.loc["offstain", "stain_angle"] > 20 and summary.drop(index="offstain").stain_angle.max() < 5
+    assert (summary.frac_fail == 0).all()  # an unusual stain is no patch artefact
+
+
+def test_stain_outliers_need_a_batch() -> None:
+    h, e = [0.65, 0.70, 0.29], [0.07, 0.99, 0.11]
+    far = [0.2, 0.5, 0.84]
+    vectors = np.array([h + e, h + e, h + far])
+    angle, outlier = stain_outliers(vectors[:2], QCConfig())
+    assert not outlier.any()
+    angle, outlier = stain_outliers(vectors, QCConfig())
+    assert outlier.tolist() == [False, False, True] and angle[0] == pytest.approx(0, abs=1e-6)
+
+
+def test_macenko_vectors_equal_torchstain(planted) -> None:
+    from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
+
+    _, _, out = planted
+    images = open_patch_store(out / "tiles" / "planted.zarr").read_images(300, 340)
+    reference = NumpyMacenkoNormalizer()
+    reference.fit(images.reshape(-1, 1, 3))
+    ours = macenko_stains(images, QCConfig())
+    np.testing.assert_allclose(ours, reference.HERef * np.sign(reference.HERef.sum(axis=0)), rtol=0, atol=1e-9)
+
+
+def test_scores_do_not_depend_on_the_batch(planted) -> None:
+    _, _, out = planted
+    images = open_patch_store(out / "tiles" / "planted.zarr").read_images(0, 50)
+    whole = score_batch(images, QCConfig())
+    parts = [score_batch(images[i:i + 7], QCConfig()) for i in range(0, 50, 7)]
+    for field in ("focus", "blank", "pen", "mean_od", "sample"):
+        np.testing.assert_array_equal(getattr(whole, field), np.concatenate([getattr(p, field) for p in parts]))
+
+
+def test_qc_exclude_changes_only_the_bags_and_the_provenance(planted, tmp_path: Path) -> None:
+    _, _, out = planted
+    store_dir = out / "tiles" / "planted.zarr"
+    store = open_patch_store(store_dir)
+    full = read_feature_file(embed_store(store_dir, tmp_path / "all", EMBED))
+    kept = read_feature_file(embed_store(store_dir, tmp_path / "kept", EmbedConfig(**{**EMBED.__dict__, "qc_exclude": ("pen", "blur")})))
+    keep = keep_mask(store, ("pen", "blur"))
+    table, _ = read_qc(qc_path(out, "planted"))
+    np.testing.assert_array_equal(keep, ~(table.flag_pen | table.flag_blur).to_numpy())
+    assert 0 < (~keep).sum() < len(keep)
+    np.testing.assert_array_equal(kept.coords, full.coords[keep])
+    np.testing.assert_allclose(kept.features, full.features[keep], rtol=1e-5, atol=1e-6)
+    assert kept.coords_attrs == full.coords_attrs
+    changed = {k for k in set(kept.attrs) | set(full.attrs) if kept.attrs.get(k) != full.attrs.get(k)}
+    assert changed == {"qc_exclude", "qc_dropped", "qc_kept_sha256"}
+    assert (kept.attrs["qc_exclude"], kept.attrs["qc_dropped"]) == ("pen,blur", int((~keep).sum()))
+
+
+def test_cli_qc_exclude(planted, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, _, out = planted
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    args = ["embed", "--out", str(run), "--model", "shufflenet-v2", "--weights", "random", "--device", "cpu",
+            "--precision", "fp32", "--input-size", "32", "--num-workers", "0"]
+    assert main([*args, "--qc-exclude", "fold,bubble"]) == 0
+    with h5py.File(run / "features" / "planted.h5", "r") as h5:
+        assert h5.attrs["qc_exclude"] == "fold,bubble" and h5.attrs["qc_dropped"] > 0
+    assert main([*args, "--qc-exclude", "smudge"]) == 2
+    assert "unknown QC flag(s) smudge" in capsys.readouterr().err
+
+
+def test_qc_exclude_refuses_a_store_without_current_qc(aperio_slide: SlideTruth, tmp_path: Path) -> None:
+    coords_only = TileConfig(target_mpp=1.0, patch_size=64, with_pixels=False)
+    store_dir = tile_slide(aperio_slide.path, tmp_path, coords_only).path
+    assert not qc_path(tmp_path, "aperio").exists()
+    with pytest.raises(StoreError, match="no QC table"):
+        embed_store(store_dir, tmp_path, EmbedConfig(**{**EMBED.__dict__, "qc_exclude": ("pen",)}))
