@@ -249,8 +249,8 @@ def feature_attributes(store: PatchStore, backbone: Backbone, config: EmbedConfi
                        precision: str, keep: np.ndarray | None = None) -> dict[str, Any]:
     """The feature file's attributes: DESIGN's provenance plus every EmbedConfig value, resolved.
 
-    With ``keep`` (the patches that pass ``config.qc_exclude``): which flags were excluded, how many patches
-    that dropped, and a hash of the kept set (so a refreshed QC table makes the file stale).
+    ``keep``: the patches that pass ``config.qc_exclude``; recorded as the excluded flags (comma-separated),
+    how many patches that dropped, and a hash of the kept set (so a refreshed QC table makes the file stale).
     """
     resolved = {"model": backbone.name, "weights": backbone.weights, "device": str(device), "precision": precision,
                 "input_size": backbone.input_size}
@@ -259,10 +259,8 @@ def feature_attributes(store: PatchStore, backbone: Backbone, config: EmbedConfi
         "mean": list(backbone.mean), "std": list(backbone.std), "slide_id": store.slide_id,
         "store_path": str(store.path), "store_fingerprint": store_fingerprint(store), "pathomics_version": __version__,
     }
-    attrs.pop("qc_exclude")
-    if keep is not None:
-        attrs.update(qc_exclude=",".join(config.qc_exclude), qc_dropped=int((~keep).sum()),
-                     qc_kept_sha256=hashlib.sha256(np.packbits(keep).tobytes()).hexdigest())
+    attrs.update(qc_exclude=",".join(config.qc_exclude), qc_dropped=0 if keep is None else int((~keep).sum()),
+                 qc_kept_sha256="" if keep is None else hashlib.sha256(np.packbits(keep).tobytes()).hexdigest())
     return attrs
 
 
@@ -283,7 +281,7 @@ def is_current(path: Path, attrs: dict[str, Any], n: int) -> bool:
             shape = h5["features"].shape
     except (OSError, KeyError):
         return False
-    return shape == (n, attrs["embedding_dim"]) and all(stored.get(k) == attrs.get(k) for k in RESULT_KEYS)
+    return shape == (n, attrs["embedding_dim"]) and all(stored.get(k, "") == attrs[k] for k in RESULT_KEYS)
 
 
 def embed_store(store_path: str | os.PathLike, out_dir: str | os.PathLike, config: EmbedConfig | None = None,
