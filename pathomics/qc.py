@@ -32,12 +32,12 @@ from typing import Any
 
 import numpy as np
 
-from pathomics.errors import StoreError
+from pathomics.errors import ConfigError, StoreError
+from pathomics.layout import OutputLayout
 
 FLAGS = ("blur", "pen", "fold", "bubble")
 FLAG_COLORS = {"pen": (255, 0, 255), "blur": (255, 200, 0), "fold": (220, 0, 0), "bubble": (0, 200, 255)}  # RGB
 REFERENCE_STAINS = np.array([[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]])  # Macenko et al.'s H and E columns
-SUMMARY_FILE = "qc_summary.csv"
 SAMPLE_GRID = 8  # pixels sampled per patch for the stain fit: an 8x8 grid
 FOCUS_BLOCKS = 4  # focus is scored on 4x4 blocks of each patch
 
@@ -51,7 +51,7 @@ class QCConfig:
     *tissue* otherwise; *blue ink* with hue in ``blue_hue`` and *green ink* with hue in ``green_hue``, both
     with saturation >= ``ink_saturation``; *black ink* with value < ``black_value`` and saturation <
     ``black_saturation`` (dark and grey). Flags (defaults calibrated on the synthetic slides of
-    ``synthetic_artefacts``; check them on your scanner's slides with the QC thumbnails): ``blur`` when
+    ``synthetic.artefacts``; check them on your scanner's slides with the QC thumbnails): ``blur`` when
     ``focus < min_focus`` (sharp synthetic tissue scores 1.8 or more, blurred at most 0.9); ``pen`` when the ink
     fraction exceeds ``max_pen``; ``fold`` when the eosin concentration exceeds ``max_fold`` times the slide's
     median; ``bubble`` when the blank share beyond the tissue polygon's exceeds ``max_bubble``.
@@ -82,9 +82,9 @@ class QCConfig:
 
     def __post_init__(self) -> None:
         if self.min_focus < 0 or not 0 <= self.max_pen <= 1 or self.max_fold <= 0 or not 0 <= self.max_bubble <= 1:
-            raise ValueError(f"QC thresholds out of range: {self}")
+            raise ConfigError(f"QC thresholds out of range: {self}")
         if self.pixel_stride < 1 or self.stain_min_slides < 2 or self.stain_io < 1:
-            raise ValueError(f"QC sampling parameters out of range: {self}")
+            raise ConfigError(f"QC sampling parameters out of range: {self}")
 
 
 @dataclass(frozen=True)
@@ -203,11 +203,6 @@ def macenko_stains(rgb: np.ndarray, config: QCConfig) -> np.ndarray | None:
     return stains / np.linalg.norm(stains, axis=0)
 
 
-def qc_path(out_dir: str | os.PathLike, slide_id: str) -> Path:
-    """Where the per-patch QC table of ``slide_id`` lives under an output directory."""
-    return Path(out_dir) / "qc" / f"{slide_id}.parquet"
-
-
 @dataclass(frozen=True)
 class SlideQC:
     """A slide's QC: one row per patch (store order) and the per-slide summary."""
@@ -285,7 +280,7 @@ def read_qc(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
 
 def is_current(out_dir: str | os.PathLike, store: Any, config: QCConfig) -> bool:
     """Whether the slide's QC table was computed from this very store with this configuration."""
-    path = qc_path(out_dir, store.slide_id)
+    path = OutputLayout(out_dir).qc_table(store.slide_id)
     try:
         return path.exists() and read_qc(path)[1] == _metadata(store, config)
     except (OSError, ValueError):
@@ -323,7 +318,7 @@ def write_qc(out_dir: str | os.PathLike, store: Any, result: SlideQC, config: QC
     table = pa.Table.from_pandas(result.table, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                            b"pathomics_qc": json.dumps(_metadata(store, config)).encode()})
-    with atomic_path(qc_path(out_dir, store.slide_id)) as tmp:
+    with atomic_path(OutputLayout(out_dir).qc_table(store.slide_id)) as tmp:
         pq.write_table(table, tmp)
     zarr.open_group(store.path, mode="r+", zarr_format=3).attrs["qc"] = {**result.summary, "config": asdict(config)}
     update_summary(out_dir, result.summary, config)
@@ -334,11 +329,12 @@ def update_summary(out_dir: str | os.PathLike, row: dict[str, Any], config: QCCo
     """Merge a slide's row into ``<out>/qc_summary.csv`` and re-test every slide's stain against the batch (under a lock)."""
     import pandas as pd
 
-    from pathomics.batch import exclusive_lock
+    from pathomics.runner.batch import exclusive_lock
     from pathomics.store import atomic_path
 
-    path = Path(out_dir) / SUMMARY_FILE
-    with exclusive_lock(Path(out_dir) / "locks" / "qc_summary.lock", wait=True):
+    layout = OutputLayout(out_dir)
+    path = layout.qc_summary
+    with exclusive_lock(layout.lock("qc_summary"), wait=True):
         old = pd.read_csv(path, dtype={"slide_id": str}) if path.exists() else pd.DataFrame(columns=["slide_id"])
         table = pd.concat([old[old.slide_id != row["slide_id"]], pd.DataFrame([row])], ignore_index=True)
         table = table.drop(columns=["stain_angle", "stain_outlier"], errors="ignore")
@@ -371,7 +367,8 @@ def write_thumbnail(out_dir: str | os.PathLike, store: Any, table: Any) -> Path 
 
     from pathomics.store import write_png
 
-    background = store.path.with_name(f"{store.slide_id}.thumb.png")
+    layout = OutputLayout(out_dir)
+    background = layout.thumbnail(store.slide_id)
     image = cv2.imread(str(background)) if background.exists() else None
     if image is None:
         return None
@@ -383,14 +380,19 @@ def write_thumbnail(out_dir: str | os.PathLike, store: Any, table: Any) -> Path 
         for x, y in table.loc[table[f"flag_{flag}"], ["x", "y"]].to_numpy():
             x0, y0 = round(x * scale), round(y * scale)
             cv2.rectangle(overlay, (x0, y0), (x0 + size - 1, y0 + size - 1), rgb[::-1], -1)
-    return write_png(qc_path(out_dir, store.slide_id).with_suffix(".qc.png"), cv2.addWeighted(overlay, 0.6, image, 0.4, 0))
+    return write_png(qc_thumbnail(out_dir, store.slide_id), cv2.addWeighted(overlay, 0.6, image, 0.4, 0))
+
+
+def qc_thumbnail(out_dir: str | os.PathLike, slide_id: str) -> Path:
+    """``<out>/qc/<slide_id>.qc.png``: the QC thumbnail."""
+    return OutputLayout(out_dir).qc_table(slide_id).with_suffix(".qc.png")
 
 
 def check_flags(names: Sequence[str]) -> tuple[str, ...]:
     """``names`` as a tuple, refusing any that is not a QC flag."""
     unknown = sorted(set(names) - set(FLAGS))
     if unknown:
-        raise ValueError(f"unknown QC flag(s) {', '.join(unknown)}; choose from {', '.join(FLAGS)}")
+        raise ConfigError(f"unknown QC flag(s) {', '.join(unknown)}; choose from {', '.join(FLAGS)}")
     return tuple(names)
 
 
@@ -398,7 +400,7 @@ def keep_mask(store: Any, exclude: Sequence[str]) -> np.ndarray:
     """Which patches of ``store`` (in order) raise none of the ``exclude`` flags, from its current QC table
     (in the output directory the store was tiled into: ``<out>/tiles/<slide_id>.zarr`` -> ``<out>/qc/``)."""
     exclude = check_flags(exclude)
-    path = qc_path(Path(store.path).parent.parent, store.slide_id)
+    path = OutputLayout(Path(store.path).parent.parent).qc_table(store.slide_id)
     if not path.exists():
         raise StoreError(f"{path}: no QC table for {store.slide_id}; re-run `pathomics tile` with pixels (not --no-pixels) "
                          "to write it, or drop --qc-exclude")

@@ -12,14 +12,15 @@ import pandas as pd
 import pytest
 
 from pathomics.cli.main import main
-from pathomics.extract import EmbedConfig, embed_store
-from pathomics.qc import (FLAG_COLORS, FLAGS, SUMMARY_FILE, QCConfig, keep_mask, macenko_stains, qc_path, read_qc,
-                          score_batch, stain_outliers)
+from pathomics.embed import EmbedConfig, embed_store
+from pathomics.errors import StoreError
+from pathomics.layout import OutputLayout
+from pathomics.qc import (FLAG_COLORS, FLAGS, QCConfig, keep_mask, macenko_stains, qc_thumbnail, read_qc, score_batch,
+                          stain_outliers)
 from pathomics.store import PatchStoreWriter, open_patch_store, read_feature_file
 from pathomics.synthetic import SlideTruth, write_slide
-from pathomics.synthetic_artefacts import Artefacts, artefact_layout, qc_confusion, write_artefact_slide
+from pathomics.synthetic.artefacts import Artefacts, artefact_layout, qc_confusion, write_artefact_slide
 from pathomics.tiling import TileConfig, tile_slide
-from pathomics.errors import StoreError
 from pathomics.tissue import write_geojson
 
 TILE = TileConfig(target_mpp=0.5, patch_size=128, threads=2)
@@ -41,7 +42,7 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Artefacts, Path, 
 def test_planted_artefacts_are_flagged_and_clean_tissue_is_not(planted) -> None:
     artefacts, _, out = planted
     store = open_patch_store(out / "tiles" / "planted.zarr")
-    table, _ = read_qc(qc_path(out, "planted"))
+    table, _ = read_qc(OutputLayout(out).qc_table("planted"))
     confusion = qc_confusion(artefacts, table, int(store.attrs["patch_size_level0"])).set_index("artefact")
     print("\n" + confusion.to_string())
     planted_rows = confusion.drop(index="clean")
@@ -53,12 +54,12 @@ def test_planted_artefacts_are_flagged_and_clean_tissue_is_not(planted) -> None:
 def test_qc_outputs_follow_the_store(planted) -> None:
     _, _, out = planted
     store = open_patch_store(out / "tiles" / "planted.zarr")
-    table, meta = read_qc(qc_path(out, "planted"))
+    table, meta = read_qc(OutputLayout(out).qc_table("planted"))
     np.testing.assert_array_equal(table[["x", "y"]].to_numpy(), store.coords)
     assert {"focus", "pen", "pen_blue", "pen_green", "pen_black", "fold", "bubble", "stain_h", "stain_e", "qc_pass",
             *(f"flag_{f}" for f in FLAGS)} <= set(table.columns)
     assert (table.qc_pass == ~table[[f"flag_{f}" for f in FLAGS]].any(axis=1)).all()
-    summary = pd.read_csv(out / SUMMARY_FILE).set_index("slide_id").loc["planted"]
+    summary = pd.read_csv(OutputLayout(out).qc_summary).set_index("slide_id").loc["planted"]
     attrs = store.attrs["qc"]
     for flag in FLAGS:
         assert summary[f"frac_{flag}"] == pytest.approx(table[f"flag_{flag}"].mean(), abs=1e-6)
@@ -66,7 +67,7 @@ def test_qc_outputs_follow_the_store(planted) -> None:
     assert attrs["stain_fit"] == "macenko" and attrs["config"] == meta["config"]
     # the QC thumbnail is the tiling thumbnail with each flagged patch blended with its flag's colour
     thumb = cv2.imread(str(store.path.with_name("planted.thumb.png"))).astype(float)
-    qc_png = cv2.imread(str(qc_path(out, "planted").with_suffix(".qc.png"))).astype(float)
+    qc_png = cv2.imread(str(qc_thumbnail(out, "planted"))).astype(float)
     scale, size = 1 / store.attrs["thumbnail_downsample"], store.attrs["patch_size_level0"]
     for flag in FLAGS:
         only = table[table[f"flag_{flag}"] & (table[[f"flag_{f}" for f in FLAGS]].sum(axis=1) == 1)].iloc[0]
@@ -81,9 +82,9 @@ def test_qc_outputs_follow_the_store(planted) -> None:
 def test_skipped_resumed_and_reconfigured_stores_keep_qc_consistent(planted, tmp_path: Path, monkeypatch) -> None:
     _, slide, out = planted
     geojson = slide.with_suffix(".geojson")
-    reference, _ = read_qc(qc_path(out, "planted"))
+    reference, _ = read_qc(OutputLayout(out).qc_table("planted"))
     # an unchanged re-run skips the store and leaves a current QC table alone
-    table_file = qc_path(out, "planted")
+    table_file = OutputLayout(out).qc_table("planted")
     mtime = table_file.stat().st_mtime_ns
     assert tile_slide(slide, out, TILE, tissue_geojson=geojson).state == "skipped"
     assert table_file.stat().st_mtime_ns == mtime
@@ -110,7 +111,7 @@ def test_skipped_resumed_and_reconfigured_stores_keep_qc_consistent(planted, tmp
     monkeypatch.setattr(PatchStoreWriter, "write", original_write)
     assert 0 < open_patch_store_partial_written(tmp_path) < len(reference)
     assert tile_slide(slide, tmp_path, TILE, tissue_geojson=geojson).state == "done"
-    pd.testing.assert_frame_equal(read_qc(qc_path(tmp_path, "planted"))[0], reference)
+    pd.testing.assert_frame_equal(read_qc(OutputLayout(tmp_path).qc_table("planted"))[0], reference)
 
 
 def open_patch_store_partial_written(out: Path) -> int:
@@ -126,7 +127,7 @@ def test_stain_outlier_slide_is_flagged_in_its_batch(tmp_path: Path) -> None:
                                        mpp=0.5, layout="blob", seed=30).path)
     for slide in slides:
         tile_slide(slide, tmp_path / "out", TILE)
-    summary = pd.read_csv(tmp_path / "out" / SUMMARY_FILE).set_index("slide_id")
+    summary = pd.read_csv(OutputLayout(tmp_path / "out").qc_summary).set_index("slide_id")
     assert summary.stain_outlier.to_dict() == {"normal0": False, "normal1": False, "normal2": False, "offstain": True}
     assert summary.loc["offstain", "stain_angle"] > 20 and summary.drop(index="offstain").stain_angle.max() < 5
     assert (summary.frac_fail == 0).all()  # an unusual stain is no patch artefact
@@ -169,7 +170,7 @@ def test_qc_exclude_changes_only_the_bags_and_the_provenance(planted, tmp_path: 
     full = read_feature_file(embed_store(store_dir, tmp_path / "all", EMBED))
     kept = read_feature_file(embed_store(store_dir, tmp_path / "kept", EmbedConfig(**{**EMBED.__dict__, "qc_exclude": ("pen", "blur")})))
     keep = keep_mask(store, ("pen", "blur"))
-    table, _ = read_qc(qc_path(out, "planted"))
+    table, _ = read_qc(OutputLayout(out).qc_table("planted"))
     np.testing.assert_array_equal(keep, ~(table.flag_pen | table.flag_blur).to_numpy())
     assert 0 < (~keep).sum() < len(keep)
     np.testing.assert_array_equal(kept.coords, full.coords[keep])
@@ -196,6 +197,6 @@ def test_cli_qc_exclude(planted, tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_qc_exclude_refuses_a_store_without_current_qc(aperio_slide: SlideTruth, tmp_path: Path) -> None:
     coords_only = TileConfig(target_mpp=1.0, patch_size=64, with_pixels=False)
     store_dir = tile_slide(aperio_slide.path, tmp_path, coords_only).path
-    assert not qc_path(tmp_path, "aperio").exists()
+    assert not OutputLayout(tmp_path).qc_table("aperio").exists()
     with pytest.raises(StoreError, match="no QC table"):
         embed_store(store_dir, tmp_path, EmbedConfig(**{**EMBED.__dict__, "qc_exclude": ("pen",)}))

@@ -121,7 +121,7 @@ def write_slide(path: str | os.PathLike, width: int, height: int, mpp: float | N
     ``flavour`` "aperio" writes an SVS-style description (needs ``mpp``); "generic" writes TIFF
     resolution tags in centimetres, or none when ``mpp`` is None. ``shapes`` replaces the named
     ``layout``; ``regions`` are painted with nuclei of the given ``atypia`` (0 to 1, see ``Nuclei.atypical``).
-    ``paint`` alters each rendered level-0 block of tissue (planted artefacts, see ``synthetic_artefacts``).
+    ``paint`` alters each rendered level-0 block of tissue (planted artefacts, see ``synthetic.artefacts``).
     """
     import tifffile
 

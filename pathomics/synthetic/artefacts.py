@@ -22,7 +22,7 @@ import numpy as np
 import shapely
 from shapely.geometry import LineString, MultiPolygon
 
-from pathomics.synthetic import GLASS, NUCLEUS, STROMA, Ellipse, SlideTruth, _multipolygon, _overlaps, write_slide
+from pathomics.synthetic.slides import GLASS, NUCLEUS, STROMA, Ellipse, SlideTruth, _multipolygon, _overlaps, write_slide
 
 INK_TRANSMITTANCE = {"blue": (0.22, 0.42, 0.92), "green": (0.30, 0.78, 0.45), "black": (0.12, 0.12, 0.13)}
 BUBBLE_WASH, BUBBLE_RIM, BUBBLE_RIM_COLOR = 0.9, 0.08, (90, 90, 95)  # washed-out fraction, rim width / radius
