@@ -22,7 +22,9 @@ import numpy as np
 import shapely
 from shapely.geometry import LineString, MultiPolygon
 
-from pathomics.synthetic.slides import GLASS, NUCLEUS, STROMA, Ellipse, SlideTruth, _multipolygon, _overlaps, write_slide
+from pathomics.errors import ConfigError
+from pathomics.synthetic.slides import (GLASS, NUCLEUS, STROMA, Ellipse, Painter, SlideTruth, _multipolygon, _overlaps,
+                                       write_slide)
 
 INK_TRANSMITTANCE = {"blue": (0.22, 0.42, 0.92), "green": (0.30, 0.78, 0.45), "black": (0.12, 0.12, 0.13)}
 BUBBLE_WASH, BUBBLE_RIM, BUBBLE_RIM_COLOR = 0.9, 0.08, (90, 90, 95)  # washed-out fraction, rim width / radius
@@ -38,7 +40,7 @@ class Stroke:
 
     def __post_init__(self) -> None:
         if self.color not in INK_TRANSMITTANCE:
-            raise ValueError(f"unknown ink {self.color!r}; choose one of {', '.join(INK_TRANSMITTANCE)}")
+            raise ConfigError(f"unknown ink {self.color!r}; choose one of {', '.join(INK_TRANSMITTANCE)}")
 
     def polygon(self) -> MultiPolygon:
         return _multipolygon(LineString(self.points).buffer(self.width / 2))  # round caps, as OpenCV draws them
@@ -63,7 +65,7 @@ class Artefacts:
                    bubble=_union([e.polygon() for e in self.bubbles]))
         return out
 
-    def painter(self) -> Callable[[np.ndarray, int, int, Callable[[int, int, int], np.ndarray]], np.ndarray]:
+    def painter(self) -> Painter:
         """The ``paint`` hook of ``write_slide`` that plants these artefacts."""
         stain = stain_transform(*self.stain) if self.stain else None
 
