@@ -200,3 +200,15 @@ def test_qc_exclude_refuses_a_store_without_current_qc(aperio_slide: SlideTruth,
     assert not OutputLayout(tmp_path).qc_table("aperio").exists()
     with pytest.raises(StoreError, match="no QC table"):
         embed_store(store_dir, tmp_path, EmbedConfig(**{**EMBED.__dict__, "qc_exclude": ("pen",)}))
+
+
+def test_run_and_tile_options_reach_the_configs(tmp_path: Path) -> None:
+    from pathomics.cli.embed import embed_config
+    from pathomics.cli.main import build_parser
+    from pathomics.cli.tile import tile_config
+
+    args = build_parser().parse_args(["run", "s.svs", "--clinical", "c.csv", "--covariates", "age",
+                                      "--out", str(tmp_path), "--qc-exclude", "pen, blur", "--no-qc"])
+    assert embed_config(args).qc_exclude == ("pen", "blur")
+    assert tile_config(args).qc is None
+    assert tile_config(build_parser().parse_args(["tile", "s.svs", "--out", str(tmp_path)])).qc == QCConfig()
