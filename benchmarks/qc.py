@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiling import PATCH, TARGET_MPP, make_slide  # noqa: E402 - the tiling benchmark's slide writer, reused
+from tiling import PATCH, TARGET_MPP, make_slide
 
 
 def child(slide: Path, qc: bool, threads: int) -> dict:
@@ -32,7 +32,7 @@ def child(slide: Path, qc: bool, threads: int) -> dict:
     import pandas  # noqa: F401 - imported before timing, as in a long-running batch
     import pyarrow.parquet  # noqa: F401
     import scipy.ndimage  # noqa: F401
-    import skimage.filters  # noqa: F401
+    import skimage.filters
     import skimage.morphology  # noqa: F401
     import zarr  # noqa: F401
 

@@ -15,8 +15,17 @@ from pathomics.cli.main import main
 from pathomics.embed import EmbedConfig, embed_store
 from pathomics.errors import StoreError
 from pathomics.layout import OutputLayout
-from pathomics.qc import (FLAG_COLORS, FLAGS, QCConfig, keep_mask, macenko_stains, qc_thumbnail, read_qc, score_batch,
-                          stain_outliers)
+from pathomics.qc import (
+    FLAG_COLORS,
+    FLAGS,
+    QCConfig,
+    keep_mask,
+    macenko_stains,
+    qc_thumbnail,
+    read_qc,
+    score_batch,
+    stain_outliers,
+)
 from pathomics.store import PatchStoreWriter, open_patch_store, read_feature_file
 from pathomics.synthetic import SlideTruth, write_slide
 from pathomics.synthetic.artefacts import Artefacts, artefact_layout, qc_confusion, write_artefact_slide

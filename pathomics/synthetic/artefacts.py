@@ -23,8 +23,17 @@ import shapely
 from shapely.geometry import LineString, MultiPolygon
 
 from pathomics.errors import ConfigError
-from pathomics.synthetic.slides import (GLASS, NUCLEUS, STROMA, Ellipse, Painter, SlideTruth, _multipolygon, _overlaps,
-                                       write_slide)
+from pathomics.synthetic.slides import (
+    GLASS,
+    NUCLEUS,
+    STROMA,
+    Ellipse,
+    Painter,
+    SlideTruth,
+    _multipolygon,
+    _overlaps,
+    write_slide,
+)
 
 INK_TRANSMITTANCE = {"blue": (0.22, 0.42, 0.92), "green": (0.30, 0.78, 0.45), "black": (0.12, 0.12, 0.13)}
 BUBBLE_WASH, BUBBLE_RIM, BUBBLE_RIM_COLOR = 0.9, 0.08, (90, 90, 95)  # washed-out fraction, rim width / radius
@@ -193,7 +202,7 @@ def artefact_layout(width: int, height: int) -> tuple[Ellipse, Artefacts]:
     return ellipse(2048, 1536, 1950, 1450), artefacts
 
 
-def qc_confusion(artefacts: Artefacts, table, size0: int):  # noqa: ANN001, ANN201 - pandas DataFrames
+def qc_confusion(artefacts: Artefacts, table, size0: int):
     """Per planted artefact: patches inside it, how many its own flag and any flag caught; then the clean patches
     (touching no artefact) and how many any flag raised. ``table``: a QC table (``pathomics.qc``)."""
     import pandas as pd
