@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,22 @@ class QCConfig:
             raise ConfigError(f"QC thresholds out of range: {self}")
         if self.pixel_stride < 1 or self.stain_min_slides < 2 or self.stain_io < 1:
             raise ConfigError(f"QC sampling parameters out of range: {self}")
+
+    @classmethod
+    def parse(cls, text: str) -> QCConfig:
+        """A config from ``name=value,...`` (its number fields, e.g. ``max_pen=0.2,min_focus=1``); others keep defaults."""
+        numbers = {f.name: type(f.default) for f in fields(cls) if type(f.default) in (int, float)}
+        values: dict[str, Any] = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            name, _, value = (part.strip() for part in item.partition("="))
+            if name not in numbers:
+                raise ConfigError(f"unknown QC setting {name!r}; choose from {', '.join(numbers)}")
+            try:
+                values[name] = numbers[name](value)
+            except ValueError as exc:
+                kind = "a whole number" if numbers[name] is int else "a number"
+                raise ConfigError(f"QC setting {item!r}: {name} takes {kind}") from exc
+        return cls(**values)
 
 
 @dataclass(frozen=True)

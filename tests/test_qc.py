@@ -13,7 +13,7 @@ import pytest
 
 from pathomics.cli.main import main
 from pathomics.embed import EmbedConfig, embed_store
-from pathomics.errors import StoreError
+from pathomics.errors import ConfigError, StoreError
 from pathomics.layout import OutputLayout
 from pathomics.qc import (
     FLAG_COLORS,
@@ -221,3 +221,9 @@ def test_run_and_tile_options_reach_the_configs(tmp_path: Path) -> None:
     assert embed_config(args).qc_exclude == ("pen", "blur")
     assert tile_config(args).qc is None
     assert tile_config(build_parser().parse_args(["tile", "s.svs", "--out", str(tmp_path)])).qc == QCConfig()
+    tuned = build_parser().parse_args(["tile", "s.svs", "--out", str(tmp_path), "--qc-settings", "max_pen=0.2, min_focus=1"])
+    assert tile_config(tuned).qc == QCConfig(max_pen=0.2, min_focus=1.0)
+    for bad, message in (("smudge=1", "unknown QC setting 'smudge'"), ("pixel_stride=two", "pixel_stride takes a whole number"),
+                         ("max_pen=2", "out of range")):
+        with pytest.raises(ConfigError, match=message):
+            QCConfig.parse(bad)

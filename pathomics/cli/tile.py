@@ -30,6 +30,8 @@ def add_tile_options(parser: argparse.ArgumentParser) -> None:
                         help="write coords-only stores (the embedder reads the slide)")
     parser.add_argument("--tissue-dir", type=Path, help="folder of <slide_id>.geojson tissue annotations to use instead of detection")
     parser.add_argument("--no-qc", action="store_true", help="skip the per-patch quality scores (OUT/qc/, qc_summary.csv)")
+    parser.add_argument("--qc-settings", metavar="NAME=VALUE,...",
+                        help="QC thresholds other than the defaults, e.g. max_pen=0.2,min_focus=1.0 (see pathomics.qc.QCConfig)")
     parser.add_argument("--threads", type=int, default=None,
                         help="decoding threads per slide (default: all cores; in `run`: cores / workers, for torch too)")
 
@@ -38,12 +40,15 @@ def tile_config(args: argparse.Namespace):  # noqa: ANN201 - TileConfig, importe
     """The TileConfig the tiling options describe (magnification converted to MPP here, at the edge)."""
     import dataclasses
 
+    from pathomics.qc import QCConfig
     from pathomics.slide import magnification_to_mpp
     from pathomics.tiling import TileConfig
 
     target = magnification_to_mpp(args.magnification) if args.magnification is not None else None
     config = config_from_args(TileConfig, args, target_mpp=target)
-    return dataclasses.replace(config, qc=None) if args.no_qc else config
+    if args.no_qc:
+        return dataclasses.replace(config, qc=None)
+    return dataclasses.replace(config, qc=QCConfig.parse(args.qc_settings)) if args.qc_settings else config
 
 
 def run(args: argparse.Namespace) -> int:
