@@ -108,15 +108,19 @@ class Encoder:
             retain_freed_memory()
 
     def prepare(self, batch: torch.Tensor) -> torch.Tensor:
-        """Copy a uint8 NHWC batch to the device; resize and normalise it there; channels_last float32.
+        """Copy a uint8 NHWC batch to the device; resize, centre-crop and normalise it there; channels_last float32.
 
-        The resize is torchvision's antialiased bilinear on uint8 (PIL's result, as CLAM and TRIDENT
-        preprocess; on a CPU its uint8 kernel is ~10x cheaper than resizing floats).
+        The resize is torchvision's antialiased bilinear (or the recipe's bicubic) on uint8: PIL's result
+        within one grey level, as CLAM, TRIDENT and the model cards preprocess; on a CPU its uint8 kernel
+        is ~10x cheaper than resizing floats.
         """
         x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC memory is channels_last
-        size = self.backbone.input_size
-        if x.shape[-2:] != (size, size):
-            x = TF.resize(x, [size, size], antialias=True)
+        size, resize = self.backbone.input_size, self.backbone.resize_size or self.backbone.input_size
+        if x.shape[-2:] != (resize, resize):
+            x = TF.resize(x, [resize, resize], interpolation=TF.InterpolationMode(self.backbone.interpolation),
+                          antialias=True)
+        if resize != size:
+            x = TF.center_crop(x, [size, size])
         x = torch.addcmul(self.shift, x.float(), self.scale)
         return x.contiguous(memory_format=torch.channels_last)
 
@@ -254,6 +258,8 @@ def feature_attributes(store: PatchStore, backbone: Backbone, config: EmbedConfi
     """
     resolved = {"model": backbone.name, "weights": backbone.weights, "device": str(device), "precision": precision,
                 "input_size": backbone.input_size}
+    if backbone.recipe is not None:  # a foundation model: its card's recipe, as JSON
+        resolved["recipe"] = json.dumps(backbone.recipe, sort_keys=True)
     attrs = {
         **asdict(config), **resolved, "weights_sha256": backbone.weights_sha256, "embedding_dim": backbone.embedding_dim,
         "mean": list(backbone.mean), "std": list(backbone.std), "slide_id": store.slide_id,
@@ -284,6 +290,12 @@ def is_current(path: Path, attrs: dict[str, Any], n: int) -> bool:
     return shape == (n, attrs["embedding_dim"]) and all(stored.get(k, "") == attrs[k] for k in RESULT_KEYS)
 
 
+def config_backbone(config: EmbedConfig) -> Backbone:
+    """The backbone ``config`` names, loaded for its resolved device and precision (bf16 weights where allowed)."""
+    precision = resolve_precision(config.precision, resolve_device(config.device))
+    return load_backbone(config.model, config.weights, config.input_size, precision)
+
+
 def embed_store(store_path: str | os.PathLike, out_dir: str | os.PathLike, config: EmbedConfig | None = None,
                 *, backbone: Backbone | None = None) -> Path:
     """Embed every patch of a store into ``<out_dir>/features/<slide_id>.h5``; reuse an up-to-date file.
@@ -309,7 +321,7 @@ def embed_slide(store_path: str | os.PathLike, out_dir: str | os.PathLike, confi
     keep = qc_keep_mask(store, config.qc_exclude) if config.qc_exclude else None
     index = None if keep is None else np.flatnonzero(keep)
     if backbone is None:
-        backbone = load_backbone(config.model, config.weights, config.input_size)
+        backbone = config_backbone(config)
     elif backbone.name != config.model:
         raise ConfigError(f"backbone {backbone.name!r} given for a config of model {config.model!r}")
     device = resolve_device(config.device)

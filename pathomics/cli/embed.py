@@ -23,9 +23,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def add_embed_options(parser: argparse.ArgumentParser) -> None:
     """The embedding options, shared with `pathomics run`."""
-    parser.add_argument("--model", help="resnet50-trunc (default), shufflenet-v2, torchvision:<name> or torchscript:<path>")
-    parser.add_argument("--weights", help="state-dict file, or 'random' for an untrained backbone "
-                                          "(default: torchvision's file in the torch hub checkpoint cache)")
+    parser.add_argument("--model", help="resnet50-trunc (default), shufflenet-v2, a foundation preset (uni, uni2-h, virchow2, "
+                                        "gigapath, h-optimus-0, phikon-v2: see `pathomics models`), timm:<arch>, "
+                                        "hf:<folder>, torchvision:<name> or torchscript:<path>")
+    parser.add_argument("--weights", help="weights file or folder, or 'random' for an untrained backbone (default: "
+                                          "looked up offline: torch hub cache, $PATHOMICS_WEIGHTS/<model>/, Hugging Face cache)")
     parser.add_argument("--device", help="auto (default: a GPU if present), cpu, cuda or cuda:N")
     parser.add_argument("--precision", help="auto (default: bf16/fp16 on GPU, bf16 on CPUs with native bf16), fp32, bf16, fp16")
     parser.add_argument("--batch-size", type=int, help="patches per batch (default 256)")
@@ -50,7 +52,7 @@ def embed_config(args: argparse.Namespace):  # noqa: ANN201 - EmbedConfig, impor
 
 def run(args: argparse.Namespace) -> int:
     from pathomics.device import resolve_device, resolve_precision
-    from pathomics.models.backbones import load_backbone
+    from pathomics.embed import config_backbone
     from pathomics.runner.batch import exit_code, run_jobs, summarize
     from pathomics.runner.jobs import embed_job
 
@@ -59,10 +61,11 @@ def run(args: argparse.Namespace) -> int:
     stores = args.stores or discover_stores(out)
     if not stores:
         raise PathomicsError(f"no patch stores under {out / 'tiles'}; run `pathomics tile` first or name the stores")
-    backbone = load_backbone(config.model, config.weights, config.input_size)
+    backbone = config_backbone(config)
     device = resolve_device(config.device)
-    print(f"embedding {len(stores)} store(s) with {backbone.name} ({backbone.embedding_dim}-d, weights: {backbone.weights}) "
-          f"on {device} at {resolve_precision(config.precision, device)}")
+    held = f", held in {backbone.recipe['weights_dtype']}" if backbone.recipe else ""
+    print(f"embedding {len(stores)} store(s) with {backbone.name} ({backbone.embedding_dim}-d, weights: {backbone.weights}"
+          f"{held}) on {device} at {resolve_precision(config.precision, device)}")
     rows = run_jobs("embed", [embed_job(s, out, config, backbone) for s in stores], out)
     print(summarize("embed", rows))
     return exit_code(rows)

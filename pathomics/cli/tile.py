@@ -21,9 +21,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def add_tile_options(parser: argparse.ArgumentParser) -> None:
     """The tiling parameters, shared with `pathomics run`."""
     resolution = parser.add_mutually_exclusive_group()
-    resolution.add_argument("--mpp", dest="target_mpp", type=float, help="target microns per pixel (default 0.5)")
+    resolution.add_argument("--mpp", dest="target_mpp", type=float,
+                            help="target microns per pixel (default 0.5; in `run`, the --model preset's training MPP)")
     resolution.add_argument("--magnification", type=float, help="target magnification, converted as 10/mag µm/px (20 → 0.5)")
-    parser.add_argument("--patch-size", type=int, default=256, help="patch side in pixels at the target MPP")
+    parser.add_argument("--patch-size", type=int, default=None,
+                        help="patch side in pixels at the target MPP (default 256; in `run`, the --model preset's)")
     parser.add_argument("--overlap", type=int, default=0, help="overlap between neighbouring patches, pixels at the target MPP")
     parser.add_argument("--min-tissue", type=float, default=0.5, help="keep patches at least this fraction tissue")
     parser.add_argument("--no-pixels", dest="with_pixels", action="store_false", default=None,
@@ -45,10 +47,22 @@ def tile_config(args: argparse.Namespace):  # noqa: ANN201 - TileConfig, importe
     from pathomics.tiling import TileConfig
 
     target = magnification_to_mpp(args.magnification) if args.magnification is not None else None
-    config = config_from_args(TileConfig, args, target_mpp=target)
+    mpp, patch_size = preset_resolution(getattr(args, "model", None))
+    if target is None and args.target_mpp is None:
+        target = mpp
+    config = config_from_args(TileConfig, args, target_mpp=target,
+                              patch_size=patch_size if args.patch_size is None else None)
     if args.no_qc:
         return dataclasses.replace(config, qc=None)
     return dataclasses.replace(config, qc=QCConfig.parse(args.qc_settings)) if args.qc_settings else config
+
+
+def preset_resolution(model: str | None) -> tuple[float | None, int | None]:
+    """The MPP and patch size a foundation preset was trained at (None, None for other models: the defaults)."""
+    from pathomics.models.foundation import PRESETS
+
+    recipe = PRESETS.get(model or "")
+    return (recipe.mpp, recipe.patch_size) if recipe else (None, None)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -56,6 +57,9 @@ class Backbone:
     embedding_dim: int
     weights: str  # the weights file, or "random"
     weights_sha256: str  # of the weights file, or "random"
+    resize_size: int | None = None  # patches are resized to this side, then centre-cropped to input_size (None: input_size)
+    interpolation: str = "bilinear"
+    recipe: dict[str, Any] | None = None  # a foundation model's card recipe, recorded in the feature files
 
 
 _REGISTRY: dict[str, Callable[[], BackboneSpec]] = {}
@@ -74,8 +78,10 @@ def register_backbone(name: str) -> Callable[[Callable[[], BackboneSpec]], Calla
 
 
 def list_backbones() -> list[str]:
-    """Registered backbone names (``torchvision:<name>`` and ``torchscript:<path>`` are also accepted)."""
-    return sorted(_REGISTRY)
+    """Registered backbone and foundation preset names (``torchvision:``, ``torchscript:``, ``timm:``, ``hf:`` also work)."""
+    from pathomics.models.foundation import PRESETS
+
+    return sorted(_REGISTRY) + list(PRESETS)
 
 
 def get_backbone_spec(name: str) -> BackboneSpec:
@@ -84,7 +90,7 @@ def get_backbone_spec(name: str) -> BackboneSpec:
         return torchvision_spec(name.removeprefix(TORCHVISION_PREFIX), name=name)
     if name not in _REGISTRY:
         raise ModelError(f"unknown model {name!r}; choose one of {', '.join(list_backbones())}, "
-                         f"{TORCHVISION_PREFIX}<name> or {TORCHSCRIPT_PREFIX}<path>")
+                         f"{TORCHVISION_PREFIX}<name>, {TORCHSCRIPT_PREFIX}<path>, timm:<arch> or hf:<folder>")
     return _REGISTRY[name]()
 
 
@@ -145,12 +151,17 @@ def hub_checkpoint(file_name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / file_name
 
 
-def load_backbone(name: str, weights: str | None = None, input_size: int | None = None) -> Backbone:
+def load_backbone(name: str, weights: str | None = None, input_size: int | None = None, precision: str = "fp32") -> Backbone:
     """Build backbone ``name`` with ``weights`` (a path, ``"random"``, or None for the hub cache).
 
     ``input_size`` overrides the backbone's own (patches are resized to it). A probe forward pass checks
-    that the encoder maps a batch to a 2-D (n, D) output before any patch is read.
+    that the encoder maps a batch to a 2-D (n, D) output before any patch is read. ``precision``, the
+    resolved embedding precision, lets foundation models hold their weights in bf16 (``models.foundation``).
     """
+    from pathomics.models import foundation
+
+    if foundation.handles(name):
+        return foundation.load_foundation(name, weights, input_size, precision)
     if name.startswith(TORCHSCRIPT_PREFIX):
         return _load_torchscript(Path(name.removeprefix(TORCHSCRIPT_PREFIX)), name, weights, input_size)
     spec = get_backbone_spec(name)
@@ -197,10 +208,13 @@ def _load_state(model: nn.Module, trunk: Callable[[nn.Module], nn.Module], path:
     return module
 
 
-def read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
-    """A torchvision-style state dict, bare or under a checkpoint's ``state_dict`` key (tensors only)."""
+def read_state_dict(path: Path, mmap: bool = False) -> Mapping[str, torch.Tensor]:
+    """A torchvision-style state dict, bare or under a checkpoint's ``state_dict`` key (tensors only).
+
+    ``mmap``: map the file instead of reading it (zip-format files only), so large weights cost page cache.
+    """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (RuntimeError, OSError, ValueError, EOFError, IndexError, KeyError, TypeError, pickle.UnpicklingError) as exc:
         # a file that is no pickle at all (a text file, say) breaks the unpickler in many ways
         raise ModelError(f"{path} is not a PyTorch state dict ({exc})") from exc

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from pathomics.device import resolve_device
-from pathomics.embed import EmbedConfig
+from pathomics.embed import EmbedConfig, config_backbone
 from pathomics.errors import CohortError, ConfigError, InputError
 from pathomics.layout import DONE, SKIPPED, OutputLayout
 from pathomics.manifest import SlideEntry
@@ -110,9 +110,7 @@ def _worker_embed_config(config: EmbedConfig) -> EmbedConfig:
 @lru_cache(maxsize=2)
 def worker_backbone(config: EmbedConfig):  # noqa: ANN202 - a torch module, imported lazily
     """The backbone, loaded once per worker process and reused for every slide it embeds."""
-    from pathomics.models.backbones import load_backbone
-
-    return load_backbone(config.model, config.weights, config.input_size)
+    return config_backbone(config)
 
 
 def run_slides(entries: Sequence[SlideEntry], out_dir: Path, config: RunConfig, client: object | None = None,
