@@ -19,11 +19,11 @@ from timm.data import resolve_data_config
 from timm.data.transforms_factory import create_transform
 
 from pathomics import TileConfig, open_patch_store, tile_slide
-from pathomics.cli.main import main
+from pathomics.cli.main import build_parser, main
 from pathomics.cli.models import model_rows
-from pathomics.cli.tile import model_resolution
+from pathomics.cli.tile import tile_config
 from pathomics.errors import ModelError
-from pathomics.extract import Encoder
+from pathomics.embed import Encoder
 from pathomics.models import foundation
 from pathomics.models.backbones import load_backbone
 from pathomics.models.foundation import PRESETS, check_fits
@@ -316,7 +316,7 @@ def test_bf16_where_the_card_allows_it(tmp_path: Path, monkeypatch: pytest.Monke
     assert torch.nn.functional.cosine_similarity(a, b).min() > 0.99
 
 
-def test_models_table_and_run_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_models_table_says_where_weights_were_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "uni").mkdir()
     (tmp_path / "uni" / "pytorch_model.bin").write_bytes(b"0")
     monkeypatch.setenv("PATHOMICS_WEIGHTS", str(tmp_path))
@@ -324,5 +324,14 @@ def test_models_table_and_run_resolution(tmp_path: Path, monkeypatch: pytest.Mon
     rows = {r["model"]: r for r in model_rows()}
     assert rows["uni"]["weights"] == str(tmp_path / "uni" / "pytorch_model.bin") and rows["virchow2"]["weights"] == "not found"
     assert (rows["virchow2"]["dim"], rows["gigapath"]["input"], rows["h-optimus-0"]["mpp"]) == ("2560", "256->224", "0.5")
-    assert model_resolution("uni") == (0.5, 256) and model_resolution("h-optimus-0") == (0.5, 224)
-    assert model_resolution("resnet50-trunc") == (0.5, 256)
+
+
+
+@pytest.mark.parametrize(("options", "mpp", "patch_size"), [
+    (["--model", "uni"], 0.5, 256), (["--model", "h-optimus-0"], 0.5, 224),
+    (["--model", "h-optimus-0", "--patch-size", "256"], 0.5, 256), (["--model", "virchow2", "--mpp", "0.25"], 0.25, 224),
+    (["--model", "virchow2", "--magnification", "40"], 0.25, 224), (["--model", "resnet50-trunc"], 0.5, 256), ([], 0.5, 256)])
+def test_run_tiles_at_the_presets_training_resolution_unless_told(options: list[str], mpp: float, patch_size: int) -> None:
+    args = build_parser().parse_args(["run", "slide.svs", "--clinical", "c.csv", "--covariates", "age", "--out", "out", *options])
+    config = tile_config(args)
+    assert (config.target_mpp, config.patch_size) == (mpp, patch_size)
