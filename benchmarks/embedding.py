@@ -1,14 +1,15 @@
 """Embedding throughput: the backbone alone on in-memory tensors vs the whole pipeline from a patch store.
 
-For each backbone (shufflenet-v2, resnet50-trunc) and precision (fp32 and the device's fast one), at the
-same batch size: model-only patches/s (prepared tensors already on the device, forward passes only) and
+For each backbone (shufflenet-v2, resnet50-trunc, and the ViT-L/16 of the ``uni`` preset with its recipe) and
+precision (fp32 and the device's fast one), at the same batch size: model-only patches/s (prepared tensors already on the device, forward passes only) and
 end-to-end patches/s of ``embed_store`` (store read in background workers, copy, normalise and resize,
 forward, HDF5 write). The ratio pipeline/model-only shows how much of the I/O is hidden (target ≥ 0.9).
 On a CPU, model-only is also timed with whole batches in one forward pass, against the micro-batches the
 encoder uses there (``Encoder.micro_batch``): the ratio micro/whole is what micro-batching gains.
 Random weights (throughput does not depend on them) and random-noise patches (the costliest to decompress).
 
-    python benchmarks/embedding.py --quick               # a couple of minutes on a 2-core CPU
+    python benchmarks/embedding.py --quick --models shufflenet-v2 resnet50-trunc   # a couple of minutes on a 2-core CPU
+    python benchmarks/embedding.py --models uni --patches 32 --batch-size 16 --repeats 2   # ViT-L/16, random weights
     python benchmarks/embedding.py --device cuda --patches 16384 --batch-size 512
 """
 
@@ -33,7 +34,7 @@ from pathomics.layout import OutputLayout
 from pathomics.models.backbones import Backbone, load_backbone
 from pathomics.store import STORE_ATTRS, PatchStoreWriter
 
-MODELS = ("shufflenet-v2", "resnet50-trunc")
+MODELS = ("shufflenet-v2", "resnet50-trunc", "uni")  # uni: UNI's ViT-L/16 and recipe, random weights
 DEFAULT_JSON = Path(__file__).parent / "results" / "embedding.json"
 
 
@@ -99,8 +100,8 @@ def measure(args: argparse.Namespace, store: Path, work: Path) -> list[dict]:
     fast = resolve_precision("auto", device)
     rows = []
     for model in args.models:
-        backbone = load_backbone(model, "random")
         for precision in dict.fromkeys(("fp32", fast)):
+            backbone = load_backbone(model, "random", precision=precision)  # a foundation preset holds bf16 weights at bf16
             config = EmbedConfig(model=model, weights="random", device=str(device), precision=precision,
                                  batch_size=args.batch_size, num_workers=args.num_workers)
             encoder = Encoder(backbone, device, precision)
@@ -110,7 +111,7 @@ def measure(args: argparse.Namespace, store: Path, work: Path) -> list[dict]:
                 runs["whole_batches"] = model_only(encoder, args.patches, args.batch_size, args.patch_size, whole=True)
             rate = {name: args.patches / t for name, t in paired_medians(runs, args.repeats, device).items()}
             alone, whole = rate["model_only"], rate["pipeline"]
-            row = {"model": model, "precision": precision, "model_only_patches_per_s": round(alone, 1),
+            row = {"model": model, "weights": "random", "precision": precision, "model_only_patches_per_s": round(alone, 1),
                    "pipeline_patches_per_s": round(whole, 1), "ratio": round(whole / alone, 3), "micro_batch": encoder.micro_batch}
             if encoder.micro_batch:
                 row |= {"whole_batch_patches_per_s": round(rate["whole_batches"], 1),

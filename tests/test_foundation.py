@@ -332,6 +332,7 @@ def test_models_table_says_where_weights_were_found(tmp_path: Path, monkeypatch:
     (["--model", "h-optimus-0", "--patch-size", "256"], 0.5, 256), (["--model", "virchow2", "--mpp", "0.25"], 0.25, 224),
     (["--model", "virchow2", "--magnification", "40"], 0.25, 224), (["--model", "resnet50-trunc"], 0.5, 256), ([], 0.5, 256)])
 def test_run_tiles_at_the_presets_training_resolution_unless_told(options: list[str], mpp: float, patch_size: int) -> None:
-    args = build_parser().parse_args(["run", "slide.svs", "--clinical", "c.csv", "--covariates", "age", "--out", "out", *options])
+    args = build_parser().parse_args(["run", "slide.svs", "--clinical", "c.csv", "--covariates", "age", "--out", "out",
+                                      *options])
     config = tile_config(args)
     assert (config.target_mpp, config.patch_size) == (mpp, patch_size)

@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(RunConfig, args, tile=tile_config(args), embed=embed_config(args), mil=mil,
                               survival=survival_config(args), threads_per_worker=args.threads)
     out = writable_dir(args.out)
+    print(f"tiling at {config.tile.target_mpp} µm/px, {config.tile.patch_size}-px patches; embedding with {config.embed.model}")
     result = run_archive(entries, args.clinical, out, config, radiology=args.radiology)
     print(summarize("tile + embed", result.slide_rows))
     for name, model in result.survival.models.items():

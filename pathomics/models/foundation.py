@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from pathomics.errors import ModelError
-from pathomics.models.backbones import IMAGENET_MEAN, IMAGENET_STD, RANDOM, RANDOM_SEED, Backbone, check_embeddings
+from pathomics.models.backbones import IMAGENET_MEAN, IMAGENET_STD, RANDOM, RANDOM_SEED, Backbone, probe_embedding_dim
 from pathomics.models.weights import check_keys, read_weights, resolve_weights, weights_in
 from pathomics.store import sha256_file
 
@@ -145,7 +145,8 @@ def recipe_of(name: str) -> Recipe:
         return timm_recipe(name.removeprefix(TIMM_PREFIX))
     if name.startswith(HF_PREFIX):
         return hf_folder_recipe(Path(name.removeprefix(HF_PREFIX)).expanduser())
-    raise ModelError(f"unknown foundation model {name!r}; choose one of {', '.join(PRESETS)}, {TIMM_PREFIX}ARCH or {HF_PREFIX}DIR")
+    raise ModelError(f"unknown foundation model {name!r}; choose one of {', '.join(PRESETS)}, "
+                     f"{TIMM_PREFIX}ARCH or {HF_PREFIX}DIR")
 
 
 def timm_recipe(arch: str, kwargs: Mapping[str, Any] | None = None, cfg: Mapping[str, Any] | None = None) -> Recipe:
@@ -310,8 +311,9 @@ def load_foundation(name: str, weights: str | None, input_size: int | None, prec
     module = pooled(recipe, vit).eval()
     size = input_size or recipe.input_size
     resize = round(size * recipe.resize_size / recipe.input_size)
-    # A preset's dimension is its card's (the encoder checks every batch); a family's is learnt by a probe.
-    dim = recipe.embedding_dim if name in PRESETS else _probe(module, size, dtype, recipe.embedding_dim, name)
+    # A preset's dimension is its card's (the encoder checks every batch); a family's (fp32: no card allows
+    # it bf16) is learnt by a probe.
+    dim = recipe.embedding_dim if name in PRESETS else probe_embedding_dim(module, size, recipe.embedding_dim, name)
     label, digest = (RANDOM, RANDOM) if path is None else (str(path), sha256_file(path))
     attrs = {**recipe.attrs(), "name": name, "weights_dtype": str(dtype).removeprefix("torch.")}
     return Backbone(name, module, size, tuple(recipe.mean), tuple(recipe.std), dim, label, digest,
@@ -345,19 +347,6 @@ def _assign_weights(vit: nn.Module, path: Path, recipe: Recipe, dtype: torch.dty
         raise ModelError(f"{path} does not hold {name} weights: {first[0].strip()}") from exc
     if any(t.is_meta for t in (*vit.parameters(), *vit.buffers())):
         raise ModelError(f"{path} leaves part of {name} without weights")
-
-
-def _probe(module: nn.Module, size: int, dtype: torch.dtype, expected: int | None, name: str) -> int:
-    """Embed two blank patches (at the weights' precision) and return the embedding dimension."""
-    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-        try:
-            out = module(torch.zeros(2, 3, size, size))
-        except RuntimeError as exc:
-            raise ModelError(f"{name} cannot encode {size}-px patches ({exc})") from exc
-    dim = check_embeddings(out, 2, name)
-    if expected is not None and dim != expected:
-        raise ModelError(f"{name} returned {dim}-d embeddings, expected {expected}")
-    return dim
 
 
 def foundation_table() -> list[dict[str, Any]]:

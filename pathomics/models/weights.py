@@ -34,9 +34,14 @@ def hf_home() -> Path:
     return Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface").expanduser()
 
 
+def hf_snapshot_root(repository: str) -> Path:
+    """Where huggingface_hub caches the snapshots of repository ``ORG/NAME``."""
+    return hf_home() / "hub" / f"models--{repository.replace('/', '--')}" / "snapshots"
+
+
 def hf_snapshots(repository: str) -> list[Path]:
     """The cached snapshot folders of a Hugging Face repository ``ORG/NAME``, newest first."""
-    root = hf_home() / "hub" / f"models--{repository.replace('/', '--')}" / "snapshots"
+    root = hf_snapshot_root(repository)
     folders = [p for p in root.glob("*") if p.is_dir()] if root.is_dir() else []
     return sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True)
 
@@ -52,7 +57,7 @@ def default_folders(preset: str, repository: str | None) -> list[Path]:
     if os.environ.get(WEIGHTS_ENV):
         folders.append(Path(os.environ[WEIGHTS_ENV]).expanduser() / preset)
     if repository:
-        folders += hf_snapshots(repository) or [hf_home() / "hub" / f"models--{repository.replace('/', '--')}" / "snapshots" / "*"]
+        folders += hf_snapshots(repository) or [hf_snapshot_root(repository) / "*"]  # named in the message
     return folders
 
 
