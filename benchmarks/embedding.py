@@ -1,15 +1,16 @@
 """Embedding throughput: the backbone alone on in-memory tensors vs the whole pipeline from a patch store.
 
-For each backbone (shufflenet-v2, resnet50-trunc, and the ViT-L/16 of the ``uni`` preset with its recipe) and
-precision (fp32 and the device's fast one), at the same batch size: model-only patches/s (prepared tensors already on the device, forward passes only) and
+For each backbone (shufflenet-v2, resnet50-trunc; ``--models uni`` for the ViT-L/16 of the ``uni`` preset
+with its recipe) and precision (fp32 and the device's fast one), at the same batch size: model-only
+patches/s (prepared tensors already on the device, forward passes only) and
 end-to-end patches/s of ``embed_store`` (store read in background workers, copy, normalise and resize,
 forward, HDF5 write). The ratio pipeline/model-only shows how much of the I/O is hidden (target ≥ 0.9).
 On a CPU, model-only is also timed with whole batches in one forward pass, against the micro-batches the
 encoder uses there (``Encoder.micro_batch``): the ratio micro/whole is what micro-batching gains.
 Random weights (throughput does not depend on them) and random-noise patches (the costliest to decompress).
 
-    python benchmarks/embedding.py --quick --models shufflenet-v2 resnet50-trunc   # a couple of minutes on a 2-core CPU
-    python benchmarks/embedding.py --models uni --patches 32 --batch-size 16 --repeats 2   # ViT-L/16, random weights
+    python benchmarks/embedding.py --quick               # a couple of minutes on a 2-core CPU
+    python benchmarks/embedding.py --models uni --patches 16 --batch-size 16 --repeats 2   # ViT-L/16, random weights
     python benchmarks/embedding.py --device cuda --patches 16384 --batch-size 512
 """
 
@@ -34,7 +35,7 @@ from pathomics.layout import OutputLayout
 from pathomics.models.backbones import Backbone, load_backbone
 from pathomics.store import STORE_ATTRS, PatchStoreWriter
 
-MODELS = ("shufflenet-v2", "resnet50-trunc", "uni")  # uni: UNI's ViT-L/16 and recipe, random weights
+MODELS = ("shufflenet-v2", "resnet50-trunc")  # --models uni adds UNI's ViT-L/16 and recipe (random weights)
 DEFAULT_JSON = Path(__file__).parent / "results" / "embedding.json"
 
 
