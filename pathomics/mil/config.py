@@ -9,6 +9,7 @@ from typing import Any
 from pathomics.errors import ConfigError
 
 TASKS = ("classification", "survival")
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,9 @@ class MILConfig:
     dropout: float = 0.25
     model_options: tuple[tuple[str, Any], ...] = ()  # aggregator-specific, e.g. (("k", 8),) for clam-sb
     max_patches: int | None = None  # random subset of patches per bag and epoch while training
+    instance_dropout: float = 0.0  # bag augmentation: fraction of patches dropped per bag and step (training only)
+    schedule: str = "constant"     # learning rate after warm-up: "constant" or "cosine" decay
+    warmup_epochs: int = 0         # linear learning-rate warm-up
     val_fraction: float = 0.2      # patients of each training fold held out for early stopping
     class_weights: bool = True
     classes: tuple[str, ...] | None = None  # class order, best to worst; default: sorted labels
@@ -60,6 +64,9 @@ class MILConfig:
                 self.lr > 0 and self.weight_decay >= 0 and self.aux_weight >= 0,
             "dropout must be in [0, 1)": 0 <= self.dropout < 1,
             "max_patches must be None or positive": self.max_patches is None or self.max_patches >= 1,
+            "instance_dropout must be in [0, 1)": 0 <= self.instance_dropout < 1,
+            f"schedule must be one of {SCHEDULES}": self.schedule in SCHEDULES,
+            "warmup_epochs must be non-negative and below epochs": 0 <= self.warmup_epochs < self.epochs,
             "val_fraction must be in [0, 0.5]": 0 <= self.val_fraction <= 0.5,
             "survival_loss must be 'cox' or 'discrete'": self.survival_loss in ("cox", "discrete"),
             "ties must be 'efron' or 'breslow'": self.ties in ("efron", "breslow"),

@@ -112,7 +112,7 @@ def _trained_or_fit(cohort: LabelledBags, train_idx: np.ndarray, val_idx: np.nda
         if done is not None and done.training_key == key:
             log.info("mil %s: %s is finished; loaded, not retrained", config.model, checkpoint.name)
             return done
-    model, objective, fitted = _fit_model(cohort, train_idx, val_idx, config, run, epochs)
+    model, objective, fitted = fit_model(cohort, train_idx, val_idx, config, run, epochs)
     best = fitted.best_epoch if len(val_idx) else epochs
     sha = save_checkpoint(checkpoint, model, objective, config, run if checkpoint.name != "final.pt" else -1, best, key)
     return TrainedMIL(model.eval(), objective, config, run, sha, checkpoint, best, key)
@@ -135,14 +135,15 @@ def training_key(cohort: LabelledBags, train_idx: np.ndarray, val_idx: np.ndarra
     return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _fit_model(cohort: LabelledBags, train_idx: np.ndarray, val_idx: np.ndarray, config: MILConfig, run: int,
+def fit_model(cohort: LabelledBags, train_idx: np.ndarray, val_idx: np.ndarray, config: MILConfig, run: int,
                epochs: int) -> tuple[MILAggregator, train.Objective, train.FitResult]:
     """Build, seed and train one aggregator; returns (model, objective, FitResult)."""
     device = resolve_device(config.device)
     seed = int(np.random.SeedSequence([config.seed, run]).generate_state(1)[0])
     objective = _make_objective(cohort, train_idx, config)
     settings = train.TrainSettings(epochs, config.patience, config.min_epochs, config.batch_size, config.lr,
-                                   config.weight_decay, config.max_patches, config.aux_weight, seed)
+                                   config.weight_decay, config.max_patches, config.aux_weight, seed,
+                                   config.warmup_epochs, config.schedule, config.instance_dropout)
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         model = build_aggregator(config.model, cohort.in_dim, objective.n_outputs, **config.aggregator_options())

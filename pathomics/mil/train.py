@@ -14,6 +14,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -248,6 +249,9 @@ class TrainSettings:
     max_patches: int | None
     aux_weight: float
     seed: int
+    warmup_epochs: int = 0
+    schedule: str = "constant"     # "constant" or "cosine" (decay to ``min_lr_ratio`` · lr after warm-up)
+    instance_dropout: float = 0.0  # fraction of each training bag's patches dropped per step
 
 
 @dataclass
@@ -282,10 +286,12 @@ def fit(model: MILAggregator, objective: Objective, targets: Targets, load: BagL
     """
     rng = np.random.default_rng(settings.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, settings=settings))
     result, best_state, best = FitResult(best_epoch=settings.epochs), None, math.inf
     for epoch in range(1, settings.epochs + 1):
         result.train_loss.append(_train_epoch(model, objective, targets, load, rng.permutation(train),
                                               settings, rng, optimizer, device))
+        scheduler.step()
         if len(val) == 0:
             continue
         val_loss = float(objective.loss(_scores(model, load, val, device), targets, val))
@@ -300,6 +306,22 @@ def fit(model: MILAggregator, objective: Objective, targets: Targets, load: BagL
     return result
 
 
+MIN_LR_RATIO = 0.05  # the cosine schedule ends at this fraction of the peak learning rate
+
+
+def lr_factor(epoch: int, settings: TrainSettings) -> float:
+    """Multiplier of the peak learning rate in (0-based) ``epoch``: a linear warm-up over ``warmup_epochs``
+    (Adam's early steps are large while its moment estimates settle), then constant or a cosine decay to
+    ``MIN_LR_RATIO`` at the last epoch (large steps early to find the informative instances, small ones late)."""
+    if epoch < settings.warmup_epochs:
+        return (epoch + 1) / (settings.warmup_epochs + 1)
+    if settings.schedule == "constant":
+        return 1.0
+    span = max(settings.epochs - 1 - settings.warmup_epochs, 1)
+    progress = min((epoch - settings.warmup_epochs) / span, 1.0)
+    return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def _train_epoch(model: MILAggregator, objective: Objective, targets: Targets, load: BagLoader, order: np.ndarray,
                  settings: TrainSettings, rng: np.random.Generator, optimizer: torch.optim.Optimizer,
                  device: torch.device) -> float:
@@ -310,7 +332,8 @@ def _train_epoch(model: MILAggregator, objective: Objective, targets: Targets, l
         batch = order[start:start + settings.batch_size]
         if not objective.informative(targets, batch):
             continue
-        outputs = [model(*_to_tensors(_subsample(*load(i), settings.max_patches, rng), device)) for i in batch]
+        outputs = [model(*_to_tensors(drop_instances(*_subsample(*load(i), settings.max_patches, rng),
+                                                     settings.instance_dropout, rng), device)) for i in batch]
         loss = objective.loss(torch.stack([o.scores for o in outputs]), targets, batch)
         if settings.aux_weight:
             aux = [model.auxiliary_loss(o, objective.instance_label(targets, i)) for o, i in zip(outputs, batch)]
@@ -328,6 +351,18 @@ def _subsample(features: np.ndarray, coords: np.ndarray, max_patches: int | None
     if max_patches is None or len(features) <= max_patches:
         return features, coords
     keep = np.sort(rng.choice(len(features), max_patches, replace=False))
+    return features[keep], coords[keep]
+
+
+def drop_instances(features: np.ndarray, coords: np.ndarray, rate: float,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Bag augmentation: each patch dropped with probability ``rate``, at least one kept. A new view of every
+    bag each epoch, so attention cannot rest on one memorised instance (training only; never in ``predict``)."""
+    if rate <= 0 or len(features) < 2:
+        return features, coords
+    keep = rng.random(len(features)) >= rate
+    if not keep.any():
+        keep[rng.integers(len(features))] = True
     return features[keep], coords[keep]
 
 
