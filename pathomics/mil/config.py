@@ -39,6 +39,8 @@ class MILConfig:
     ties: str = "efron"            # Cox tie handling: "efron" or "breslow"
     time_bins: int = 4             # bins of the discrete-time loss
     aux_weight: float = 0.3        # weight of the instance-clustering loss (clam-sb)
+    grade_col: str | None = None   # labels column of a grade: adds an auxiliary grade head (multitask)
+    grade_weight: float = 0.5      # weight of the grade head's cross-entropy beside the main loss
     aggregate: str = "mean"        # patient-level aggregation of slide predictions, or "none" (slide level)
     refit: bool = True             # after cross-validation, fit a final model on all patients for predict
     seed: int = 0
@@ -60,8 +62,8 @@ class MILConfig:
             "folds must be at least 2 (use refit for a model on all patients)": self.folds >= 2,
             "epochs, patience, min_epochs, batch_size and hidden_dim must be positive":
                 min(self.epochs, self.patience, self.min_epochs, self.batch_size, self.hidden_dim) >= 1,
-            "lr must be positive; weight_decay and aux_weight non-negative":
-                self.lr > 0 and self.weight_decay >= 0 and self.aux_weight >= 0,
+            "lr must be positive; weight_decay, aux_weight and grade_weight non-negative":
+                self.lr > 0 and min(self.weight_decay, self.aux_weight, self.grade_weight) >= 0,
             "dropout must be in [0, 1)": 0 <= self.dropout < 1,
             "max_patches must be None or positive": self.max_patches is None or self.max_patches >= 1,
             "instance_dropout must be in [0, 1)": 0 <= self.instance_dropout < 1,

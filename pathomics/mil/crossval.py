@@ -25,6 +25,7 @@ from pathomics.mil.aggregators import MILAggregator, build_aggregator
 from pathomics.mil.artifacts import (
     SlideResult,
     TrainedMIL,
+    grade_dicts,
     load_trained,
     save_checkpoint,
     write_attention,
@@ -150,7 +151,7 @@ def fit_model(cohort: LabelledBags, train_idx: np.ndarray, val_idx: np.ndarray, 
         model.set_feature_scaling(*train.feature_statistics(lambda i: cohort.bags[i].load(), train_idx))
         fitted = train.fit(model.to(device), objective, cohort.targets, lambda i: cohort.bags[i].load(),
                            train_idx, val_idx, settings, device)
-    if isinstance(objective, train.CoxSurvival):
+    if isinstance(objective.primary(), train.CoxSurvival):
         outputs = train.predict(model, lambda i: cohort.bags[i].load(), train_idx, device)
         objective = objective.standardized(torch.stack([o.scores for o in outputs]).cpu())
     return model, objective, fitted
@@ -161,10 +162,13 @@ def _make_objective(cohort: LabelledBags, train_idx: np.ndarray, config: MILConf
     targets = cohort.targets
     if config.task == "classification":
         weights = train.class_weights(targets.label[train_idx], len(cohort.classes)) if config.class_weights else None
-        return train.Classification(cohort.classes, weights)
-    if config.survival_loss == "cox":
-        return train.CoxSurvival(config.ties)
-    return train.DiscreteSurvival(train.time_bin_edges(targets.time[train_idx], targets.event[train_idx], config.time_bins))
+        objective: train.Objective = train.Classification(cohort.classes, weights)
+    elif config.survival_loss == "cox":
+        objective = train.CoxSurvival(config.ties)
+    else:
+        objective = train.DiscreteSurvival(
+            train.time_bin_edges(targets.time[train_idx], targets.event[train_idx], config.time_bins))
+    return train.WithGrade(objective, cohort.grades, config.grade_weight) if cohort.grades else objective
 
 
 def _apply(model: MILAggregator, objective: train.Objective, cohort: LabelledBags, index: np.ndarray, fold: int,
@@ -174,9 +178,10 @@ def _apply(model: MILAggregator, objective: train.Objective, cohort: LabelledBag
     scores = torch.stack([o.scores for o in outputs]).cpu()
     risk = objective.risk(scores).numpy()
     predictions = objective.probabilities(scores).numpy() if config.task == "classification" else risk
+    grades = grade_dicts(objective, scores, len(index))
     results = [SlideResult(cohort.bags[i].slide_id, cohort.bags[i].patient_id, fold, float(r),
-                           o.embedding.cpu().numpy(), o.attention.cpu().numpy(), cohort.bags[i].load()[1])
-               for i, o, r in zip(index, outputs, risk)]
+                           o.embedding.cpu().numpy(), o.attention.cpu().numpy(), cohort.bags[i].load()[1], g)
+               for i, o, r, g in zip(index, outputs, risk, grades)]
     return results, predictions
 
 

@@ -35,10 +35,11 @@ class Targets:
     label: np.ndarray | None = None
     time: np.ndarray | None = None
     event: np.ndarray | None = None
+    grade: np.ndarray | None = None  # class indices of an auxiliary grade (multitask training)
 
     def arrays(self) -> list[np.ndarray]:
         """The target arrays that are set, in a fixed order."""
-        return [a for a in (self.label, self.time, self.event) if a is not None]
+        return [a for a in (self.label, self.time, self.event, self.grade) if a is not None]
 
 
 class Objective(ABC):
@@ -65,6 +66,16 @@ class Objective(ABC):
     def informative(self, targets: Targets, index: np.ndarray) -> bool:
         """Whether a batch of bags ``index`` carries any signal for this loss."""
         return True
+
+    grades: tuple[str, ...] = ()
+
+    def grade_probabilities(self, scores: Tensor) -> Tensor | None:
+        """Predicted grade probabilities (B, len(grades)) of a multitask objective; None without a grade head."""
+        return None
+
+    def primary(self) -> Objective:
+        """The objective of the main task (itself, unless this one wraps it with an auxiliary head)."""
+        return self
 
 
 class Classification(Objective):
@@ -149,9 +160,52 @@ class DiscreteSurvival(Objective):
         return {"kind": "discrete", "edges": list(self.edges)}
 
 
+class WithGrade(Objective):
+    """A main objective plus an auxiliary grade head (seed S5's multitask model): the head's last
+    ``len(grades)`` outputs are grade logits, trained with cross-entropy weighted by ``weight`` beside the main
+    loss. Sharing the slide embedding, the grade task steers attention toward grade-defining patches; the
+    predicted grade probabilities feed grade-guided fusion (``pathomics.survival.grade_fusion``)."""
+
+    def __init__(self, base: Objective, grades: Sequence[str], weight: float) -> None:
+        self.base, self.grades, self.weight = base, tuple(grades), weight
+        self.n_outputs = base.n_outputs + len(self.grades)
+
+    def loss(self, scores: Tensor, targets: Targets, index: np.ndarray) -> Tensor:
+        grade = torch.as_tensor(targets.grade[index], device=scores.device)
+        main = self.base.loss(scores[:, :self.base.n_outputs], targets, index)
+        return main + self.weight * F.cross_entropy(scores[:, self.base.n_outputs:], grade)
+
+    def risk(self, scores: Tensor) -> Tensor:
+        return self.base.risk(scores[:, :self.base.n_outputs])
+
+    def probabilities(self, scores: Tensor) -> Tensor:
+        return self.base.probabilities(scores[:, :self.base.n_outputs])
+
+    def grade_probabilities(self, scores: Tensor) -> Tensor:
+        return torch.softmax(scores[:, self.base.n_outputs:], dim=-1)
+
+    def standardized(self, scores: Tensor) -> WithGrade:
+        """The wrapped Cox objective standardised over the training bags' scores (see CoxSurvival)."""
+        return WithGrade(self.base.standardized(scores[:, :self.base.n_outputs]), self.grades, self.weight)
+
+    def primary(self) -> Objective:
+        return self.base
+
+    def instance_label(self, targets: Targets, i: int) -> int | None:
+        return self.base.instance_label(targets, i)
+
+    def informative(self, targets: Targets, index: np.ndarray) -> bool:
+        return True  # the grade loss is informative even in a batch without events
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": "grade", "base": self.base.state(), "grades": list(self.grades), "weight": self.weight}
+
+
 def objective_from_state(state: dict[str, Any]) -> Objective:
     """Rebuild an objective saved with ``Objective.state``."""
     kind = state.get("kind")
+    if kind == "grade":
+        return WithGrade(objective_from_state(state["base"]), state["grades"], state["weight"])
     if kind == "classification":
         return Classification(state["classes"])
     if kind == "cox":
