@@ -153,13 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
+    parser.add_argument("--no-plain", dest="plain", action="store_false", help="leave out the plain script (tuning)")
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="override a MILConfig default (for tuning), e.g. --set lr=1e-3 schedule=constant")
     parser.add_argument("--out", type=Path, default=RESULTS / "mil_bags")
     args = parser.parse_args(argv)
     overrides = {k: type(getattr(MILConfig(), k))(v) if getattr(MILConfig(), k) is not None else int(v)
                  for k, v in (o.split("=", 1) for o in args.overrides)}
-    tasks = [(s, m, seed, overrides) for seed in range(args.seeds) for s in args.sets for m in (PLAIN, *args.models)]
+    tasks = [(s, m, seed, overrides) for seed in range(args.seeds) for s in args.sets for m in ((PLAIN,) if args.plain else ()) + tuple(args.models)]
     tasks.sort(key=lambda t: t[0] in ("corel_dogs", "birds_brown_creeper"), reverse=True)  # long ones first
     start, rows = time.perf_counter(), []
     with ProcessPoolExecutor(args.workers) as pool:

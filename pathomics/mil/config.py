@@ -23,15 +23,15 @@ class MILConfig:
     patience: int = 8
     min_epochs: int = 10           # no early stop before this epoch (attention needs time to lock on)
     batch_size: int = 16           # bags per optimiser step; the risk set of the Cox loss
-    lr: float = 2e-4
-    weight_decay: float = 1e-4
+    lr: float = 1e-3               # peak learning rate (after warm-up)
+    weight_decay: float = 1e-2     # AdamW's decoupled weight decay
     hidden_dim: int = 256
     dropout: float = 0.25
     model_options: tuple[tuple[str, Any], ...] = ()  # aggregator-specific, e.g. (("k", 8),) for clam-sb
     max_patches: int | None = None  # random subset of patches per bag and epoch while training
-    instance_dropout: float = 0.0  # bag augmentation: fraction of patches dropped per bag and step (training only)
-    schedule: str = "constant"     # learning rate after warm-up: "constant" or "cosine" decay
-    warmup_epochs: int = 0         # linear learning-rate warm-up
+    instance_dropout: float = 0.2  # bag augmentation: fraction of patches dropped per bag and step (training only)
+    schedule: str = "cosine"       # learning rate after warm-up: "constant" or "cosine" decay
+    warmup_epochs: int = 3         # linear learning-rate warm-up
     val_fraction: float = 0.2      # patients of each training fold held out for early stopping
     class_weights: bool = True
     classes: tuple[str, ...] | None = None  # class order, best to worst; default: sorted labels
@@ -68,7 +68,7 @@ class MILConfig:
             "max_patches must be None or positive": self.max_patches is None or self.max_patches >= 1,
             "instance_dropout must be in [0, 1)": 0 <= self.instance_dropout < 1,
             f"schedule must be one of {SCHEDULES}": self.schedule in SCHEDULES,
-            "warmup_epochs must be non-negative and below epochs": 0 <= self.warmup_epochs < self.epochs,
+            "warmup_epochs must be non-negative": self.warmup_epochs >= 0,
             "val_fraction must be in [0, 0.5]": 0 <= self.val_fraction <= 0.5,
             "survival_loss must be 'cox' or 'discrete'": self.survival_loss in ("cox", "discrete"),
             "ties must be 'efron' or 'breslow'": self.ties in ("efron", "breslow"),
