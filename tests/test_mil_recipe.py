@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 
 import numpy as np
 import pytest
@@ -35,7 +36,7 @@ def test_warm_up_rises_linearly_then_cosine_decays_to_the_floor():
     s = settings()
     factors = [train.lr_factor(e, s) for e in range(s.epochs)]
     assert factors[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
-    assert all(a > b for a, b in zip(factors[2:], factors[3:]))  # strictly decreasing after warm-up
+    assert all(a > b for a, b in itertools.pairwise(factors[2:]))  # strictly decreasing after warm-up
     assert factors[-1] == pytest.approx(train.MIN_LR_RATIO)
     middle = 2 + (s.epochs - 3) / 2  # half way through the decay: half way between peak and floor
     assert train.lr_factor(middle, s) == pytest.approx((1 + train.MIN_LR_RATIO) / 2)
