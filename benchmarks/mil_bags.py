@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   "val_fraction", "class_weights", "hidden_dim")},
                 "plain": "Ilse et al. 2018 ABMIL: Adam lr 5e-4, wd 1e-4, 40 epochs, one bag per step, z-scored inputs",
                 "wall_seconds": round(time.perf_counter() - start, 1), "workers": args.workers,
+                "combined_from": [str(p) for p in args.combine or ()],
                 "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
                 "runs": rows, "table": table.to_dict(orient="index")}
     with atomic_path(args.out.with_suffix(".json")) as tmp:
