@@ -1,4 +1,4 @@
-"""``pathomics survival fit|evaluate|grade-fusion``: Cox models of recurrence from clinical, radiology and slide-signature tables.
+"""``pathomics survival fit|evaluate|longitudinal|grade-fusion``: Cox models of recurrence from clinical, radiology and slide-signature tables.
 
 Options left out keep the defaults of :class:`~pathomics.survival.config.SurvivalConfig` (shown in --help).
 Results go to ``<out>/survival/``.
