@@ -120,11 +120,11 @@ def test_a_changed_feature_file_or_config_retrains_the_folds(tiny, tmp_path):
     train_mil(tiny.features, tiny.labels, out, TINY)
     layout = OutputLayout(out)
     before = {f: layout.fold_checkpoint(f).stat().st_mtime_ns for f in range(3)}
-    train_mil(tiny.features, tiny.labels, out, replace(TINY, lr=1e-3))
+    train_mil(tiny.features, tiny.labels, out, replace(TINY, lr=5e-4))
     assert all(layout.fold_checkpoint(f).stat().st_mtime_ns != before[f] for f in range(3))
     again = {f: layout.fold_checkpoint(f).stat().st_mtime_ns for f in range(3)}
     write_bag(tiny.out, "s000_0", np.ones((12, 8), np.float32))  # a slide of fold k's training set changed
-    train_mil(tiny.features, tiny.labels, out, replace(TINY, lr=1e-3))
+    train_mil(tiny.features, tiny.labels, out, replace(TINY, lr=5e-4))
     assert sum(layout.fold_checkpoint(f).stat().st_mtime_ns != again[f] for f in range(3)) >= 2
 
 

@@ -39,6 +39,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--model-option", dest="model_options", action="append", metavar="KEY=VALUE",
                        help="aggregator option, e.g. k=8 (clam-sb), landmarks=256 (transmil); repeatable")
     train.add_argument("--max-patches", type=int, help="train on a random subset of this many patches per bag")
+    train.add_argument("--instance-dropout", type=float, help="fraction of each bag's patches dropped per training step")
+    train.add_argument("--schedule", choices=("constant", "cosine"), help="learning rate after warm-up (default cosine)")
+    train.add_argument("--warmup-epochs", type=int, help="linear learning-rate warm-up epochs")
+    train.add_argument("--grade-col", help="labels column of a tumour grade: adds an auxiliary grade head whose "
+                       "probabilities go to signatures.parquet as grade_prob_<grade>")
+    train.add_argument("--grade-weight", type=float, help="weight of the grade head's loss (default 0.5)")
     train.add_argument("--val-fraction", type=float, help="patients of each training fold held out for early stopping")
     train.add_argument("--no-class-weights", dest="class_weights", action="store_false")
     train.add_argument("--classes", help="class order, best to worst, comma-separated (default: sorted labels)")

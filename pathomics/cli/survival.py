@@ -1,4 +1,4 @@
-"""``pathomics survival fit|evaluate``: Cox models of recurrence from clinical, radiology and slide-signature tables.
+"""``pathomics survival fit|evaluate|longitudinal|grade-fusion``: Cox models of recurrence from clinical, radiology and slide-signature tables.
 
 Options left out keep the defaults of :class:`~pathomics.survival.config.SurvivalConfig` (shown in --help).
 Results go to ``<out>/survival/``.
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pathomics.cli.common import config_from_args
+from pathomics.cli.grade_fusion import add_action as add_grade_fusion
 from pathomics.cli.longitudinal import add_action as add_longitudinal
 from pathomics.survival.config import AGGREGATES, FUSIONS, MISSING_POLICIES, RISK_GROUPINGS, SurvivalConfig
 
@@ -58,6 +59,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--model", type=Path, required=True, metavar="DIR", help="the --out folder of 'pathomics survival fit'")
     _add_tables(evaluate)
     add_longitudinal(actions)
+    add_grade_fusion(actions)
     parser.set_defaults(run=run)
 
 

@@ -6,7 +6,7 @@ import json
 import os
 import pickle
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,15 @@ class SlideResult:
     embedding: np.ndarray  # (K,)
     attention: np.ndarray  # (N,)
     coords: np.ndarray     # (N, 2)
+    grades: Mapping[str, float] = field(default_factory=dict)  # predicted grade probabilities (grade head)
+
+
+def grade_dicts(objective: Objective, scores: torch.Tensor, n: int) -> list[dict[str, float]]:
+    """Per bag, ``{grade: probability}`` from a grade head's scores (empty dicts without one)."""
+    probabilities = objective.grade_probabilities(scores)
+    if probabilities is None:
+        return [{} for _ in range(n)]
+    return [dict(zip(objective.grades, map(float, row))) for row in probabilities.tolist()]
 
 
 def save_checkpoint(path: Path, model: MILAggregator, objective: Objective, config: MILConfig, fold: int,
@@ -98,7 +107,7 @@ def write_attention(path: Path, result: SlideResult, model: str, provenance: Map
         h5.attrs.update({"slide_id": result.slide_id, "patient_id": result.patient_id, "fold": result.fold,
                          "risk": result.risk, "model": model, "pathomics_version": __version__,
                          "checkpoint_sha256": provenance.get("checkpoint_sha256", ""),
-                         "provenance": json.dumps(provenance)})
+                         "grades": json.dumps(dict(result.grades)), "provenance": json.dumps(provenance)})
 
 
 def read_attention_attrs(path: Path) -> dict[str, Any]:
@@ -117,14 +126,15 @@ def read_attention(path: str | os.PathLike) -> SlideResult:
         with h5py.File(path, "r") as h5:
             a = dict(h5.attrs)
             return SlideResult(str(a["slide_id"]), str(a["patient_id"]), int(a["fold"]), float(a["risk"]),
-                               h5["embedding"][:], h5["attention"][:], h5["coords"][:])
+                               h5["embedding"][:], h5["attention"][:], h5["coords"][:], json.loads(a.get("grades", "{}")))
     except (OSError, KeyError) as exc:
         raise StoreError(f"{path}: not a pathomics attention file ({exc}); re-run `pathomics mil predict`") from exc
 
 
 def write_signatures(path: Path, results: Sequence[SlideResult], model: str,
                      provenance: Mapping[str, Any]) -> pd.DataFrame:
-    """``signatures.parquet``: one row per slide (slide_id, patient_id, risk, sig_0..sig_{K-1}, model, fold)."""
+    """``signatures.parquet``: one row per slide (slide_id, patient_id, risk, sig_0..sig_{K-1}, model, fold, and
+    ``grade_prob_<grade>`` columns from a grade head)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -134,6 +144,7 @@ def write_signatures(path: Path, results: Sequence[SlideResult], model: str,
                       "risk": np.array([r.risk for r in results], dtype=np.float64)}),
         pd.DataFrame(embeddings, columns=[f"sig_{i}" for i in range(embeddings.shape[1])]),
         pd.DataFrame({"model": model, "fold": np.array([r.fold for r in results], dtype=np.int64)}),
+        pd.DataFrame([{f"grade_prob_{g}": p for g, p in r.grades.items()} for r in results]),
     ], axis=1)
     arrow = pa.Table.from_pandas(table, preserve_index=False)
     arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), b"pathomics": json.dumps(provenance).encode()})
@@ -151,7 +162,7 @@ def export_signatures(run_dir: str | os.PathLike, out_path: str | os.PathLike, p
         raise StoreError(f"{source}: no signatures; run `pathomics mil train` or `predict` first")
     table = pd.read_parquet(source)
     if per_patient:
-        numeric = ["risk"] + [c for c in table.columns if c.startswith("sig_")]
+        numeric = ["risk"] + [c for c in table.columns if c.startswith(("sig_", "grade_prob_"))]
         grouped = table.groupby("patient_id", sort=True)
         table = (grouped[numeric].mean().join(grouped["model"].first())
                  .join(grouped.size().rename("n_slides")).reset_index())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ class LabelledBags:
     targets: Targets
     classes: tuple[str, ...]  # empty for survival
     in_dim: int
+    grades: tuple[str, ...] = ()  # the auxiliary grade's classes (sorted), when the config names a grade column
 
     @property
     def slide_ids(self) -> np.ndarray:
@@ -72,6 +73,8 @@ def read_labels(path: str | os.PathLike, config: MILConfig) -> pd.DataFrame:
         columns[config.label_col] = "label"
     else:
         columns.update({config.time_col: "time", config.event_col: "event"})
+    if config.grade_col is not None:
+        columns[config.grade_col] = "grade"
     try:
         table = pd.read_csv(path, dtype={config.slide_col: str, config.patient_col: str})
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
@@ -139,9 +142,13 @@ def load_bags(features_dir: str | os.PathLike, labels: str | os.PathLike, config
             raise CohortError(f"{labels}: every slide with features is censored (no events); "
                               "a survival model needs events")
         classes, targets = (), Targets(time=table["time"].to_numpy(float), event=table["event"].to_numpy(np.int64))
+    grades: tuple[str, ...] = ()
+    if config.grade_col is not None:
+        grades, grade = _encode_classes(table["grade"], None, labels)
+        targets = replace(targets, grade=grade)
     if config.aggregate == "mean":
         _check_patient_targets(table, labels)
-    return LabelledBags(tuple(bags), targets, classes, next(iter(dims)))
+    return LabelledBags(tuple(bags), targets, classes, next(iter(dims)), grades)
 
 
 def _encode_classes(labels: pd.Series, order: Sequence[str] | None, path: Any) -> tuple[tuple[str, ...], np.ndarray]:
@@ -160,7 +167,7 @@ def _encode_classes(labels: pd.Series, order: Sequence[str] | None, path: Any) -
 
 def _check_patient_targets(table: pd.DataFrame, path: Any) -> None:
     """Patient-level aggregation needs one label (or time and event) per patient."""
-    target_cols = [c for c in ("label", "time", "event") if c in table.columns]
+    target_cols = [c for c in ("label", "time", "event", "grade") if c in table.columns]
     varying = table.groupby("patient_id")[target_cols].nunique().gt(1).any(axis=1)
     if varying.any():
         raise CohortError(f"{path}: patient(s) {_some(varying.index[varying])} have slides with different "

@@ -9,6 +9,7 @@ from typing import Any
 from pathomics.errors import ConfigError
 
 TASKS = ("classification", "survival")
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -22,12 +23,15 @@ class MILConfig:
     patience: int = 8
     min_epochs: int = 10           # no early stop before this epoch (attention needs time to lock on)
     batch_size: int = 16           # bags per optimiser step; the risk set of the Cox loss
-    lr: float = 2e-4
-    weight_decay: float = 1e-4
+    lr: float = 1e-3               # peak learning rate (after warm-up)
+    weight_decay: float = 1e-2     # AdamW's decoupled weight decay
     hidden_dim: int = 256
     dropout: float = 0.25
     model_options: tuple[tuple[str, Any], ...] = ()  # aggregator-specific, e.g. (("k", 8),) for clam-sb
     max_patches: int | None = None  # random subset of patches per bag and epoch while training
+    instance_dropout: float = 0.2  # bag augmentation: fraction of patches dropped per bag and step (training only)
+    schedule: str = "cosine"       # learning rate after warm-up: "constant" or "cosine" decay
+    warmup_epochs: int = 3         # linear learning-rate warm-up
     val_fraction: float = 0.2      # patients of each training fold held out for early stopping
     class_weights: bool = True
     classes: tuple[str, ...] | None = None  # class order, best to worst; default: sorted labels
@@ -35,6 +39,8 @@ class MILConfig:
     ties: str = "efron"            # Cox tie handling: "efron" or "breslow"
     time_bins: int = 4             # bins of the discrete-time loss
     aux_weight: float = 0.3        # weight of the instance-clustering loss (clam-sb)
+    grade_col: str | None = None   # labels column of a grade: adds an auxiliary grade head (multitask)
+    grade_weight: float = 0.5      # weight of the grade head's cross-entropy beside the main loss
     aggregate: str = "mean"        # patient-level aggregation of slide predictions, or "none" (slide level)
     refit: bool = True             # after cross-validation, fit a final model on all patients for predict
     seed: int = 0
@@ -56,10 +62,13 @@ class MILConfig:
             "folds must be at least 2 (use refit for a model on all patients)": self.folds >= 2,
             "epochs, patience, min_epochs, batch_size and hidden_dim must be positive":
                 min(self.epochs, self.patience, self.min_epochs, self.batch_size, self.hidden_dim) >= 1,
-            "lr must be positive; weight_decay and aux_weight non-negative":
-                self.lr > 0 and self.weight_decay >= 0 and self.aux_weight >= 0,
+            "lr must be positive; weight_decay, aux_weight and grade_weight non-negative":
+                self.lr > 0 and min(self.weight_decay, self.aux_weight, self.grade_weight) >= 0,
             "dropout must be in [0, 1)": 0 <= self.dropout < 1,
             "max_patches must be None or positive": self.max_patches is None or self.max_patches >= 1,
+            "instance_dropout must be in [0, 1)": 0 <= self.instance_dropout < 1,
+            f"schedule must be one of {SCHEDULES}": self.schedule in SCHEDULES,
+            "warmup_epochs must be non-negative": self.warmup_epochs >= 0,
             "val_fraction must be in [0, 0.5]": 0 <= self.val_fraction <= 0.5,
             "survival_loss must be 'cox' or 'discrete'": self.survival_loss in ("cox", "discrete"),
             "ties must be 'efron' or 'breslow'": self.ties in ("efron", "breslow"),

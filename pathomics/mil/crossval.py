@@ -25,6 +25,7 @@ from pathomics.mil.aggregators import MILAggregator, build_aggregator
 from pathomics.mil.artifacts import (
     SlideResult,
     TrainedMIL,
+    grade_dicts,
     load_trained,
     save_checkpoint,
     write_attention,
@@ -112,7 +113,7 @@ def _trained_or_fit(cohort: LabelledBags, train_idx: np.ndarray, val_idx: np.nda
         if done is not None and done.training_key == key:
             log.info("mil %s: %s is finished; loaded, not retrained", config.model, checkpoint.name)
             return done
-    model, objective, fitted = _fit_model(cohort, train_idx, val_idx, config, run, epochs)
+    model, objective, fitted = fit_model(cohort, train_idx, val_idx, config, run, epochs)
     best = fitted.best_epoch if len(val_idx) else epochs
     sha = save_checkpoint(checkpoint, model, objective, config, run if checkpoint.name != "final.pt" else -1, best, key)
     return TrainedMIL(model.eval(), objective, config, run, sha, checkpoint, best, key)
@@ -135,21 +136,22 @@ def training_key(cohort: LabelledBags, train_idx: np.ndarray, val_idx: np.ndarra
     return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _fit_model(cohort: LabelledBags, train_idx: np.ndarray, val_idx: np.ndarray, config: MILConfig, run: int,
+def fit_model(cohort: LabelledBags, train_idx: np.ndarray, val_idx: np.ndarray, config: MILConfig, run: int,
                epochs: int) -> tuple[MILAggregator, train.Objective, train.FitResult]:
     """Build, seed and train one aggregator; returns (model, objective, FitResult)."""
     device = resolve_device(config.device)
     seed = int(np.random.SeedSequence([config.seed, run]).generate_state(1)[0])
     objective = _make_objective(cohort, train_idx, config)
     settings = train.TrainSettings(epochs, config.patience, config.min_epochs, config.batch_size, config.lr,
-                                   config.weight_decay, config.max_patches, config.aux_weight, seed)
+                                   config.weight_decay, config.max_patches, config.aux_weight, seed,
+                                   config.warmup_epochs, config.schedule, config.instance_dropout)
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         model = build_aggregator(config.model, cohort.in_dim, objective.n_outputs, **config.aggregator_options())
         model.set_feature_scaling(*train.feature_statistics(lambda i: cohort.bags[i].load(), train_idx))
         fitted = train.fit(model.to(device), objective, cohort.targets, lambda i: cohort.bags[i].load(),
                            train_idx, val_idx, settings, device)
-    if isinstance(objective, train.CoxSurvival):
+    if isinstance(objective.primary(), train.CoxSurvival):
         outputs = train.predict(model, lambda i: cohort.bags[i].load(), train_idx, device)
         objective = objective.standardized(torch.stack([o.scores for o in outputs]).cpu())
     return model, objective, fitted
@@ -160,10 +162,13 @@ def _make_objective(cohort: LabelledBags, train_idx: np.ndarray, config: MILConf
     targets = cohort.targets
     if config.task == "classification":
         weights = train.class_weights(targets.label[train_idx], len(cohort.classes)) if config.class_weights else None
-        return train.Classification(cohort.classes, weights)
-    if config.survival_loss == "cox":
-        return train.CoxSurvival(config.ties)
-    return train.DiscreteSurvival(train.time_bin_edges(targets.time[train_idx], targets.event[train_idx], config.time_bins))
+        objective: train.Objective = train.Classification(cohort.classes, weights)
+    elif config.survival_loss == "cox":
+        objective = train.CoxSurvival(config.ties)
+    else:
+        objective = train.DiscreteSurvival(
+            train.time_bin_edges(targets.time[train_idx], targets.event[train_idx], config.time_bins))
+    return train.WithGrade(objective, cohort.grades, config.grade_weight) if cohort.grades else objective
 
 
 def _apply(model: MILAggregator, objective: train.Objective, cohort: LabelledBags, index: np.ndarray, fold: int,
@@ -173,9 +178,10 @@ def _apply(model: MILAggregator, objective: train.Objective, cohort: LabelledBag
     scores = torch.stack([o.scores for o in outputs]).cpu()
     risk = objective.risk(scores).numpy()
     predictions = objective.probabilities(scores).numpy() if config.task == "classification" else risk
+    grades = grade_dicts(objective, scores, len(index))
     results = [SlideResult(cohort.bags[i].slide_id, cohort.bags[i].patient_id, fold, float(r),
-                           o.embedding.cpu().numpy(), o.attention.cpu().numpy(), cohort.bags[i].load()[1])
-               for i, o, r in zip(index, outputs, risk)]
+                           o.embedding.cpu().numpy(), o.attention.cpu().numpy(), cohort.bags[i].load()[1], g)
+               for i, o, r, g in zip(index, outputs, risk, grades)]
     return results, predictions
 
 

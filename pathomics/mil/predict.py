@@ -14,6 +14,7 @@ from pathomics.layout import OutputLayout
 from pathomics.mil.artifacts import (
     SlideResult,
     TrainedMIL,
+    grade_dicts,
     load_trained,
     read_attention,
     read_attention_attrs,
@@ -33,9 +34,10 @@ def apply_trained(trained: TrainedMIL, features_path: str | os.PathLike, patient
     device = next(trained.model.parameters()).device
     with torch.no_grad():
         out = trained.model(torch.from_numpy(features).to(device), torch.from_numpy(coords).to(device))
-    risk = float(trained.objective.risk(out.scores[None].cpu())[0])
+    scores = out.scores[None].cpu()
+    risk = float(trained.objective.risk(scores)[0])
     return SlideResult(Path(features_path).stem, patient_id, trained.fold, risk, out.embedding.cpu().numpy(),
-                       out.attention.cpu().numpy(), coords)
+                       out.attention.cpu().numpy(), coords, grade_dicts(trained.objective, scores, 1)[0])
 
 
 def predict_mil(model_path: str | os.PathLike, features_dir: str | os.PathLike, out_dir: str | os.PathLike,

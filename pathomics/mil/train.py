@@ -14,6 +14,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -34,10 +35,11 @@ class Targets:
     label: np.ndarray | None = None
     time: np.ndarray | None = None
     event: np.ndarray | None = None
+    grade: np.ndarray | None = None  # class indices of an auxiliary grade (multitask training)
 
     def arrays(self) -> list[np.ndarray]:
         """The target arrays that are set, in a fixed order."""
-        return [a for a in (self.label, self.time, self.event) if a is not None]
+        return [a for a in (self.label, self.time, self.event, self.grade) if a is not None]
 
 
 class Objective(ABC):
@@ -64,6 +66,16 @@ class Objective(ABC):
     def informative(self, targets: Targets, index: np.ndarray) -> bool:
         """Whether a batch of bags ``index`` carries any signal for this loss."""
         return True
+
+    grades: tuple[str, ...] = ()
+
+    def grade_probabilities(self, scores: Tensor) -> Tensor | None:
+        """Predicted grade probabilities (B, len(grades)) of a multitask objective; None without a grade head."""
+        return None
+
+    def primary(self) -> Objective:
+        """The objective of the main task (itself, unless this one wraps it with an auxiliary head)."""
+        return self
 
 
 class Classification(Objective):
@@ -148,9 +160,52 @@ class DiscreteSurvival(Objective):
         return {"kind": "discrete", "edges": list(self.edges)}
 
 
+class WithGrade(Objective):
+    """A main objective plus an auxiliary grade head (seed S5's multitask model): the head's last
+    ``len(grades)`` outputs are grade logits, trained with cross-entropy weighted by ``weight`` beside the main
+    loss. Sharing the slide embedding, the grade task steers attention toward grade-defining patches; the
+    predicted grade probabilities feed grade-guided fusion (``pathomics.survival.grade_fusion``)."""
+
+    def __init__(self, base: Objective, grades: Sequence[str], weight: float) -> None:
+        self.base, self.grades, self.weight = base, tuple(grades), weight
+        self.n_outputs = base.n_outputs + len(self.grades)
+
+    def loss(self, scores: Tensor, targets: Targets, index: np.ndarray) -> Tensor:
+        grade = torch.as_tensor(targets.grade[index], device=scores.device)
+        main = self.base.loss(scores[:, :self.base.n_outputs], targets, index)
+        return main + self.weight * F.cross_entropy(scores[:, self.base.n_outputs:], grade)
+
+    def risk(self, scores: Tensor) -> Tensor:
+        return self.base.risk(scores[:, :self.base.n_outputs])
+
+    def probabilities(self, scores: Tensor) -> Tensor:
+        return self.base.probabilities(scores[:, :self.base.n_outputs])
+
+    def grade_probabilities(self, scores: Tensor) -> Tensor:
+        return torch.softmax(scores[:, self.base.n_outputs:], dim=-1)
+
+    def standardized(self, scores: Tensor) -> WithGrade:
+        """The wrapped Cox objective standardised over the training bags' scores (see CoxSurvival)."""
+        return WithGrade(self.base.standardized(scores[:, :self.base.n_outputs]), self.grades, self.weight)
+
+    def primary(self) -> Objective:
+        return self.base
+
+    def instance_label(self, targets: Targets, i: int) -> int | None:
+        return self.base.instance_label(targets, i)
+
+    def informative(self, targets: Targets, index: np.ndarray) -> bool:
+        return True  # the grade loss is informative even in a batch without events
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": "grade", "base": self.base.state(), "grades": list(self.grades), "weight": self.weight}
+
+
 def objective_from_state(state: dict[str, Any]) -> Objective:
     """Rebuild an objective saved with ``Objective.state``."""
     kind = state.get("kind")
+    if kind == "grade":
+        return WithGrade(objective_from_state(state["base"]), state["grades"], state["weight"])
     if kind == "classification":
         return Classification(state["classes"])
     if kind == "cox":
@@ -248,6 +303,9 @@ class TrainSettings:
     max_patches: int | None
     aux_weight: float
     seed: int
+    warmup_epochs: int = 0
+    schedule: str = "constant"     # "constant" or "cosine" (decay to ``min_lr_ratio`` · lr after warm-up)
+    instance_dropout: float = 0.0  # fraction of each training bag's patches dropped per step
 
 
 @dataclass
@@ -282,10 +340,12 @@ def fit(model: MILAggregator, objective: Objective, targets: Targets, load: BagL
     """
     rng = np.random.default_rng(settings.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, settings=settings))
     result, best_state, best = FitResult(best_epoch=settings.epochs), None, math.inf
     for epoch in range(1, settings.epochs + 1):
         result.train_loss.append(_train_epoch(model, objective, targets, load, rng.permutation(train),
                                               settings, rng, optimizer, device))
+        scheduler.step()
         if len(val) == 0:
             continue
         val_loss = float(objective.loss(_scores(model, load, val, device), targets, val))
@@ -300,6 +360,22 @@ def fit(model: MILAggregator, objective: Objective, targets: Targets, load: BagL
     return result
 
 
+MIN_LR_RATIO = 0.05  # the cosine schedule ends at this fraction of the peak learning rate
+
+
+def lr_factor(epoch: int, settings: TrainSettings) -> float:
+    """Multiplier of the peak learning rate in (0-based) ``epoch``: a linear warm-up over ``warmup_epochs``
+    (Adam's early steps are large while its moment estimates settle), then constant or a cosine decay to
+    ``MIN_LR_RATIO`` at the last epoch (large steps early to find the informative instances, small ones late)."""
+    if epoch < settings.warmup_epochs:
+        return (epoch + 1) / (settings.warmup_epochs + 1)
+    if settings.schedule == "constant":
+        return 1.0
+    span = max(settings.epochs - 1 - settings.warmup_epochs, 1)
+    progress = min((epoch - settings.warmup_epochs) / span, 1.0)
+    return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def _train_epoch(model: MILAggregator, objective: Objective, targets: Targets, load: BagLoader, order: np.ndarray,
                  settings: TrainSettings, rng: np.random.Generator, optimizer: torch.optim.Optimizer,
                  device: torch.device) -> float:
@@ -310,7 +386,8 @@ def _train_epoch(model: MILAggregator, objective: Objective, targets: Targets, l
         batch = order[start:start + settings.batch_size]
         if not objective.informative(targets, batch):
             continue
-        outputs = [model(*_to_tensors(_subsample(*load(i), settings.max_patches, rng), device)) for i in batch]
+        outputs = [model(*_to_tensors(drop_instances(*_subsample(*load(i), settings.max_patches, rng),
+                                                     settings.instance_dropout, rng), device)) for i in batch]
         loss = objective.loss(torch.stack([o.scores for o in outputs]), targets, batch)
         if settings.aux_weight:
             aux = [model.auxiliary_loss(o, objective.instance_label(targets, i)) for o, i in zip(outputs, batch)]
@@ -328,6 +405,18 @@ def _subsample(features: np.ndarray, coords: np.ndarray, max_patches: int | None
     if max_patches is None or len(features) <= max_patches:
         return features, coords
     keep = np.sort(rng.choice(len(features), max_patches, replace=False))
+    return features[keep], coords[keep]
+
+
+def drop_instances(features: np.ndarray, coords: np.ndarray, rate: float,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Bag augmentation: each patch dropped with probability ``rate``, at least one kept. A new view of every
+    bag each epoch, so attention cannot rest on one memorised instance (training only; never in ``predict``)."""
+    if rate <= 0 or len(features) < 2:
+        return features, coords
+    keep = rng.random(len(features)) >= rate
+    if not keep.any():
+        keep[rng.integers(len(features))] = True
     return features[keep], coords[keep]
 
 
