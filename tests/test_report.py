@@ -50,7 +50,7 @@ def test_html_helpers_escape_and_embed() -> None:
 def test_survival_report_is_self_contained(report: Path) -> None:
     page = report.read_text(encoding="utf-8")
     sources = re.findall(r'(?:src|href)="([^"]*)"', page)
-    assert len(sources) == 3 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert len(sources) == 5 and all(s.startswith("data:image/png;base64,") for s in sources)
     assert "http" not in page.replace("http-equiv", "")
     for heading in (
         "Cohort",
@@ -58,6 +58,9 @@ def test_survival_report_is_self_contained(report: Path) -> None:
         "Kaplan–Meier risk groups",
         "Time-dependent AUC",
         "Calibration",
+        "Calibration slope and intercept",
+        "Decision curves",
+        "Nomogram",
         "Hazard ratios",
     ):
         assert f"<h2>{heading}</h2>" in page
@@ -81,4 +84,4 @@ def test_report_opens_in_headless_chromium(report: Path, tmp_path: Path) -> None
     widths = re.search(r"<pre id=\"probe\">widths=([-\d,]+)</pre>", done.stdout)
     assert widths, done.stdout[-2000:]
     decoded = [int(w) for w in widths.group(1).split(",")]
-    assert len(decoded) == 3 and all(w > 100 for w in decoded), decoded
+    assert len(decoded) == 5 and all(w > 100 for w in decoded), decoded

@@ -26,7 +26,7 @@ from pathomics.survival import CoxModel, Design, SurvivalConfig, evaluate_extern
 from pathomics.survival.metrics import assign_groups, risk_cut_points
 from pathomics.synthetic.cohort import simulate_cohort_tables
 
-CORE_KEYS = {"c_index_harrell", "c_index_uno", "td_auc", "ibs", "n", "events"}
+CORE_KEYS = {"c_index_harrell", "c_index_uno", "td_auc", "ibs", "n", "events", "calibration_slope", "calibration_intercept"}
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +111,10 @@ def test_metrics_json_and_files_follow_the_contract(gbsg2) -> None:
         "km.png",
         "td_auc.png",
         "calibration.png",
+        "decision_curve.png",
+        "nomogram.png",
+        "nomogram.csv",
+        "predictions.csv",
         "report.html",
         "model.pkl",
         "model.json",

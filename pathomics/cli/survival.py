@@ -86,7 +86,8 @@ def add_survival_options(fit: argparse.ArgumentParser, fusion: str | None = None
         fit,
         "--missing",
         "missing",
-        "patients lacking a modality or covariate: error, drop (counted), impute (+ indicator)",
+        "patients lacking a modality or covariate: error, drop (counted), impute (+ indicator), "
+        "available (decision fusion of the modalities each patient has)",
         choices=MISSING_POLICIES,
     )
     _option(
@@ -134,6 +135,14 @@ def add_survival_options(fit: argparse.ArgumentParser, fusion: str | None = None
         type=float,
         metavar="T",
     )
+    _option(
+        fit,
+        "--thresholds",
+        "thresholds",
+        "decision-curve threshold probabilities of recurrence, at the --times",
+        type=_numbers,
+        metavar="LOW,HIGH,STEP",
+    )
     _option(fit, "--risk-groups", "risk_groups", "Kaplan-Meier risk groups, cut at training quantiles", choices=RISK_GROUPINGS)
     _option(fit, "--bootstrap", "n_bootstrap", "bootstrap resamples of the C-index CIs", type=int, metavar="N")
     _option(fit, "--seed", "seed", "seed of the folds and the bootstrap", type=int, metavar="N")
@@ -157,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{cohort['n']} patients, {cohort['events']} events, {cohort['dropped_total']} dropped; {result.validation}")
     for name, model in result.models.items():
         harrell, uno = format_ci(model.metrics["c_index_harrell"]), format_ci(model.metrics["c_index_uno"])
-        print(f"  {name:<10} Harrell C {harrell}  Uno C {uno}")
+        slope, intercept = model.metrics["calibration_slope"], model.metrics["calibration_intercept"]
+        print(f"  {name:<10} Harrell C {harrell}  Uno C {uno}  calibration slope {slope:.3f} intercept {intercept:+.3f}")
     print(f"results in {args.out / 'survival'}")
     return 0

@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import pickle
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,26 +23,34 @@ from pathomics import __version__
 from pathomics.errors import CohortError, PathomicsError
 from pathomics.store import atomic_path, write_json
 from pathomics.survival import metrics as m
+from pathomics.survival.calibration import calibration_intercept, calibration_slope, expected_events
 from pathomics.survival.cohort import Cohort, TableSource, load_cohort
 from pathomics.survival.config import SurvivalConfig
+from pathomics.survival.decision import decision_curve, thresholds_grid
+from pathomics.survival.fusion import modalities_used, usable_rows
 from pathomics.survival.models import SurvivalModel, build_models
+from pathomics.survival.nomogram import Nomogram
 from pathomics.survival.report import coefficients_table, write_survival_report
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.pkl"
 GRID_POINTS = 50
-CORE_METRICS = ("c_index_harrell", "c_index_uno", "td_auc", "ibs", "n", "events")
+CORE_METRICS = ("c_index_harrell", "c_index_uno", "td_auc", "ibs", "n", "events", "calibration_slope", "calibration_intercept")
+TRAINING_METRICS = (*CORE_METRICS, "decision_curve")
 
 
 @dataclass(frozen=True)
 class FittedStudy:
-    """What ``evaluate`` needs: the models fitted on the whole cohort, its outcomes and the risk cut-points."""
+    """What ``evaluate`` needs: the models fitted on the whole cohort, its outcomes and the risk cut-points;
+    with the nomogram of the combined model and each model's in-sample metrics on the training cohort."""
 
     config: SurvivalConfig
     models: dict[str, SurvivalModel]
     train_time: np.ndarray
     train_event: np.ndarray
     cut_points: dict[str, np.ndarray]
+    nomogram: Nomogram | None = None
+    training: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,7 @@ class ModelResult:
     td_auc_curve: pd.Series  # validated td-AUC over the time grid
     groups: pd.DataFrame  # time, event, group of the validated predictions
     calibration: pd.DataFrame
+    predictions: pd.DataFrame  # patient_id, risk, risk_group, event probability at the stated times, modalities
 
 
 @dataclass(frozen=True)
@@ -108,17 +117,26 @@ def cross_validate(cohort: Cohort, config: SurvivalConfig) -> SurvivalResult:
     results: dict[str, ModelResult] = {}
     fitted: dict[str, SurvivalModel] = {}
     cut_points: dict[str, np.ndarray] = {}
+    training: dict[str, dict[str, Any]] = {}
     for name, model in build_models(config, cohort).items():
         log.info("survival: %s model, %s", name, validation)
-        sets = [_fit_and_predict(clone(model), data.iloc[train], data.iloc[test], config, grid) for _, train, test in splits]
-        fitted[name] = clone(model).fit(data)
-        cut_points[name] = m.risk_cut_points(fitted[name].predict_risk(data), config.risk_groups)
-        in_sample = _assess([_predict(fitted[name], data, cut_points[name], data, config, grid)], fitted[name], config, grid)
+        used = _modalities(name, cohort.modalities)
+        sets = [
+            _fit_and_predict(clone(model), data.iloc[train], data.iloc[test], config, grid, used) for _, train, test in splits
+        ]
+        rows = usable_rows(model, data)
+        fitted[name] = clone(model).fit(rows)
+        cut_points[name] = m.risk_cut_points(fitted[name].predict_risk(rows), config.risk_groups)
+        in_sample_set = _predict(fitted[name], rows, cut_points[name], rows, config, grid, used)
+        in_sample = _assess([in_sample_set], fitted[name], config, grid)
         folds = [_fold_summary(label, s) for (label, _, _), s in zip(splits, sets, strict=True)]
         validated = _assess(sets, fitted[name], config, grid)
-        train_block = {k: v for k, v in in_sample.metrics.items() if k in CORE_METRICS}
+        training[name] = {k: v for k, v in in_sample.metrics.items() if k in TRAINING_METRICS}
+        train_block = {k: v for k, v in training[name].items() if k in CORE_METRICS}
         results[name] = dataclasses.replace(validated, metrics={**validated.metrics, "folds": folds, "train": train_block})
-    study = FittedStudy(config, fitted, data["time"].to_numpy(), data["event"].to_numpy(), cut_points)
+    nomogram_name = "combined" if "combined" in fitted else next(iter(fitted))
+    nomogram = Nomogram(fitted[nomogram_name], config.times).fit(usable_rows(fitted[nomogram_name], data))
+    study = FittedStudy(config, fitted, data["time"].to_numpy(), data["event"].to_numpy(), cut_points, nomogram, training)
     return SurvivalResult(config, validation, _cohort_summary(cohort, config), _encoding(fitted), results, study)
 
 
@@ -141,8 +159,11 @@ def evaluate_external(study: FittedStudy, cohort: Cohort) -> SurvivalResult:
     train = pd.DataFrame({"time": study.train_time, "event": study.train_event})
     results = {}
     for name, model in study.models.items():
-        predicted = _predict(model, train, study.cut_points[name], cohort.data, config, grid)
-        results[name] = _assess([predicted], model, config, grid)
+        rows = usable_rows(model, cohort.data)
+        predicted = _predict(model, train, study.cut_points[name], rows, config, grid, _modalities(name, cohort.modalities))
+        assessed = _assess([predicted], model, config, grid)
+        train_block = {k: v for k, v in study.training.get(name, {}).items() if k in CORE_METRICS}
+        results[name] = dataclasses.replace(assessed, metrics={**assessed.metrics, "train": train_block})
     validation = f"external cohort ({cohort.n} patients), models fitted on {len(study.train_time)} patients"
     return SurvivalResult(config, validation, _cohort_summary(cohort, config), _encoding(study.models), results, study)
 
@@ -188,13 +209,25 @@ def _grid(config: SurvivalConfig) -> np.ndarray:
     return np.linspace(times[0], times[-1], GRID_POINTS) if len(times) > 1 else np.asarray(times, dtype=float)
 
 
+def _modalities(name: str, present: Sequence[str]) -> tuple[str, ...]:
+    """The modalities a model of the set uses: its own, or all of them for ``combined``."""
+    return tuple(present) if name == "combined" else (name,)
+
+
 def _fit_and_predict(
-    model: SurvivalModel, train: pd.DataFrame, test: pd.DataFrame, config: SurvivalConfig, grid: np.ndarray
+    model: SurvivalModel,
+    train: pd.DataFrame,
+    test: pd.DataFrame,
+    config: SurvivalConfig,
+    grid: np.ndarray,
+    used: Sequence[str],
 ) -> m.EvalSet:
-    """Fit on ``train``; predict ``test`` with risk groups cut at the training risks' quantiles."""
+    """Fit on ``train``; predict ``test`` with risk groups cut at the training risks' quantiles (the patients the
+    model can score, in both)."""
+    train, test = usable_rows(model, train), usable_rows(model, test)
     model.fit(train)
     cut_points = m.risk_cut_points(model.predict_risk(train), config.risk_groups)
-    return _predict(model, train, cut_points, test, config, grid)
+    return _predict(model, train, cut_points, test, config, grid, used)
 
 
 def _predict(
@@ -204,9 +237,11 @@ def _predict(
     test: pd.DataFrame,
     config: SurvivalConfig,
     grid: np.ndarray,
+    used: Sequence[str],
 ) -> m.EvalSet:
     risk = model.predict_risk(test)
-    survival = model.predict_survival(test, [*grid, config.calibration_time])
+    times = config.times or ()
+    survival = model.predict_survival(test, [*grid, *times, config.calibration_time])
     train_time, train_event, time, event = (frame[c].to_numpy() for frame in (train, test) for c in ("time", "event"))
     return m.EvalSet(
         train_time=train_time,
@@ -215,9 +250,13 @@ def _predict(
         event=event,
         ipcw_event=m.supported_events(train_time, train_event, time, event),
         risk=risk,
-        survival=survival[:, :-1],
+        survival=survival[:, : len(grid)],
         event_probability=1.0 - survival[:, -1],
         group=m.assign_groups(risk, cut_points, config.risk_groups),
+        expected=expected_events(model, test),
+        event_probability_at=1.0 - survival[:, len(grid) : -1],
+        patient=test["patient_id"].to_numpy() if "patient_id" in test else np.arange(len(test)).astype(str),
+        modalities=modalities_used(model, test, used),
     )
 
 
@@ -233,9 +272,11 @@ def _assess(sets: Sequence[m.EvalSet], model: SurvivalModel, config: SurvivalCon
     }
     auc = np.array([m.td_auc(s, config.times) for s in sets])
     curve = np.array([m.td_auc(s, grid) for s in sets])
-    time, event, probability, group = (
-        np.concatenate([getattr(s, f) for s in sets]) for f in ("time", "event", "event_probability", "group")
-    )
+    pooled = m.EvalSet(sets[0].train_time, sets[0].train_event, **{
+        f.name: np.concatenate([getattr(s, f.name) for s in sets])
+        for f in dataclasses.fields(m.EvalSet) if f.name not in ("train_time", "train_event")
+    })
+    time, event, probability, group = pooled.time, pooled.event, pooled.event_probability, pooled.group
     calibration = m.calibration_table(time, event, probability, config.calibration_time)
     groups = pd.DataFrame(
         {"time": time, "event": event, "group": pd.Categorical(group, categories=m.GROUP_LABELS[config.risk_groups])}
@@ -252,10 +293,20 @@ def _assess(sets: Sequence[m.EvalSet], model: SurvivalModel, config: SurvivalCon
             "logrank_p": m.logrank_p(time, event, group),
         },
         "calibration": {"time": config.calibration_time, "groups": calibration.to_dict(orient="records")},
+        # pooled over the test sets, like the grouped calibration
+        "calibration_slope": calibration_slope(pooled.risk, time, event),
+        "calibration_intercept": calibration_intercept(pooled.expected, event),
+        "decision_curve": decision_curve(
+            time, event, pooled.event_probability_at, config.times, thresholds_grid(config.thresholds)
+        ),
         "penalizer": getattr(model, "penalizer_", None),
     }
     curve_series = pd.Series([m.fold_mean(curve[:, i]) for i in range(len(grid))], index=grid, name="td_auc")
-    return ModelResult(metrics, model.coefficients(), curve_series, groups, calibration)
+    predictions = pd.DataFrame({"patient_id": pooled.patient, "risk": pooled.risk, "risk_group": group})
+    for i, t in enumerate(config.times):
+        predictions[f"recurrence_by_{t:g}"] = pooled.event_probability_at[:, i]
+    predictions["modalities"] = pooled.modalities
+    return ModelResult(metrics, model.coefficients(), curve_series, groups, calibration, predictions)
 
 
 def _time_key(t: float) -> str:
@@ -293,10 +344,18 @@ def write_results(result: SurvivalResult, directory: str | Path) -> Path:
         "models": {name: r.metrics for name, r in result.models.items()},
     }
     write_json(directory / "metrics.json", document)
-    with atomic_path(directory / "coefficients.csv") as tmp:
-        coefficients_table(result).to_csv(tmp, index=False)
-    write_survival_report(result, directory)
+    _write_csv(coefficients_table(result), directory / "coefficients.csv")
+    predictions = pd.concat([r.predictions.assign(model=name) for name, r in result.models.items()], ignore_index=True)
+    _write_csv(predictions[["model", *predictions.columns.drop("model")]], directory / "predictions.csv")
+    if result.study.nomogram is not None:
+        _write_csv(result.study.nomogram.table(), directory / "nomogram.csv")
+    write_survival_report(result, directory)  # the figures, nomogram.png among them, and report.html
     return directory
+
+
+def _write_csv(frame: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
 
 
 def save_study(study: FittedStudy, directory: str | Path) -> None:

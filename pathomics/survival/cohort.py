@@ -130,7 +130,8 @@ def load_cohort(
     modalities = ["clinical"] if config.covariates else []
     absent = data[list(config.covariates)].isna()
     named = ", ".join(repr(c) for c in absent.columns[absent.any().to_numpy()])
-    data, dropped_now = _apply_policy(data, absent.any(axis=1), f"value of covariate(s) {named}", table.name, config)
+    what = f"value of covariate(s) {named}"
+    data, dropped_now = _apply_policy(data, absent.any(axis=1), what, table.name, config, _covariate_policy(config))
     dropped.update(dropped_now)
 
     if radiology is not None:
@@ -180,7 +181,7 @@ def check_tables(config: SurvivalConfig, clinical: TableSource, radiology: Table
     data, _ = _clinical_frame(table, config)
     absent = data[list(config.covariates)].isna()
     named = ", ".join(repr(c) for c in absent.columns[absent.any().to_numpy()])
-    _apply_policy(data, absent.any(axis=1), f"value of covariate(s) {named}", table.name, config)
+    _apply_policy(data, absent.any(axis=1), f"value of covariate(s) {named}", table.name, config, _covariate_policy(config))
     if radiology is not None:
         scores, _ = _radiology_frame(radiology, data.index, config)
         joined = data.join(scores)
@@ -261,13 +262,19 @@ def _signature_frame(source: TableSource, patients: pd.Index, config: SurvivalCo
     return aggregated, int((~ids.isin(patients)).sum())
 
 
+def _covariate_policy(config: SurvivalConfig) -> str:
+    """The policy for missing clinical covariates: a fusion over the available modalities still needs them all."""
+    return "error" if config.missing == "available" else config.missing
+
+
 def _apply_policy(
-    data: pd.DataFrame, missing: pd.Series, what: str, clinical_name: str, config: SurvivalConfig
+    data: pd.DataFrame, missing: pd.Series, what: str, clinical_name: str, config: SurvivalConfig, policy: str | None = None
 ) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Apply the missing-modality policy to the patients flagged in ``missing``."""
-    if not missing.any() or config.missing == "impute":
+    """Apply the missing-modality policy (``config.missing`` unless ``policy``) to the patients flagged in ``missing``."""
+    policy = policy or config.missing
+    if not missing.any() or policy in ("impute", "available"):
         return data, {}
-    if config.missing == "drop":
+    if policy == "drop":
         return data[~missing], {f"no {what}": int(missing.sum())}
     ids = missing.index[missing.to_numpy()]
     shown = ", ".join(map(repr, ids[:5])) + (", ..." if len(ids) > 5 else "")

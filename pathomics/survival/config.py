@@ -13,7 +13,7 @@ FUSIONS = ("features", "decision")
 # Out-of-fold signatures come from a different MIL model per fold, so their sig_* spaces do not line up
 # across folds while the per-fold standardised risk does: archive runs fuse modalities at decision level.
 RUN_FUSION = "decision"
-MISSING_POLICIES = ("error", "drop", "impute")
+MISSING_POLICIES = ("error", "drop", "impute", "available")
 AGGREGATES = ("mean", "median", "max")
 RISK_GROUPINGS = ("median", "tertiles")
 
@@ -26,7 +26,9 @@ class SurvivalConfig:
     ``folds`` is the number of patient-level folds, ignored when ``split_by`` names a column whose
     values are held out one at a time. ``times`` are the td-AUC times (``None``: the quartiles of the
     event times, resolved at fit and written out). ``missing`` is the missing-modality policy: ``error``
-    (default), ``drop`` the patient (counted), or ``impute`` the training mean plus an indicator column.
+    (default), ``drop`` the patient (counted), ``impute`` the training mean plus an indicator column, or
+    ``available`` (decision fusion only): each patient is scored by the fusion of the modalities they have.
+    ``thresholds`` are the decision curves' threshold probabilities as ``(low, high, step)``.
     """
 
     covariates: tuple[str, ...] = ()
@@ -50,6 +52,7 @@ class SurvivalConfig:
     time_unit: str = "days"
     calibration_time: float | None = None
     risk_groups: str = "median"
+    thresholds: tuple[float, ...] = (0.01, 0.99, 0.01)
     n_bootstrap: int = 1000
     ci_level: float = 0.95
     seed: int = 0
@@ -74,6 +77,13 @@ class SurvivalConfig:
             raise ConfigError(f"evaluation times must be positive, got {list(self.times)}")
         if self.calibration_time is not None and not self.calibration_time > 0:
             raise ConfigError(f"calibration time must be positive, got {self.calibration_time}")
+        if self.missing == "available" and self.fusion != "decision":
+            raise ConfigError("--missing available scores each patient by the modalities they have: it needs --fusion decision")
+        low, high, step = self.thresholds if len(self.thresholds) == 3 else (0, 0, 0)
+        if not 0 < low <= high < 1 or step <= 0:
+            raise ConfigError(
+                f"thresholds must be LOW,HIGH,STEP with 0 < LOW <= HIGH < 1 and STEP > 0, got {list(self.thresholds)}"
+            )
         if self.n_bootstrap < 0 or not 0.0 < self.ci_level < 1.0:
             raise ConfigError(f"need n_bootstrap >= 0 and 0 < ci_level < 1, got {self.n_bootstrap} and {self.ci_level}")
 

@@ -7,6 +7,7 @@ events, no comparable pair, a time outside follow-up) rather than failing a whol
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -39,20 +40,16 @@ class EvalSet:
     survival: np.ndarray  # (patients, grid times) survival probabilities
     event_probability: np.ndarray  # 1 - S(calibration time)
     group: np.ndarray  # risk-group labels from training cut-points
+    expected: np.ndarray  # the model's cumulative hazard at each patient's own follow-up time
+    event_probability_at: np.ndarray  # (patients, stated times) 1 - S(t)
+    patient: np.ndarray  # patient ids
+    modalities: np.ndarray  # the modalities each prediction used, e.g. 'clinical+radiology'
 
     def resample(self, index: np.ndarray) -> EvalSet:
         """The same set restricted to (or resampled at) the given test rows."""
-        return EvalSet(
-            self.train_time,
-            self.train_event,
-            self.time[index],
-            self.event[index],
-            self.ipcw_event[index],
-            self.risk[index],
-            self.survival[index],
-            self.event_probability[index],
-            self.group[index],
-        )
+        training = {"train_time", "train_event"}
+        return EvalSet(**{f.name: getattr(self, f.name)[index] if f.name not in training else getattr(self, f.name)
+                          for f in dataclasses.fields(self)})
 
 
 def concordance(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
@@ -97,11 +94,14 @@ def td_auc(s: EvalSet, times: Sequence[float]) -> np.ndarray:
 def integrated_brier(s: EvalSet, grid: Sequence[float]) -> float:
     """Integrated Brier score over the grid points inside the test follow-up (sksurv ``integrated_brier_score``)."""
     grid = np.asarray(grid, dtype=float)
-    inside = (grid >= s.time.min()) & (grid < s.time.max())
+    # sksurv's censoring estimate ends at the last training time; a test patient followed past it counts only as
+    # a control at every grid time below it, so capping their time there leaves the score unchanged.
+    time = np.minimum(s.time, s.train_time.max())
+    inside = (grid >= time.min()) & (grid < time.max())
     if inside.sum() < 2:
         return float("nan")
     train = Surv.from_arrays(s.train_event, s.train_time)
-    return float(integrated_brier_score(train, Surv.from_arrays(s.event, s.time), s.survival[:, inside], grid[inside]))
+    return float(integrated_brier_score(train, Surv.from_arrays(s.event, time), s.survival[:, inside], grid[inside]))
 
 
 def _has_cases_and_controls(s: EvalSet, t: float) -> bool:

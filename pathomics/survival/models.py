@@ -288,5 +288,11 @@ def build_models(config: SurvivalConfig, cohort: Cohort) -> dict[str, SurvivalMo
     else:
         scores = tuple(block["numeric"][0] for name, block in blocks.items() if name != "clinical")
         clinical = models.get("clinical")
-        models["combined"] = DecisionFusion(clinical, scores, impute=impute, alpha=1 - config.ci_level)
+        if config.missing == "available":
+            from pathomics.survival.fusion import AvailableFusion
+
+            names = tuple(name for name in blocks if name != "clinical")
+            models["combined"] = AvailableFusion(clinical, scores, names, alpha=1 - config.ci_level)
+        else:
+            models["combined"] = DecisionFusion(clinical, scores, impute=impute, alpha=1 - config.ci_level)
     return models

@@ -197,6 +197,8 @@ def coefficients_table(result: SurvivalResult) -> pd.DataFrame:
 
 def survival_sections(result: SurvivalResult, directory: Path) -> list[Section]:
     """The prognosis report's sections; its plots are written to ``directory``."""
+    from pathomics.survival.translation import translation_sections
+
     config, unit = result.config, result.config.time_unit
     km = plot_km(
         {n: r.groups for n, r in result.models.items()},
@@ -226,6 +228,7 @@ def survival_sections(result: SurvivalResult, directory: Path) -> list[Section]:
         ),
         Section("Time-dependent AUC", image_html(auc, "time-dependent AUC")),
         Section("Calibration", image_html(calibration, "calibration plot")),
+        *translation_sections(result, directory),
         Section(
             "Hazard ratios",
             paragraph("Per unit of each covariate (models fitted on all patients).")

@@ -83,6 +83,7 @@ def write_demo_report(out_dir: Path, result: RunResult, truth: dict[str, SlideTr
                       everyone: list[PlantedAttention], highest: list[PlantedAttention]) -> Path:
     """``<out>/report.html``: the survival comparison plus attention heatmaps beside the planted regions."""
     from pathomics.mil import render_heatmap
+    from pathomics.survival.oracle import oracle_section
     from pathomics.survival.report import (
         Section,
         image_html,
@@ -109,6 +110,7 @@ def write_demo_report(out_dir: Path, result: RunResult, truth: dict[str, SlideTr
             "is recovered from texture alone. Each slide has planted lesions whose nuclei are denser, larger and darker "
             "in proportion to the patient's latent grade; how much of the tissue is lesion does not depend on it.")),
         *survival_sections(result.survival, layout.survival),
+        oracle_section(out_dir / "cohort" / "truth.json", out_dir / "cohort" / "clinical.csv", result.survival),
         Section("Attention on planted regions", paragraph(
             f"Highest-risk {len(highest)} slides: on average {mean_on:.0%} of attention falls on planted lesion patches, "
             f"which make up {mean_share:.0%} of their patches (all slides: {np.mean([a.attention_on_planted for a in everyone]):.0%} "
