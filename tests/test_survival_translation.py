@@ -23,7 +23,8 @@ from pathomics.survival import (
     survival_fit,
 )
 from pathomics.survival.calibration import calibration_slope
-from pathomics.survival.oracle import oracle_table
+from pathomics.survival.nomogram import Nomogram
+from pathomics.survival.oracle import oracle_section, oracle_table, read_planted
 from pathomics.synthetic.cohort import simulate_cohort_tables
 
 TIMES = (365.25, 730.5, 1095.75)
@@ -191,10 +192,18 @@ def test_every_patient_is_predicted_from_the_modalities_they_have(tmp_path: Path
     assert set(scored.loc[complete["patient_id"], "modalities"]) == {"clinical+radiology+pathology"}
 
 
-def test_oracle_table_puts_the_planted_components_beside_the_models() -> None:
+def test_oracle_table_puts_the_planted_components_beside_the_models(tmp_path: Path) -> None:
+    """The demo's oracle column, from a truth.json laid out as ``write_cohort`` writes it."""
     clinical, radiology, _, truth = simulate_cohort_tables(200, seed=4)
     result = survival_fit(SurvivalConfig(covariates=SYNTHETIC_COVARIATES, folds=3, n_bootstrap=0), clinical, radiology)
-    table = oracle_table(truth.components, truth.strengths, clinical, result).set_index("model")
+    document = {"strengths": truth.strengths, "patients": truth.components.reset_index().to_dict("records")}
+    (tmp_path / "truth.json").write_text(json.dumps(document))
+    clinical.to_csv(tmp_path / "clinical.csv", index=False)
+    components, strengths = read_planted(tmp_path / "truth.json")
+    pd.testing.assert_frame_equal(components, truth.components)
+    table = oracle_table(components, strengths, clinical, result).set_index("model")
+    section = oracle_section(tmp_path / "truth.json", tmp_path / "clinical.csv", result)
+    assert "planted component C (oracle)" in section.body and f"{table.loc['radiology', 'validated Harrell C']:.3g}" in section.body
     assert list(table.index) == ["clinical", "radiology", "combined"]
     from sksurv.metrics import concordance_index_censored
 
@@ -226,3 +235,21 @@ def test_integrated_brier_counts_patients_followed_past_training_as_controls() -
 
     assert np.isfinite(score(time))
     assert score(time) == pytest.approx(score(np.where(time > 20, 17.5, time)), abs=1e-12)
+
+
+def test_nomogram_of_decision_fusion_expands_the_clinical_score() -> None:
+    """Decision fusion's nomogram has one axis per clinical covariate (through the clinical linear predictor) beside
+    the radiology score and the pathology risk, and reproduces the fused linear predictor and survival."""
+    clinical, radiology, signatures, _ = simulate_cohort_tables(200, seed=5)
+    config = SurvivalConfig(covariates=SYNTHETIC_COVARIATES, fusion="decision")
+    data = load_cohort(config, clinical, radiology, signatures).data
+    model = DecisionFusion(CoxModel(Design(numeric=("age", "tumour_size"), categorical=("stage",))), ("radiology_score", "risk"))
+    model.fit(data)
+    nomogram = Nomogram(model, (200.0, 400.0)).fit(data)
+    points = nomogram.points(data)
+    assert list(points.columns) == ["stage", "age", "tumour_size", "radiology_score", "risk"]
+    total = points.sum(axis=1).to_numpy()
+    np.testing.assert_allclose(nomogram.linear_predictor(total), model.predict_risk(data), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(nomogram.survival(total), model.predict_survival(data, (200.0, 400.0)), rtol=0, atol=1e-6)
+    stage = nomogram.table().query("variable == 'stage'").set_index("value")["points"]
+    assert stage["I"] == 0.0 and stage["I"] < stage["II"] < stage["III"] < stage["IV"]  # as planted
