@@ -22,7 +22,7 @@ from pathomics.survival import (
     load_study,
     survival_fit,
 )
-from pathomics.survival.calibration import calibration_slope
+from pathomics.survival.calibration import calibration_intercept, calibration_slope
 from pathomics.survival.nomogram import Nomogram
 from pathomics.survival.oracle import oracle_section, oracle_table, read_planted
 from pathomics.synthetic.cohort import simulate_cohort_tables
@@ -73,7 +73,10 @@ def test_calibration_slope_and_intercept_equal_a_direct_refit(gbsg2_split) -> No
     # makes expected equal observed events.
     assert ours["train"]["calibration_slope"] == pytest.approx(1.0, abs=1e-5)
     assert ours["train"]["calibration_intercept"] == pytest.approx(0.0, abs=1e-9)
-    assert np.isnan(calibration_slope(np.ones(5), np.arange(1.0, 6.0), np.ones(5)))
+    # No slope without spread, nor from a score that separates the events (the refit diverges); no warning either.
+    times = np.arange(1.0, 11.0)
+    assert np.isnan(calibration_slope(np.ones(10), times, np.ones(10))) and np.isnan(calibration_slope(-times, times, np.ones(10)))
+    assert np.isnan(calibration_intercept(np.full(10, np.inf), np.ones(10))) and np.isnan(calibration_intercept(np.ones(10), np.zeros(10)))
 
 
 def test_decision_curve_follows_kaplan_meier(gbsg2_split) -> None:

@@ -11,10 +11,12 @@ recurrences on this cohort, below 0 too many.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 from lifelines import CoxPHFitter
-from lifelines.exceptions import ConvergenceError
+from lifelines.exceptions import ConvergenceError, ConvergenceWarning
 
 from pathomics.survival.models import SurvivalModel
 
@@ -25,16 +27,18 @@ def calibration_slope(risk: np.ndarray, time: np.ndarray, event: np.ndarray) -> 
         return float("nan")
     frame = pd.DataFrame({"lp": risk, "time": time, "event": event})
     try:
-        fitted = CoxPHFitter().fit(frame, duration_col="time", event_col="event", fit_options={"precision": 1e-10})
-    except ConvergenceError:
+        with warnings.catch_warnings():  # a refit that does not converge (a separating score) has no slope to report
+            warnings.simplefilter("error", ConvergenceWarning)
+            fitted = CoxPHFitter().fit(frame, duration_col="time", event_col="event", fit_options={"precision": 1e-10})
+    except (ConvergenceError, ConvergenceWarning):
         return float("nan")
     return float(fitted.params_["lp"])
 
 
 def calibration_intercept(expected: np.ndarray, event: np.ndarray) -> float:
-    """``log(sum of events / sum of expected events)``; NaN without events."""
-    observed = float(np.sum(event))
-    return float(np.log(observed / np.sum(expected))) if observed > 0 else float("nan")
+    """``log(sum of events / sum of expected events)``; NaN without events or without a finite expectation."""
+    observed, total = float(np.sum(event)), float(np.sum(expected))
+    return float(np.log(observed / total)) if observed > 0 and 0 < total < np.inf else float("nan")
 
 
 def expected_events(model: SurvivalModel, data: pd.DataFrame, chunk: int = 256) -> np.ndarray:
