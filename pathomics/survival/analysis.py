@@ -20,7 +20,7 @@ from sklearn.base import clone
 from sklearn.model_selection import KFold, LeaveOneGroupOut, StratifiedKFold
 
 from pathomics import __version__
-from pathomics.errors import CohortError, PathomicsError
+from pathomics.errors import CohortError, ModelError, PathomicsError
 from pathomics.store import atomic_path, write_json
 from pathomics.survival import metrics as m
 from pathomics.survival.calibration import calibration_intercept, calibration_slope, expected_events
@@ -121,23 +121,37 @@ def cross_validate(cohort: Cohort, config: SurvivalConfig) -> SurvivalResult:
     for name, model in build_models(config, cohort).items():
         log.info("survival: %s model, %s", name, validation)
         used = _modalities(name, cohort.modalities)
-        sets = [
-            _fit_and_predict(clone(model), data.iloc[train], data.iloc[test], config, grid, used) for _, train, test in splits
+        # a model of one modality under --missing available may find no patient to score in a small fold
+        scored = [
+            (label, _fit_and_predict(clone(model), data.iloc[train], data.iloc[test], config, grid, used))
+            for label, train, test in splits
+            if len(usable_rows(model, data.iloc[test]))
         ]
+        sets = [s for _, s in scored]
         rows = usable_rows(model, data)
         fitted[name] = clone(model).fit(rows)
         cut_points[name] = m.risk_cut_points(fitted[name].predict_risk(rows), config.risk_groups)
         in_sample_set = _predict(fitted[name], rows, cut_points[name], rows, config, grid, used)
         in_sample = _assess([in_sample_set], fitted[name], config, grid)
-        folds = [_fold_summary(label, s) for (label, _, _), s in zip(splits, sets, strict=True)]
+        folds = [_fold_summary(label, s) for label, s in scored]
         validated = _assess(sets, fitted[name], config, grid)
         training[name] = {k: v for k, v in in_sample.metrics.items() if k in TRAINING_METRICS}
         train_block = {k: v for k, v in training[name].items() if k in CORE_METRICS}
         results[name] = dataclasses.replace(validated, metrics={**validated.metrics, "folds": folds, "train": train_block})
-    nomogram_name = "combined" if "combined" in fitted else next(iter(fitted))
-    nomogram = Nomogram(fitted[nomogram_name], config.times).fit(usable_rows(fitted[nomogram_name], data))
-    study = FittedStudy(config, fitted, data["time"].to_numpy(), data["event"].to_numpy(), cut_points, nomogram, training)
+    study = FittedStudy(
+        config, fitted, data["time"].to_numpy(), data["event"].to_numpy(), cut_points, _nomogram(fitted, data, config), training
+    )
     return SurvivalResult(config, validation, _cohort_summary(cohort, config), _encoding(fitted), results, study)
+
+
+def _nomogram(fitted: dict[str, SurvivalModel], data: pd.DataFrame, config: SurvivalConfig) -> Nomogram | None:
+    """The nomogram of the combined model (of the only model when there is one); None, logged, if it has no effect."""
+    name = "combined" if "combined" in fitted else next(iter(fitted))
+    try:
+        return Nomogram(fitted[name], config.times).fit(usable_rows(fitted[name], data))
+    except ModelError as exc:
+        log.warning("survival: no nomogram of the %s model: %s", name, exc)
+        return None
 
 
 def _fold_summary(label: str | int, s: m.EvalSet) -> dict[str, Any]:

@@ -5,7 +5,7 @@ training patient who has at least those (available-case fitting), and each patie
 of the modalities they have. So a patient without a radiology score or a slide still gets a prediction,
 patients with all modalities get the all-modality model, and the modalities used are recorded per patient.
 Risks of different combinations are put on one scale, the log cumulative hazard at a reference time (the
-training median event time), so that they can be ranked together.
+median event time of the training patients with every modality), so that they can be ranked together.
 """
 
 from __future__ import annotations
@@ -35,7 +35,12 @@ class AvailableFusion(BaseEstimator):
         self.alpha = alpha
 
     def fit(self, data: pd.DataFrame) -> AvailableFusion:
-        self.reference_time_ = float(np.median(data.loc[data["event"] == 1, "time"]))
+        # Every combination is fitted on a superset of the complete cases, so at their median event time each
+        # combination's baseline cumulative hazard is positive and finite.
+        complete = data[data[list(self.scores)].notna().all(axis=1)]
+        if not complete["event"].any():
+            raise CohortError("no training patient with every modality had a recurrence; the fusion cannot be fitted")
+        self.reference_time_ = float(np.median(complete.loc[complete["event"] == 1, "time"]))
         self.fusions_: dict[tuple[str, ...], DecisionFusion] = {}
         self.offsets_: dict[tuple[str, ...], float] = {}
         sizes = range(0 if self.clinical is not None else 1, len(self.scores) + 1)

@@ -54,7 +54,7 @@ class EvalSet:
 
 def concordance(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
     """Harrell's concordance index (sksurv ``concordance_index_censored``); NaN without admissible pairs."""
-    if not np.asarray(event).any():
+    if len(time) < 2 or not np.asarray(event).any():
         return float("nan")
     try:
         with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 when a resample has no comparable pair: NaN
@@ -101,7 +101,7 @@ def integrated_brier(s: EvalSet, grid: Sequence[float]) -> float:
     if inside.sum() < 2:
         return float("nan")
     train = Surv.from_arrays(s.train_event, s.train_time)
-    return float(integrated_brier_score(train, Surv.from_arrays(s.event, time), s.survival[:, inside], grid[inside]))
+    return float(integrated_brier_score(train, Surv.from_arrays(s.event.astype(bool), time), s.survival[:, inside], grid[inside]))
 
 
 def _has_cases_and_controls(s: EvalSet, t: float) -> bool:
@@ -117,7 +117,8 @@ def supported_events(train_time: np.ndarray, train_event: np.ndarray, time: np.n
     censoring = CensoringDistributionEstimator().fit(Surv.from_arrays(train_event, train_time))
     within = time < censoring.unique_time_[-1]  # sksurv refuses to extrapolate past the last training time
     positive = np.zeros(len(time), dtype=bool)
-    positive[within] = censoring.predict_proba(time[within]) > 0.0
+    if within.any():
+        positive[within] = censoring.predict_proba(time[within]) > 0.0
     return event.astype(bool) & positive
 
 
