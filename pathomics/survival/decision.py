@@ -27,13 +27,18 @@ def thresholds_grid(spec: Sequence[float]) -> np.ndarray:
 def net_benefit(
     time: np.ndarray, event: np.ndarray, event_probability: np.ndarray, t: float, thresholds: np.ndarray
 ) -> np.ndarray:
-    """Net benefit at ``t`` of treating the patients whose predicted recurrence probability is >= each threshold."""
+    """Net benefit at ``t`` of treating the patients whose predicted recurrence probability is >= each threshold.
+
+    The treated patients are the ``k`` most probable, so one Kaplan-Meier per distinct ``k`` serves every
+    threshold that treats ``k`` patients.
+    """
     n, out = len(time), np.zeros(len(thresholds))
-    for i, p in enumerate(thresholds):
-        treated = event_probability >= p
-        if treated.any():
-            survival = km_at(time[treated], event[treated], t)
-            out[i] = treated.sum() / n * ((1 - survival) - survival * p / (1 - p))
+    order = np.argsort(-event_probability, kind="stable")
+    treated = (event_probability[None, :] >= thresholds[:, None]).sum(axis=1)
+    survival = {k: km_at(time[order[:k]], event[order[:k]], t) for k in np.unique(treated) if k > 0}
+    for i, (p, k) in enumerate(zip(thresholds, treated, strict=True)):
+        if k > 0:
+            out[i] = k / n * ((1 - survival[k]) - survival[k] * p / (1 - p))
     return out
 
 
