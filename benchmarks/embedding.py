@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -33,7 +34,7 @@ import torch
 from pathomics.embed import EmbedConfig, Encoder, default_workers, embed_store, resolve_device, resolve_precision
 from pathomics.layout import OutputLayout
 from pathomics.models.backbones import Backbone, load_backbone
-from pathomics.store import STORE_ATTRS, PatchStoreWriter
+from pathomics.store import STORE_ATTRS, PatchStoreWriter, open_patch_store
 
 MODELS = ("shufflenet-v2", "resnet50-trunc")  # --models uni adds UNI's ViT-L/16 and recipe (random weights)
 DEFAULT_JSON = Path(__file__).parent / "results" / "embedding.json"
@@ -50,6 +51,16 @@ def build_store(out: Path, n: int, patch_size: int) -> Path:
     for start in range(0, n, writer.shard):
         writer.write(start, rng.integers(0, 256, (min(writer.shard, n - start), patch_size, patch_size, 3), dtype=np.uint8))
     return writer.publish()
+
+
+def build_slide_store(out: Path, n: int, patch_size: int) -> Path:
+    """A coords-only store of a synthetic slide with about ``n`` tissue patches: the pipeline decodes them from the slide."""
+    from pathomics.synthetic import write_slide
+    from pathomics.tiling import TileConfig, tile_slide
+
+    side = 2 * patch_size * math.ceil((n / 0.31 * 4 / 3) ** 0.5)  # the blob covers about 31% of a 4:3 slide
+    slide = write_slide(out / "bench.svs", side, side * 3 // 4, mpp=0.25, seed=3)
+    return tile_slide(slide.path, out, TileConfig(target_mpp=0.5, patch_size=patch_size, with_pixels=False)).path
 
 
 def synchronize(device: torch.device) -> None:
@@ -130,7 +141,7 @@ def environment(args: argparse.Namespace) -> dict:
     return {"device": str(device), "device_name": name, "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "patches": args.patches, "patch_size": args.patch_size,
             "input_size": 224, "batch_size": args.batch_size, "num_workers": args.num_workers, "repeats": args.repeats,
-            "channels_last": True, "load_average_1min": round(os.getloadavg()[0], 2),  # other processes skew CPU figures
+            "channels_last": True, "store": "coords-only, decoded from a slide" if args.from_slide else "pixels", "load_average_1min": round(os.getloadavg()[0], 2),  # other processes skew CPU figures
             "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
@@ -146,6 +157,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch CPU threads in the main process (default: torch's, one per core); "
                                                     "1 leaves a core to the readers and resists load from other processes")
     parser.add_argument("--quick", action="store_true", help="small sizes: a couple of minutes on a 2-core CPU")
+    parser.add_argument("--from-slide", action="store_true",
+                        help="a coords-only store of a synthetic slide: the pipeline decodes patches from the slide (streaming)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = parser.parse_args(argv)
     gpu = resolve_device(args.device).type == "cuda"
@@ -163,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'model':16s} {'prec':5s} {'model-only/s':>12s} {'pipeline/s':>12s} {'ratio':>7s} {'whole-batch/s':>12s} "
           f"{'gain':>7s}", flush=True)
     with tempfile.TemporaryDirectory(prefix="pathomics-bench-") as tmp:
-        store = build_store(Path(tmp), args.patches, args.patch_size)
+        build = build_slide_store if args.from_slide else build_store
+        store = build(Path(tmp), args.patches, args.patch_size)
+        args.patches = len(open_patch_store(store))
         rows = measure(args, store, Path(tmp))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"environment": environment(args), "results": rows}, indent=2) + "\n")

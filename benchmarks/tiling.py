@@ -1,14 +1,18 @@
-"""Tiling throughput and memory, side by side on the same slide and cores.
+"""Tiling throughput, start-up and memory, side by side on the same slide, coordinates and machine.
 
-Measures, on a synthetic 0.25 µm/px Aperio-style slide tiled to 0.5 µm/px × 256 px:
-  (a) pathomics ``tile_slide`` end to end (tissue detection, reading, resampling, Zarr writing), patches/s;
-  (b) a per-patch OpenSlide ``read_region`` loop over the same coordinates with an area resize
-      (the CLAM-style baseline), patches/s;
-  (c) the raw decode bound: every JPEG tile those patches need, decoded once (no assembly, no
-      resampling, no writing), with the same number of threads as (a), and (c1) on one core as
-      DESIGN.md defines it, patches/s;
-and the ratios a/b, a/c and a/c1, plus the peak RSS of (a) on this slide and on one with 10x fewer pixels.
-Each measurement runs in its own subprocess so that peak RSS is its own.
+On a synthetic 0.25 µm/px Aperio-style slide (256-px JPEG tiles) tiled to 0.5 µm/px × 256 px, every
+reader gets the same patch coordinates (those pathomics keeps) and produces the same 256-px patches:
+  pathomics  ``tile_slide`` end to end (tissue detection, grid, decoding, resampling, writing), 1 thread
+             and all cores; and ``pathomics tile --threads 1`` from the shell, start-up included;
+  openslide  per-patch ``read_region`` of the level-0 box + area resize (the CLAM-style loop);
+  tiffslide  the same through tiffslide (array output);
+  cucim      cuCIM's CPU reader per patch, and batched ``read_region`` with as many workers as cores
+             (skipped with a note when cuCIM is not installed);
+  decode     the bound: each needed JPEG tile decoded once at the scale pathomics decodes it, one core;
+  write      writing the same number of real patches to a patch store alone, one thread.
+Also: peak RSS of pathomics on this slide and on one with 10x fewer pixels, bytes per stored patch,
+and the start-up split (interpreter + imports, tissue detection, grid planning). Each measurement runs
+in its own subprocess (its own peak RSS and CPU time); repeats are interleaved and medians reported.
 
     python benchmarks/tiling.py [--width 40000 --height 30000] [--repeats 3] [--json benchmarks/results/tiling.json]
 """
@@ -25,12 +29,26 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 TARGET_MPP, PATCH = 0.5, 256
+IMPORTS = "import pathomics.tiling, pathomics.cli.main, zarr, cv2, openslide, tifffile, simplejpeg, imagecodecs"
+
+
+class Clock:
+    """Wall and CPU seconds (all threads of this process) of a block: ``with Clock() as clock: ...; clock.times()``."""
+
+    def __enter__(self) -> Clock:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+    def times(self) -> dict:
+        return {"seconds": self.wall, "cpu_seconds": self.cpu}
 
 
 def make_slide(cache: Path, width: int, height: int) -> Path:
@@ -46,65 +64,146 @@ def make_slide(cache: Path, width: int, height: int) -> Path:
     return path
 
 
-def run_pathomics(slide: Path, threads: int) -> dict:
-    import scipy.ndimage  # noqa: F401 - imported before timing, as in a long-running batch
-    import skimage.filters  # noqa: F401
-    import skimage.morphology  # noqa: F401
-    import zarr  # noqa: F401
+def preload() -> None:
+    """Import what tiling imports lazily, before timing: a long-running batch pays this once (the CLI run includes it)."""
+    import cv2, google_crc32c, imagecodecs, openslide, simplejpeg, tifffile, zarr  # noqa: E401, F401
 
+
+def run_pathomics(slide: Path, threads: int) -> dict:
+    preload()
+
+    from pathomics.store import open_patch_store
     from pathomics.tiling import TileConfig, tile_slide
 
     out = Path(tempfile.mkdtemp(prefix="bench-tile-"))
     try:
-        result = tile_slide(slide, out, TileConfig(target_mpp=TARGET_MPP, patch_size=PATCH, threads=threads))
-        coords_file = Path(os.environ["BENCH_COORDS"])
-        from pathomics.store import open_patch_store
-
+        with Clock() as clock:
+            result = tile_slide(slide, out, TileConfig(target_mpp=TARGET_MPP, patch_size=PATCH, threads=threads))
         store = open_patch_store(result.path)
-        np.save(coords_file, store.coords)
-        return {"patches": result.n_patches, "seconds": result.seconds, "read_level": store.attrs["read_level"],
-                "patch_size_level0": store.attrs["patch_size_level0"]}
+        np.save(os.environ["BENCH_COORDS"], store.coords)
+        stored = sum(f.stat().st_size for f in (result.path / "images").rglob("*") if f.is_file() and f.name != "zarr.json")
+        return {"patches": result.n_patches, **clock.times(), "read_level": store.attrs["read_level"],
+                "patch_size_level0": store.attrs["patch_size_level0"], "bytes_per_patch": stored / max(1, result.n_patches),
+                "compression": store.attrs["compression"]}
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def run_openslide_loop(slide: Path, coords: np.ndarray, size0: int) -> dict:
+def run_startup(slide: Path) -> dict:
+    """Tissue detection and grid planning, each timed alone (the imports are timed by the parent)."""
+    from pathomics.slide import open_slide
+    from pathomics.tiling import TileConfig, plan_grid
+    from pathomics.tissue import detect_tissue
+
+    config = TileConfig(target_mpp=TARGET_MPP, patch_size=PATCH)
+    with open_slide(slide) as handle, Clock() as clock:
+        with Clock() as tissue_clock:
+            tissue = detect_tissue(handle, config.tissue)
+        with Clock() as grid_clock:
+            grid = plan_grid(handle, tissue.polygons, config)
+    return {"patches": len(grid.coords), **clock.times(), "tissue_s": tissue_clock.wall, "tissue_cpu_s": tissue_clock.cpu,
+            "grid_s": grid_clock.wall, "grid_cpu_s": grid_clock.cpu}
+
+
+def area(region: np.ndarray) -> np.ndarray:
     import cv2
+
+    return cv2.resize(region, (PATCH, PATCH), interpolation=cv2.INTER_AREA)
+
+
+def run_openslide_loop(slide: Path, coords: np.ndarray, size0: int) -> dict:
     import openslide
 
     handle = openslide.OpenSlide(str(slide))
-    start = time.perf_counter()
-    for x, y in coords:
-        region = np.asarray(handle.read_region((int(x), int(y)), 0, (size0, size0)).convert("RGB"))
-        cv2.resize(region, (PATCH, PATCH), interpolation=cv2.INTER_AREA)
-    return {"patches": len(coords), "seconds": time.perf_counter() - start}
+    with Clock() as clock:
+        for x, y in coords:
+            area(np.asarray(handle.read_region((int(x), int(y)), 0, (size0, size0)).convert("RGB")))
+    return {"patches": len(coords), **clock.times()}
 
 
-def run_decode_bound(slide: Path, coords: np.ndarray, size0: int, threads: int) -> dict:
-    import openslide
+def run_tiffslide_loop(slide: Path, coords: np.ndarray, size0: int) -> dict:
+    import tiffslide
 
-    from pathomics.slide import TiffTileSource
+    handle = tiffslide.TiffSlide(str(slide))
+    with Clock() as clock:
+        for x, y in coords:
+            area(np.asarray(handle.read_region((int(x), int(y)), 0, (size0, size0), as_array=True))[..., :3])
+    return {"patches": len(coords), **clock.times()}
 
-    dims = openslide.OpenSlide(str(slide)).level_dimensions
-    source = TiffTileSource.open(slide, dims)
-    keys = sorted(source.tiles_for(0, [(int(x), int(y), size0, size0) for x, y in coords]))
-    start = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        for _ in pool.map(source._decode, keys):
-            pass
-    return {"patches": len(coords), "tiles": len(keys), "seconds": time.perf_counter() - start}
+
+def run_cucim(slide: Path, coords: np.ndarray, size0: int, workers: int) -> dict:
+    """cuCIM's CPU reader: per patch (``workers`` = 0) or batched ``read_region`` with ``workers`` threads."""
+    from cucim import CuImage
+
+    image = CuImage(str(slide))
+    with Clock() as clock:
+        if workers == 0:
+            for x, y in coords:
+                area(np.asarray(image.read_region((int(x), int(y)), (size0, size0), 0))[..., :3])
+        else:
+            locations = [(int(x), int(y)) for x, y in coords]
+            for batch in image.read_region(locations, (size0, size0), 0, num_workers=workers, batch_size=64):
+                for region in np.asarray(batch).reshape(-1, size0, size0, np.asarray(batch).shape[-1]):
+                    area(region[..., :3])
+    return {"patches": len(coords), **clock.times()}
+
+
+def run_decode_bound(slide: Path, coords: np.ndarray) -> dict:
+    """Each JPEG tile the patches need, decoded once at the scale pathomics decodes it, on one core."""
+    from pathomics.slide import open_slide
+    from pathomics.tiling import PatchReader, TileConfig, patch_size_level0
+
+    with open_slide(slide) as handle:
+        size0 = patch_size_level0(PATCH, TARGET_MPP, handle.mpp)
+        level = handle.best_level(TARGET_MPP / handle.mpp)
+        reader = PatchReader(handle, level, round(size0 / handle.level_downsamples[level]), PATCH, 1, TileConfig().resample)
+        keys = sorted(reader.tiles.tiles_for(level, [box for box, _ in reader._boxes(coords)], reader.scale))
+        with Clock() as clock:
+            for key in keys:
+                reader.tiles._decode(key)
+        reader.close()
+    return {"patches": len(coords), "tiles": len(keys), "scale": reader.scale, **clock.times()}
+
+
+def run_write(patches: np.ndarray, n: int) -> dict:
+    """Writing ``n`` real patches (the first ones repeated as needed) to a patch store, one thread, default compression."""
+    from pathomics.store import PatchStoreWriter
+
+    preload()
+    images = patches[np.arange(n) % len(patches)]
+    attrs = {"patch_size": PATCH, "slide_id": "bench"}
+    out = Path(tempfile.mkdtemp(prefix="bench-write-"))
+    try:
+        with Clock() as clock:
+            writer = PatchStoreWriter(out / "bench.zarr", attrs, np.zeros((n, 2), np.int64), np.ones(n, np.float32))
+            for first in range(0, n, writer.shard):
+                writer.write(first, images[first:first + writer.shard])
+            writer.publish()
+        return {"patches": n, **clock.times()}
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def child(kind: str, slide: Path, threads: int) -> None:
     """One measurement in this process; prints its JSON result including the peak RSS."""
-    coords = np.load(os.environ["BENCH_COORDS"]) if kind != "pathomics" else None
+    coords = np.load(os.environ["BENCH_COORDS"]) if kind not in ("pathomics", "startup") else None
     size0 = int(os.environ.get("BENCH_SIZE0", "0"))
     if kind == "pathomics":
         result = run_pathomics(slide, threads)
+    elif kind == "startup":
+        result = run_startup(slide)
     elif kind == "openslide":
         result = run_openslide_loop(slide, coords, size0)
+    elif kind == "tiffslide":
+        result = run_tiffslide_loop(slide, coords, size0)
+    elif kind == "cucim":
+        result = run_cucim(slide, coords, size0, 0)
+    elif kind == "cucim-batched":
+        result = run_cucim(slide, coords, size0, threads)
+    elif kind == "decode":
+        result = run_decode_bound(slide, coords)
     else:
-        result = run_decode_bound(slide, coords, size0, threads)
+        result = run_write(np.load(os.environ["BENCH_PATCHES"]), len(coords))
     result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
 
@@ -117,23 +216,61 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(kind: str, slide: Path, threads: int, env: dict) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, "--slide", str(slide), "--threads", str(threads)]
+def timed(cmd: list[str], env: dict) -> tuple[str, float, float]:
+    """Run ``cmd``; (stdout, wall seconds, CPU seconds of the child, user + system)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
     out = subprocess.run(cmd, env={**os.environ, **env}, check=True, capture_output=True, text=True).stdout
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return out, wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def measure(kind: str, slide: Path, threads: int, env: dict) -> dict:
+    out, _, cpu = timed([sys.executable, __file__, "--child", kind, "--slide", str(slide), "--threads", str(threads)], env)
     result = json.loads(out.strip().splitlines()[-1])
     result["patches_per_s"] = result["patches"] / result["seconds"]
+    result["patches_per_cpu_s"] = result["patches"] / result["cpu_seconds"]
+    result["process_cpu_s"] = cpu
     return result
+
+
+def measure_cli(slide: Path, n: int, env: dict) -> dict:
+    """``pathomics tile --threads 1`` as a user runs it, timed from the shell: interpreter start-up included."""
+    out = Path(tempfile.mkdtemp(prefix="bench-cli-"))
+    try:
+        _, wall, cpu = timed([sys.executable, "-m", "pathomics.cli.main", "tile", str(slide), "--out", str(out),
+                              "--mpp", str(TARGET_MPP), "--patch-size", str(PATCH), "--threads", "1"], env)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return {"patches": n, "seconds": wall, "process_cpu_s": cpu, "patches_per_s": n / wall, "patches_per_cpu_s": n / cpu}
+
+
+def measure_imports(env: dict) -> dict:
+    """Interpreter start-up alone, and with the imports tiling needs (wall seconds of each process)."""
+    _, bare, _ = timed([sys.executable, "-c", "pass"], env)
+    _, loaded, _ = timed([sys.executable, "-c", IMPORTS], env)
+    return {"interpreter_s": bare, "interpreter_and_imports_s": loaded}
+
+
+def cucim_available() -> str | None:
+    """None if cuCIM's CPU reader runs here, else why not."""
+    try:
+        subprocess.run([sys.executable, "-c", "from cucim import CuImage"], check=True, capture_output=True, timeout=120)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        return f"cuCIM not usable here ({exc}); pip install cucim-cu13"
+    return None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--width", type=int, default=40000)
     parser.add_argument("--height", type=int, default=30000)
-    parser.add_argument("--repeats", type=int, default=3, help="runs of (a) and (c); the median is reported")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each measurement; medians reported")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="'all cores'")
     parser.add_argument("--cache", type=Path, default=Path(__file__).parent / "out")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "tiling.json")
-    parser.add_argument("--child", choices=("pathomics", "openslide", "decode"))
+    parser.add_argument("--child", choices=("pathomics", "startup", "openslide", "tiffslide", "cucim", "cucim-batched", "decode", "write"))
     parser.add_argument("--slide", type=Path)
     args = parser.parse_args()
     if args.child:
@@ -143,50 +280,85 @@ def main() -> None:
     big = make_slide(args.cache, args.width, args.height)
     small_w, small_h = round(args.width / 10**0.5), round(args.height / 10**0.5)
     small = make_slide(args.cache, small_w, small_h)
-    coords_file = args.cache / "coords.npy"
-    env = {"BENCH_COORDS": str(coords_file)}
+    env = {"BENCH_COORDS": str(args.cache / "coords.npy")}
+    first = measure("pathomics", big, 1, env)  # writes the coordinates every other reader uses
+    env["BENCH_SIZE0"] = str(first["patch_size_level0"])
+    sys.path.insert(0, str(Path(__file__).parent))
+    from store_write import real_patches
 
-    runs = [measure("pathomics", big, args.threads, env) for _ in range(args.repeats)]
-    env["BENCH_SIZE0"] = str(runs[0]["patch_size_level0"])
-    decode = [measure("decode", big, args.threads, env) for _ in range(args.repeats)]
-    decode_one = [measure("decode", big, 1, env) for _ in range(args.repeats)]
-    loop = measure("openslide", big, args.threads, env)
-    small_run = measure("pathomics", small, args.threads, env)
+    env["BENCH_PATCHES"] = str(args.cache / "patches_1024.npy")
+    real_patches(args.cache, 1024)
+    no_cucim = cucim_available()
+    kinds = [("pathomics", 1), ("pathomics", args.threads), ("openslide", 1), ("tiffslide", 1), ("decode", 1), ("write", 1),
+             ("startup", 1)]
+    if no_cucim is None:
+        kinds += [("cucim", 1), ("cucim-batched", args.threads)]
+    runs: dict[str, list[dict]] = {f"{k}@{t}": [] for k, t in kinds}
+    runs["cli@1"], runs["imports"] = [], []
+    for _ in range(args.repeats):  # interleaved: each repeat runs every measurement once
+        for kind, threads in kinds:
+            runs[f"{kind}@{threads}"].append(measure(kind, big, threads, env))
+        runs["cli@1"].append(measure_cli(big, first["patches"], env))
+        runs["imports"].append(measure_imports(env))
+    small_run = measure("pathomics", small, 1, env)
 
-    a = statistics.median(r["patches_per_s"] for r in runs)
-    c = statistics.median(r["patches_per_s"] for r in decode)
-    c1 = statistics.median(r["patches_per_s"] for r in decode_one)
-    b = loop["patches_per_s"]
-    rss_big = max(r["peak_rss_mb"] for r in runs)
+    def med(key: str, field: str = "patches_per_s") -> float:
+        return statistics.median(r[field] for r in runs[key])
+
+    def rates(field: str) -> dict:
+        """Patches per second of each reader (``field``: per wall second, or per CPU second of all its threads)."""
+        names = {"pathomics_1_thread": "pathomics@1", "pathomics_all_cores": f"pathomics@{args.threads}",
+                 "pathomics_cli_threads_1_with_startup": "cli@1", "openslide_loop": "openslide@1", "tiffslide_loop": "tiffslide@1",
+                 "cucim_per_patch": "cucim@1", "cucim_batched_all_cores": f"cucim-batched@{args.threads}",
+                 "decode_bound_one_core": "decode@1", "write_alone_one_thread": "write@1"}
+        return {name: med(key, field) if runs.get(key) else None for name, key in names.items()}
+
+    def ratios(r: dict) -> dict:
+        cucim = no_cucim is None
+        return {"1_thread_over_openslide": r["pathomics_1_thread"] / r["openslide_loop"],
+                "cli_1_thread_over_openslide": r["pathomics_cli_threads_1_with_startup"] / r["openslide_loop"],
+                "1_thread_over_decode_bound": r["pathomics_1_thread"] / r["decode_bound_one_core"],
+                "all_cores_over_1_thread": r["pathomics_all_cores"] / r["pathomics_1_thread"],
+                "1_thread_over_cucim_per_patch": r["pathomics_1_thread"] / r["cucim_per_patch"] if cucim else None,
+                "all_cores_over_cucim_batched": r["pathomics_all_cores"] / r["cucim_batched_all_cores"] if cucim else None,
+                "write_share_of_tiling_time": r["pathomics_1_thread"] / r["write_alone_one_thread"]}
+
+    wall, cpu = rates("patches_per_s"), rates("patches_per_cpu_s")
+    rss_big = max(r["peak_rss_mb"] for r in runs["pathomics@1"])
+    startup = {"interpreter_s": med("imports", "interpreter_s"), "interpreter_and_imports_s": med("imports", "interpreter_and_imports_s"),
+               "tissue_detection_s": med("startup@1", "tissue_s"), "tissue_detection_cpu_s": med("startup@1", "tissue_cpu_s"),
+               "grid_planning_s": med("startup@1", "grid_s"), "grid_planning_cpu_s": med("startup@1", "grid_cpu_s"),
+               "cli_total_s": med("cli@1", "seconds"), "cli_total_cpu_s": med("cli@1", "process_cpu_s")}
     result = {
         "slide": {"width": args.width, "height": args.height, "mpp": 0.25, "target_mpp": TARGET_MPP, "patch_size": PATCH,
-                  "patches": runs[0]["patches"], "patch_size_level0": runs[0]["patch_size_level0"],
-                  "read_level": runs[0]["read_level"], "tiles_decoded": decode[0]["tiles"]},
-        "threads": args.threads, "repeats": args.repeats, "cpu_count": os.cpu_count(),
-        "a_pathomics_patches_per_s": a, "b_openslide_loop_patches_per_s": b, "c_decode_bound_patches_per_s": c,
-        "c1_decode_bound_one_core_patches_per_s": c1,
-        "ratio_a_over_b": a / b, "ratio_a_over_c": a / c, "ratio_a_over_c1": a / c1,
-        "peak_rss_mb_big": rss_big, "peak_rss_mb_small": small_run["peak_rss_mb"],
+                  "patches": first["patches"], "patch_size_level0": first["patch_size_level0"], "read_level": first["read_level"],
+                  "tiles_decoded": runs["decode@1"][0]["tiles"], "decode_scale": runs["decode@1"][0]["scale"]},
+        "threads_all_cores": args.threads, "repeats": args.repeats, "cpu_count": os.cpu_count(),
+        "load_average_at_end": os.getloadavg(),
+        "patches_per_s": wall, "ratios": ratios(wall),
+        "patches_per_cpu_s": cpu, "ratios_cpu": ratios(cpu),
+        "startup": startup, "bytes_per_patch": first["bytes_per_patch"], "compression": first["compression"],
+        "peak_rss_mb_big": rss_big, "peak_rss_mb_small": small_run["peak_rss_mb"], "peak_rss_ratio": rss_big / small_run["peak_rss_mb"],
         "small_slide": {"width": small_w, "height": small_h, "patches": small_run["patches"]},
-        "peak_rss_ratio": rss_big / small_run["peak_rss_mb"],
-        "runs": {"pathomics": runs, "decode": decode, "decode_one_core": decode_one, "openslide": loop, "pathomics_small": small_run},
+        "cucim": no_cucim or "cucim CPU reader (cucim-cu13), no GPU used",
+        "runs": runs,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
-    rows = [
-        ("(a) pathomics tile_slide", f"{a:,.0f} patches/s", f"peak RSS {rss_big:,.0f} MB"),
-        ("(b) OpenSlide read_region per patch", f"{b:,.0f} patches/s", f"peak RSS {loop['peak_rss_mb']:,.0f} MB"),
-        (f"(c) decode needed JPEG tiles once, {args.threads} threads", f"{c:,.0f} patches/s", f"{decode[0]['tiles']:,} tiles"),
-        ("(c1) the same on one core (DESIGN's bound)", f"{c1:,.0f} patches/s", ""),
-        ("a/b", f"{a / b:.2f}x", "target >= 5"),
-        ("a/c", f"{a / c:.2f}", "target >= 0.8 (same threads)"),
-        ("a/c1", f"{a / c1:.2f}", "target >= 0.8 (one-core bound)"),
-        (f"peak RSS {args.width}x{args.height} / {small_w}x{small_h}", f"{result['peak_rss_ratio']:.2f}", "target <= 1.5"),
-    ]
-    print(f"Tiling benchmark: {args.width}x{args.height} px at 0.25 µm/px -> {TARGET_MPP} µm/px x {PATCH} px, "
-          f"{runs[0]['patches']:,} patches, {args.threads} threads, median of {args.repeats}")
-    for name, value, note in rows:
-        print(f"  {name:<44} {value:>18}   {note}")
+    print(f"Tiling benchmark: {args.width}x{args.height} px at 0.25 µm/px -> {TARGET_MPP} µm/px x {PATCH} px, {first['patches']:,} "
+          f"patches, tiles decoded at 1/{result['slide']['decode_scale']}, {args.threads} threads = all cores, median of {args.repeats}")
+    print(f"  {'patches per second of wall time / of CPU time (all threads)':<58}")
+    for name in wall:
+        print(f"  {name:<42} " + ("skipped: " + no_cucim if wall[name] is None else f"{wall[name]:>9,.0f} {cpu[name]:>9,.0f}"))
+    for name, value in ratios(wall).items():
+        print(f"  {name:<42} " + ("-" if value is None else f"{value:>9.2f} {ratios(cpu)[name]:>9.2f}"))
+    print(f"  start-up: interpreter {startup['interpreter_s']:.2f} s, + imports {startup['interpreter_and_imports_s']:.2f} s, "
+          f"tissue detection {startup['tissue_detection_s']:.2f} s ({startup['tissue_detection_cpu_s']:.2f} CPU), grid planning "
+          f"{startup['grid_planning_s']:.2f} s ({startup['grid_planning_cpu_s']:.2f} CPU); CLI total {startup['cli_total_s']:.2f} s "
+          f"({startup['cli_total_cpu_s']:.2f} CPU)")
+    print(f"  bytes per patch {result['bytes_per_patch']:,.0f} ({result['compression']}); peak RSS {rss_big:,.0f} MB vs "
+          f"{small_run['peak_rss_mb']:,.0f} MB on {small_w}x{small_h} (ratio {result['peak_rss_ratio']:.2f}); "
+          f"load average {result['load_average_at_end'][0]:.1f} on {os.cpu_count()} cores")
     print(f"JSON: {args.json}")
 
 

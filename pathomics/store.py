@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import numpy as np
 
 from pathomics.errors import StoreError
 from pathomics.layout import PARTIAL_SUFFIX
+from pathomics.shards import chunk_encoder, write_shard, zarr_compressors
 
 STORE_ATTRS = (
     "slide_id", "source_path", "source_size_bytes", "source_mtime", "backend", "mpp_level0", "mpp_source",
@@ -117,7 +119,7 @@ class PatchStoreWriter:
     """
 
     def __init__(self, path: str | os.PathLike, attrs: Mapping[str, Any], coords: np.ndarray,
-                 tissue_fraction: np.ndarray, with_pixels: bool = True) -> None:
+                 tissue_fraction: np.ndarray, with_pixels: bool = True, compression: str = "zstd") -> None:
         import zarr
 
         self.path = Path(path)
@@ -126,7 +128,9 @@ class PatchStoreWriter:
         self.patch_size = int(attrs["patch_size"])
         self.shard = patches_per_shard(self.patch_size)
         self.with_pixels = with_pixels
-        wanted = _jsonable({**attrs, "complete": False})
+        self.chunk = patches_per_chunk(self.patch_size)
+        self._encode = chunk_encoder(compression)
+        wanted = _jsonable({**attrs, "compression": compression, "complete": False})
         root = self._open_partial(wanted)
         if root is None:
             if self.partial.exists():
@@ -141,13 +145,14 @@ class PatchStoreWriter:
                 p = self.patch_size
                 root.create_array(
                     "images", shape=(self.n, p, p, 3), dtype="uint8",
-                    chunks=(patches_per_chunk(p), p, p, 3), shards=(self.shard, p, p, 3),
-                    compressors=zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle", typesize=1),
+                    chunks=(self.chunk, p, p, 3), shards=(self.shard, p, p, 3), compressors=zarr_compressors(compression),
                     fill_value=0, config=every_chunk,
                 )
             root.attrs.update({**wanted, "patches_written": 0 if with_pixels else self.n})
         self.root = root
         self.patches_written = int(root.attrs["patches_written"])
+        for stray in self.partial.glob("images/c/**/.*.tmp"):  # a shard a killed run was writing
+            stray.unlink()
 
     def _open_partial(self, wanted: dict[str, Any]):
         """The partial store of an interrupted run with identical parameters, or None."""
@@ -163,13 +168,23 @@ class PatchStoreWriter:
         same = {k: attrs.get(k) for k in wanted} == wanted and root["coords"].shape[0] == self.n
         return root if same and ("images" in root) == self.with_pixels else None
 
-    def write(self, start: int, images: np.ndarray) -> None:
-        """Write patches ``start:start+len(images)``; record progress when a shard (or the end) is reached."""
-        stop = start + len(images)
-        self.root["images"][start:stop] = images
-        if stop % self.shard == 0 or stop == self.n:
-            self.root.attrs["patches_written"] = stop
-            self.patches_written = stop
+    def write(self, start: int, images: np.ndarray, pool: Executor | None = None) -> None:
+        """Write patches ``start:start+len(images)`` (``start`` on a shard boundary) shard by shard, recording progress.
+
+        Each shard file is encoded (by ``pool``, if given) and written whole, then renamed into place.
+        """
+        if start % self.shard or not 0 <= start <= start + len(images) <= self.n:
+            raise StoreError(f"{self.partial}: cannot write patches {start}:{start + len(images)} of {self.n}; "
+                             f"writes start on a shard boundary ({self.shard} patches)")
+        array = self.root["images"]
+        for first in range(start, start + len(images), self.shard):
+            shard = images[first - start:first - start + self.shard]
+            key = array.metadata.encode_chunk_key((first // self.shard, 0, 0, 0))
+            write_shard(self.partial / "images" / key, shard, self.chunk, self.shard // self.chunk, self._encode, pool)
+            stop = first + len(shard)
+            if stop % self.shard == 0 or stop == self.n:
+                self.root.attrs["patches_written"] = stop
+                self.patches_written = stop
 
     def publish(self) -> Path:
         """Mark the store complete and rename it into place, replacing any older store."""

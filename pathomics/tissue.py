@@ -52,24 +52,33 @@ class Tissue:
 def tissue_mask(rgb: np.ndarray, mpp: float, config: TissueConfig = TissueConfig()) -> np.ndarray:
     """Boolean tissue mask of an RGB thumbnail whose pixels are ``mpp`` µm wide."""
     import cv2
-    from scipy import ndimage
-    from skimage.filters import threshold_otsu
-    from skimage.morphology import remove_small_holes, remove_small_objects
 
     smooth = cv2.medianBlur(np.ascontiguousarray(rgb), 3)
     saturation = cv2.cvtColor(smooth, cv2.COLOR_RGB2HSV)[..., 1]
     optical_density = -np.log10(np.clip(smooth.astype(np.float32) + 1.0, 1.0, 256.0) / 256.0).mean(axis=2)
     if saturation.max() < MIN_SATURATION:
         return np.zeros(saturation.shape, dtype=bool)
-    threshold = max(float(threshold_otsu(saturation)), MIN_SATURATION)
+    otsu, _ = cv2.threshold(saturation, 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
+    threshold = max(float(otsu), MIN_SATURATION)
     mask = (saturation > threshold) & (optical_density > MIN_OPTICAL_DENSITY)
     radius = max(1, round(config.closing_um / mpp / 2))
     disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, disk).astype(bool)
-    mask = ndimage.binary_opening(mask, iterations=1)
+    mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, disk)
+    cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, cross, borderType=cv2.BORDER_CONSTANT, borderValue=0).astype(bool)
     px_area = mpp * mpp
-    mask = remove_small_holes(mask, max_size=max(1, int(config.max_hole_area_um2 / px_area)))
-    return remove_small_objects(mask, max_size=max(1, int(config.min_tissue_area_um2 / px_area)))
+    mask = ~_without_small_components(~mask, max(1, int(config.max_hole_area_um2 / px_area)))
+    return _without_small_components(mask, max(1, int(config.min_tissue_area_um2 / px_area)))
+
+
+def _without_small_components(mask: np.ndarray, max_size: int) -> np.ndarray:
+    """``mask`` less its 4-connected components of at most ``max_size`` pixels (OpenCV: no scikit-image import at start-up)."""
+    import cv2
+
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=4)
+    keep = stats[:, cv2.CC_STAT_AREA] > max_size
+    keep[0] = False  # label 0: the pixels outside ``mask``
+    return keep[labels]
 
 
 def mask_to_polygons(mask: np.ndarray, downsample: float) -> MultiPolygon:

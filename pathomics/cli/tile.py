@@ -34,6 +34,11 @@ def add_tile_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-qc", action="store_true", help="skip the per-patch quality scores (OUT/qc/, qc_summary.csv)")
     parser.add_argument("--qc-settings", metavar="NAME=VALUE,...",
                         help="QC thresholds other than the defaults, e.g. max_pen=0.2,min_focus=1.0 (see pathomics.qc.QCConfig)")
+    parser.add_argument("--resample", choices=("fast", "exact"),
+                        help="fast (default): decode JPEG tiles at 1/2, 1/4 or 1/8 scale where the patch shrinks that much; "
+                             "exact: full decode + area resize, pixels identical to OpenSlide's")
+    parser.add_argument("--compression", choices=("zstd", "lz4", "none"),
+                        help="patch store compression: zstd level 1 (default, about 54 kB a 256-px patch), lz4, none")
     parser.add_argument("--threads", type=int, default=None,
                         help="decoding threads per slide (default: all cores; in `run`: cores / workers, for torch too)")
 

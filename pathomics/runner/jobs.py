@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pathomics.embed import EmbedConfig, embed_slide
 from pathomics.manifest import SlideEntry
-from pathomics.models.backbones import Backbone
 from pathomics.runner.batch import Outcome, SlideJob
 from pathomics.tiling import TileConfig, tile_slide
+
+if TYPE_CHECKING:  # torch is imported only when embedding runs: `pathomics tile` starts in a fraction of the time
+    from pathomics.embed import EmbedConfig
+    from pathomics.models.backbones import Backbone
 
 
 def tile_job(entry: SlideEntry, out_dir: str | os.PathLike, config: TileConfig,
@@ -26,6 +29,8 @@ def tile_job(entry: SlideEntry, out_dir: str | os.PathLike, config: TileConfig,
 def embed_job(store_path: str | os.PathLike, out_dir: str | os.PathLike, config: EmbedConfig,
               backbone: Backbone | None = None) -> SlideJob:
     """``embed_slide`` as a batch job, named after the store directory."""
+    from pathomics.embed import embed_slide
+
     def run() -> Outcome:
         result = embed_slide(store_path, out_dir, config, backbone)
         return result.state, result.n_patches

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,22 +110,39 @@ class SlideReader(ABC):
         return max(fits, key=lambda i: self.level_downsamples[i]) if fits else 0
 
     def thumbnail(self, mpp: float) -> tuple[np.ndarray, float]:
-        """The whole slide at about ``mpp`` µm/px (read from the best level, area-resized); returns (image, downsample)."""
+        """The whole slide at about ``mpp`` µm/px (read from the best level, area-resized); returns (image, downsample).
+
+        TIFF slides are read tile by tile, JPEG tiles decoded at 1/2, 1/4 or 1/8 scale where the thumbnail
+        is that much coarser (``TiffTileSource``); other slides through ``read_region``.
+        """
         import cv2
+
+        from pathomics.slide.tiff_tiles import TiffTileSource
 
         downsample = max(mpp / self.mpp, 1.0)
         level = self.best_level(downsample)
-        width, height = self.level_dimensions[level]
         w0, h0 = self.dimensions
         out_w, out_h = max(1, round(w0 / downsample)), max(1, round(h0 / downsample))
-        scale = height / out_h  # level rows per thumbnail row
+        tiles = TiffTileSource.open(self.path, self.level_dimensions)
+        decode_scale = tiles.jpeg_scale(level, self.level_dimensions[level][1] / out_h) if tiles is not None else 1
+        width, height = (d // decode_scale for d in self.level_dimensions[level])
+        scale = height / out_h  # rows of the level, as decoded, per thumbnail row
         rows_per_band = max(1, int(THUMB_BAND_ROWS / scale))
         bands = []
-        for r0 in range(0, out_h, rows_per_band):  # in bands, so memory stays bounded on single-level slides
-            r1 = min(out_h, r0 + rows_per_band)
-            y0, y1 = int(r0 * scale), min(height, max(int(r0 * scale) + 1, int(round(r1 * scale))))
-            band = self.read_region((0, int(y0 * self.level_downsamples[level])), level, (width, y1 - y0))
-            bands.append(cv2.resize(band, (out_w, r1 - r0), interpolation=cv2.INTER_AREA))
+        try:
+            with ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="pathomics-thumb") as pool:
+                for r0 in range(0, out_h, rows_per_band):  # in bands, so memory stays bounded on single-level slides
+                    r1 = min(out_h, r0 + rows_per_band)
+                    y0, y1 = int(r0 * scale), min(height, max(int(r0 * scale) + 1, int(round(r1 * scale))))
+                    if tiles is None:
+                        band = self.read_region((0, int(y0 * self.level_downsamples[level])), level, (width, y1 - y0))
+                    else:
+                        tiles.prefetch(tiles.tiles_for(level, [(0, y0, width, y1 - y0)], decode_scale), pool)
+                        band = tiles.assemble(level, (0, y0, width, y1 - y0), decode_scale)
+                    bands.append(cv2.resize(band, (out_w, r1 - r0), interpolation=cv2.INTER_AREA))
+        finally:
+            if tiles is not None:
+                tiles.close()
         return np.concatenate(bands), w0 / out_w
 
     def __enter__(self) -> SlideReader:

@@ -64,10 +64,10 @@ class DicomTileSource(TileCache):
     def tile_shape(self, level: int) -> tuple[int, int]:
         return self._levels[level].tile_width, self._levels[level].tile_height
 
-    def _decode(self, key: tuple[int, int, int]) -> np.ndarray:
+    def _decode(self, key: tuple[int, int, int, int]) -> np.ndarray:
         import imagecodecs
 
-        level, row, col = key
+        level, _, row, col = key  # frames decode at full size (jpeg_scale is 1)
         spec = self._levels[level]
         index = row * -(-spec.width // spec.tile_width) + col
         fd, item = self._fds[spec.file], spec.fragments[index]

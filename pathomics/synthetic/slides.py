@@ -12,6 +12,7 @@ demo cohort.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -115,13 +116,17 @@ def tissue_layout(layout: str, width: int, height: int) -> tuple[Ellipse, ...]:
 def write_slide(path: str | os.PathLike, width: int, height: int, mpp: float | None = 0.25, flavour: str = "aperio",
                 layout: str = "blob", seed: int = 0, tile: int = 256, quality: int = 90,
                 level_factor: int = 4, min_level_size: int = 512, shapes: tuple[Ellipse, ...] | None = None,
-                regions: tuple[Ellipse, ...] = (), atypia: float = 1.0, paint: Painter | None = None) -> SlideTruth:
+                regions: tuple[Ellipse, ...] = (), atypia: float = 1.0, paint: Painter | None = None,
+                rgb_jpeg: bool = False, compression: str = "jpeg") -> SlideTruth:
     """Write a pyramidal, tiled, JPEG-compressed TIFF slide and return its truth.
 
     ``flavour`` "aperio" writes an SVS-style description (needs ``mpp``); "generic" writes TIFF
     resolution tags in centimetres, or none when ``mpp`` is None. ``shapes`` replaces the named
     ``layout``; ``regions`` are painted with nuclei of the given ``atypia`` (0 to 1, see ``Nuclei.atypical``).
     ``paint`` alters each rendered level-0 block of tissue (planted artefacts, see ``synthetic.artefacts``).
+    ``rgb_jpeg`` stores tiles the way Aperio scanners do: RGB samples without a colour transform or any
+    marker saying so, as abbreviated streams sharing the page's JPEGTables (default: tifffile's YCbCr JPEG).
+    ``compression`` other than "jpeg" (e.g. "lzw", "none") writes lossless tiles instead.
     """
     import tifffile
 
@@ -137,7 +142,8 @@ def write_slide(path: str | os.PathLike, width: int, height: int, mpp: float | N
     downsamples = [1]
     while max(width, height) // (downsamples[-1] * level_factor) >= min_level_size:
         downsamples.append(downsamples[-1] * level_factor)
-    options = dict(tile=(tile, tile), compression="jpeg", compressionargs={"level": quality}, photometric="rgb", metadata=None)
+    options = dict(tile=(tile, tile), compression=compression, photometric="rgb", metadata=None,
+                   compressionargs={"level": quality} if compression == "jpeg" else {})
     with tifffile.TiffWriter(path, bigtiff=width * height > 2**31) as writer:
         for i, ds in enumerate(downsamples):
             lw, lh = -(-width // ds), -(-height // ds)
@@ -147,8 +153,41 @@ def write_slide(path: str | os.PathLike, width: int, height: int, mpp: float | N
                                         f"JPEG/RGB Q={quality}|AppMag = {round(10 / mpp)}|MPP = {mpp}")
             if flavour == "generic" and mpp is not None:
                 extra.update(resolution=(1e4 / (mpp * ds), 1e4 / (mpp * ds)), resolutionunit="CENTIMETER")
-            writer.write(_level_tiles(truth, atlas, ds, lw, lh, tile, paint), shape=(lh, lw, 3), dtype=np.uint8, **options, **extra)
+            tiles = _level_tiles(truth, atlas, ds, lw, lh, tile, paint)
+            if rgb_jpeg:
+                tables, tiles = _aperio_jpeg(tiles, quality)
+                extra.update(jpegtables=tables, compressionargs={"outcolorspace": "RGB"})
+            writer.write(tiles, shape=(lh, lw, 3), dtype=np.uint8, **{**options, **extra})
     return truth
+
+
+def _aperio_jpeg(tiles: Iterator[np.ndarray], quality: int) -> tuple[bytes, Iterator[bytes]]:
+    """Encode tiles as Aperio does (RGB, 4:4:4, no JFIF/Adobe marker, component ids 1-3): (JPEGTables, abbreviated tiles)."""
+    import imagecodecs
+
+    from pathomics.slide.jpeg import split_tables
+
+    def encode(tile: np.ndarray) -> bytes:
+        return _plain_component_ids(imagecodecs.jpeg8_encode(tile, level=quality, colorspace="RGB", outcolorspace="RGB",
+                                                             subsampling="444", optimize=False))
+
+    first = encode(next(tiles))
+    return split_tables(first)[0], (split_tables(stream)[1] for stream in itertools.chain([first], map(encode, tiles)))
+
+
+def _plain_component_ids(stream: bytes) -> bytes:
+    """The stream with component ids 1, 2, 3 in its frame and scan headers (ids a marker-less decoder takes for YCbCr)."""
+    out, i = bytearray(stream), 2
+    while True:
+        marker, length = out[i + 1], int.from_bytes(out[i + 2:i + 4], "big")
+        if marker == 0xC0:  # SOF0: length, precision, height, width, count, then (id, sampling, table) per component
+            for c in range(out[i + 9]):
+                out[i + 10 + 3 * c] = c + 1
+        elif marker == 0xDA:  # SOS: length, count, then (id, tables) per component
+            for c in range(out[i + 4]):
+                out[i + 5 + 2 * c] = c + 1
+            return bytes(out)
+        i += 2 + length
 
 
 # paint(block, x0, y0, render) -> block: alters the level-0 block at (x0, y0); render(x, y, size) renders any other block
