@@ -112,8 +112,9 @@ class SlideReader(ABC):
     def thumbnail(self, mpp: float) -> tuple[np.ndarray, float]:
         """The whole slide at about ``mpp`` µm/px (read from the best level, area-resized); returns (image, downsample).
 
-        TIFF slides are read tile by tile, JPEG tiles decoded at 1/2, 1/4 or 1/8 scale where the thumbnail
-        is that much coarser (``TiffTileSource``); other slides through ``read_region``.
+        TIFF slides are read tile by tile (``TiffTileSource``: pixels identical to OpenSlide's, without its
+        compositing cost; at full size, so a slide and its DICOM copy find the same tissue); others through
+        ``read_region``.
         """
         import cv2
 
@@ -124,9 +125,8 @@ class SlideReader(ABC):
         w0, h0 = self.dimensions
         out_w, out_h = max(1, round(w0 / downsample)), max(1, round(h0 / downsample))
         tiles = TiffTileSource.open(self.path, self.level_dimensions)
-        decode_scale = tiles.jpeg_scale(level, self.level_dimensions[level][1] / out_h) if tiles is not None else 1
-        width, height = (d // decode_scale for d in self.level_dimensions[level])
-        scale = height / out_h  # rows of the level, as decoded, per thumbnail row
+        width, height = self.level_dimensions[level]
+        scale = height / out_h  # level rows per thumbnail row
         rows_per_band = max(1, int(THUMB_BAND_ROWS / scale))
         bands = []
         try:
@@ -137,8 +137,8 @@ class SlideReader(ABC):
                     if tiles is None:
                         band = self.read_region((0, int(y0 * self.level_downsamples[level])), level, (width, y1 - y0))
                     else:
-                        tiles.prefetch(tiles.tiles_for(level, [(0, y0, width, y1 - y0)], decode_scale), pool)
-                        band = tiles.assemble(level, (0, y0, width, y1 - y0), decode_scale)
+                        tiles.prefetch(tiles.tiles_for(level, [(0, y0, width, y1 - y0)]), pool)
+                        band = tiles.assemble(level, (0, y0, width, y1 - y0))
                     bands.append(cv2.resize(band, (out_w, r1 - r0), interpolation=cv2.INTER_AREA))
         finally:
             if tiles is not None:
