@@ -109,10 +109,10 @@ def test_skipped_resumed_and_reconfigured_stores_keep_qc_consistent(planted, tmp
     # a run interrupted after its first shard resumes; QC scores the written patches from the store, alike
     original_write = PatchStoreWriter.write
 
-    def failing_write(self, start, images):
+    def failing_write(self, start, images, **options):
         if start > 0:
             raise RuntimeError("simulated crash")
-        original_write(self, start, images)
+        original_write(self, start, images, **options)
 
     monkeypatch.setattr(PatchStoreWriter, "write", failing_write)
     with pytest.raises(RuntimeError, match="simulated crash"):
