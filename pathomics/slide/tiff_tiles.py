@@ -12,6 +12,7 @@ switches to slower non-temporal stores for aligned output (measured here: 0.25 v
 
 from __future__ import annotations
 
+import logging
 import os
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -115,11 +116,16 @@ class TiffTileSource(TileCache):
         """The tile source for ``path`` if every level is a tiled page tifffile can decode, else None."""
         import tifffile
 
+        quiet = logging.getLogger("tifffile")
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)  # a probe: a damaged file's warnings belong to the backend that reads it
         try:
             tiff = tifffile.TiffFile(path)
+            candidates = [p for p in tiff.pages if p.is_tiled]  # the main IFD chain, as OpenSlide reads it
         except (OSError, ValueError, tifffile.TiffFileError):
             return None
-        candidates = [p for p in tiff.pages if p.is_tiled]  # the main IFD chain, as OpenSlide reads it
+        finally:
+            quiet.setLevel(level)
         pages = []
         for width, height in level_dimensions:
             match = next((p for p in candidates if (p.imagewidth, p.imagelength) == (width, height)
