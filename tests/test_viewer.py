@@ -61,7 +61,7 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     others = [SlideResult(s, s, 0, r, np.zeros(4, np.float32), np.ones(1), np.zeros((1, 2))) for s, r in OTHER_RISKS.items()]
     write_signatures(layout.signatures, [result, *others], "abmil", {})
     pen = coords[:, 1] == coords[:, 1].min()
-    layout.qc_table("s1").parent.mkdir()
+    layout.qc_table("s1").parent.mkdir(exist_ok=True)  # tiling wrote its own QC; this test plants known flags
     pd.DataFrame({"x": coords[:, 0], "y": coords[:, 1], "focus": np.linspace(0, 1, len(coords)), "pen": pen * 0.3,
                   "flag_pen": pen, "flag_blur": np.zeros(len(coords), bool), "qc_pass": ~pen}).to_parquet(layout.qc_table("s1"))
     return out

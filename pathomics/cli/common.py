@@ -54,5 +54,5 @@ def config_from_args(cls: type[C], args: argparse.Namespace, **values: Any) -> C
     on for the config to validate, so `--mpp 0` is an error, never a silent default.
     """
     names = {f.name for f in dataclasses.fields(cls)}
-    given = {k: v for k, v in vars(args).items() if k in names and v is not None and k not in values}
-    return cls(**given, **{k: v for k, v in values.items() if v is not None})
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return cls(**{**given, **{k: v for k, v in values.items() if v is not None}})  # a value given here wins

@@ -421,6 +421,10 @@ def _eval_set(
         survival=np.empty((n, 0)),
         event_probability=np.full(n, np.nan),
         group=np.zeros(n),
+        expected=np.full(n, np.nan),
+        event_probability_at=np.empty((n, 0)),
+        patient=np.arange(n),
+        modalities=np.full(n, "longitudinal"),
     )
 
 
