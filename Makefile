@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/pathomics demo --out demo-out
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 clean:
 	rm -rf $(VENV) demo-out
