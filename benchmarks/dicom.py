@@ -33,10 +33,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from pathomics.slide import DicomTileSource, TiffTileSource, open_slide
+    from pathomics.slide.patches import PatchReader
+    from pathomics.store import open_patch_store
     from pathomics.synthetic import write_slide
     from pathomics.synthetic.dicom import write_dicom_copy
-    from pathomics.store import open_patch_store
-    from pathomics.tiling import PatchReader, TileConfig, tile_slide
+    from pathomics.tiling import TileConfig, tile_slide
 
     svs = args.cache / f"dicom_bench_{args.width}x{args.height}.svs"
     dicom = svs.with_suffix("")

@@ -34,7 +34,8 @@ def real_patches(cache: Path, n: int) -> np.ndarray:
     path = cache / f"patches_{n}.npy"
     if not path.exists():
         from pathomics.slide import open_slide
-        from pathomics.tiling import PatchReader, TileConfig, plan_grid
+        from pathomics.slide.patches import PatchReader
+        from pathomics.tiling import TileConfig, plan_grid
         from pathomics.tissue import detect_tissue
 
         config = TileConfig(target_mpp=TARGET_MPP)

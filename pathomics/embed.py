@@ -42,8 +42,8 @@ from pathomics.layout import DONE, SKIPPED, OutputLayout
 from pathomics.models.backbones import Backbone, check_embeddings, load_backbone
 from pathomics.qc import check_flags as check_qc_flags
 from pathomics.qc import keep_mask as qc_keep_mask
+from pathomics.slide.patches import read_patches
 from pathomics.store import PatchStore, open_patch_store, write_feature_file
-from pathomics.tiling import read_patches
 
 log = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

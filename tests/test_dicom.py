@@ -14,10 +14,11 @@ from pathomics.cli.main import main
 from pathomics.errors import SlideReadError
 from pathomics.manifest import entries_from_paths, read_manifest
 from pathomics.slide import DicomTileSource, Resolution, is_dicom_slide, open_slide
+from pathomics.slide.patches import read_patches
 from pathomics.store import open_patch_store
 from pathomics.synthetic import SlideTruth
 from pathomics.synthetic.dicom import write_dicom_copy, write_non_wsi_dicom
-from pathomics.tiling import TileConfig, read_patches, tile_slide
+from pathomics.tiling import TileConfig, tile_slide
 
 WSIDICOM = "wsidicom (the pathomics[dicom] extra) is not installed"
 
@@ -131,7 +132,8 @@ def test_a_dicom_folder_is_one_slide_named_after_the_folder(tmp_path, dicom_slid
 
 def test_viewer_serves_a_dicom_folder_from_its_frames_with_the_svs_tiles(dicom_slide, aperio_slide):
     from pathomics.viewer import DeepZoom
-    from pathomics.viewer.catalog import SlideEntry as ViewerEntry, slide_file
+    from pathomics.viewer.catalog import SlideEntry as ViewerEntry
+    from pathomics.viewer.catalog import slide_file
 
     entry = ViewerEntry("aperio_dicom", dicom_slide / "x.zarr", dicom_slide, 0.25, 6144, 4096, 256)
     dcm, svs = DeepZoom(open_slide(slide_file(entry))), DeepZoom(open_slide(aperio_slide.path))

@@ -22,8 +22,8 @@ from pathomics import TileConfig, open_patch_store, tile_slide
 from pathomics.cli.main import build_parser, main
 from pathomics.cli.models import model_rows
 from pathomics.cli.tile import tile_config
-from pathomics.errors import ModelError
 from pathomics.embed import Encoder
+from pathomics.errors import ModelError
 from pathomics.models import foundation
 from pathomics.models.backbones import load_backbone
 from pathomics.models.foundation import PRESETS, check_fits

@@ -12,9 +12,10 @@ import tifffile
 from pathomics.cli.main import main
 from pathomics.slide import TiffTileSource, open_slide
 from pathomics.slide.jpeg import complete_stream, decode_scaled, scale_for
+from pathomics.slide.patches import PatchReader
 from pathomics.store import open_patch_store
 from pathomics.synthetic import write_slide
-from pathomics.tiling import PatchReader, TileConfig, tile_slide
+from pathomics.tiling import TileConfig, tile_slide
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import pytest
 import zarr
 
 from pathomics.errors import StoreError
-from pathomics.shards import ABSENT, chunk_encoder, write_shard, zarr_compressors
 from pathomics.layout import OutputLayout
+from pathomics.shards import ABSENT, chunk_encoder, write_shard, zarr_compressors
 from pathomics.store import PatchStoreWriter, open_patch_store, partial_path
 
 ATTRS = {"slide_id": "s", "source_path": "/nowhere/s.svs", "source_size_bytes": 1, "source_mtime": 0.0, "backend": "openslide",

@@ -13,8 +13,9 @@ import zarr
 
 from pathomics.errors import StoreError
 from pathomics.slide import open_slide
+from pathomics.slide.patches import read_patches
 from pathomics.store import STORE_ATTRS, open_patch_store, partial_path
-from pathomics.tiling import TileConfig, patch_size_level0, read_patches, tile_slide
+from pathomics.tiling import TileConfig, patch_size_level0, tile_slide
 
 
 def openslide_rgb(path, xy, level, size) -> np.ndarray:

@@ -19,7 +19,7 @@ from pathomics.slide.base import Resolution, SlideReader, magnification_to_mpp, 
 from pathomics.slide.dicom_backend import DicomSlideReader, dicom_series, is_dicom_file, is_dicom_slide
 from pathomics.slide.dicom_tiles import DicomTileSource
 from pathomics.slide.openslide_backend import OpenSlideReader
-from pathomics.slide.tiff_tiles import TileCache, TiffTileSource
+from pathomics.slide.tiff_tiles import TiffTileSource, TileCache
 from pathomics.slide.tiffslide_backend import TiffSlideReader
 
 __all__ = ["open_slide", "open_tile_source", "is_dicom_slide", "source_stat", "SlideReader", "Resolution", "TileCache",

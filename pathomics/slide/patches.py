@@ -1,0 +1,142 @@
+"""Patch reading beside the slide readers: patches at a target resolution from a slide, or from a patch store
+(its pixels, or the slide again for a coords-only store)."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from pathomics.errors import StoreError
+from pathomics.slide import SlideReader, open_slide, open_tile_source, source_stat
+from pathomics.slide.tiff_tiles import map_in_parts
+from pathomics.store import PatchStore
+
+STRIP_PIXELS = 4096  # width of a processing strip at the read level
+
+
+class PatchReader:
+    """Reads patches (level-0 top-left corners) at the target resolution, the fastest way the slide allows.
+
+    ``resample="fast"`` decodes JPEG tiles at 1/2, 1/4 or 1/8 scale when the patch shrinks by at least
+    that much from the read level, then area-resamples only the remainder; ``"exact"`` decodes at full
+    size and area-resamples (pixels identical to OpenSlide's ``read_region`` + area resize).
+    """
+
+    def __init__(self, slide: SlideReader, level: int, read_size: int, patch_size: int, threads: int = 1,
+                 resample: str = "exact") -> None:
+        self.slide, self.level, self.read_size, self.patch_size = slide, level, read_size, patch_size
+        self.downsample = slide.level_downsamples[level]
+        self.threads = threads
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="pathomics-read") if threads > 1 else None  # 1: inline
+        self.tiles = open_tile_source(slide.path, slide.level_dimensions)
+        self.scale = 1  # DCT scaling denominator the tiles are decoded at
+        if self.tiles is not None:
+            if resample == "fast":
+                self.scale = self.tiles.jpeg_scale(level, read_size / patch_size)
+            tw, th = self.tiles.tile_shape(level)
+            cols = STRIP_PIXELS // tw + read_size // tw + 3
+            self.tiles.capacity = cols * (read_size // th + 3)  # a strip's row of patches, with margin
+
+    @property
+    def method(self) -> str:
+        return self.tiles.method if self.tiles is not None else f"{self.slide.backend}-read-region"
+
+    def read(self, coords: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Patches at ``coords`` as (n, P, P, 3) uint8, written into ``out`` when given (one copy fewer)."""
+        out = np.empty((len(coords), self.patch_size, self.patch_size, 3), np.uint8) if out is None else out
+        parts = 2 * self.threads
+        if self.tiles is None:
+            def one(i: int) -> None:
+                out[i] = self._read_one(coords[i])
+        else:
+            boxes = self._boxes(coords)
+            self.tiles.prefetch(self.tiles.tiles_for(self.level, [box for box, _ in boxes], self.scale), self.pool, parts)
+
+            def one(i: int) -> None:
+                out[i] = self._fit(self.tiles.assemble(self.level, boxes[i][0], self.scale), *boxes[i][1])
+        map_in_parts(one, range(len(coords)), self.pool, parts)
+        return out
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+        if self.tiles is not None:
+            self.tiles.close()
+
+    def _boxes(self, coords: np.ndarray) -> list[tuple[tuple[int, int, int, int], tuple[float, float]]]:
+        """Each patch's box in pixels of the read level as decoded (at 1/``scale``), and the patch origin inside it.
+
+        At full scale the box is the patch rounded to whole pixels (as OpenSlide reads it); when scaled,
+        the box has a pixel of margin and the origin keeps the sub-pixel position.
+        """
+        lw, lh = (d // self.scale for d in self.slide.level_dimensions[self.level])
+        ds, size = self.downsample * self.scale, self.read_size / self.scale
+        if self.scale == 1:
+            s = self.read_size
+            xs = np.minimum(np.rint(coords[:, 0] / ds).astype(int), lw - s)
+            ys = np.minimum(np.rint(coords[:, 1] / ds).astype(int), lh - s)
+            return [((int(x), int(y), s, s), (0.0, 0.0)) for x, y in zip(xs, ys)]
+        x0, y0 = np.minimum(coords[:, 0] / ds, lw - size), np.minimum(coords[:, 1] / ds, lh - size)
+        bx, by = np.floor(x0).astype(int), np.floor(y0).astype(int)
+        bw = np.minimum(np.ceil(x0 + size).astype(int) + 1, lw) - bx
+        bh = np.minimum(np.ceil(y0 + size).astype(int) + 1, lh) - by
+        return [((int(x), int(y), int(w), int(h)), (float(ox), float(oy)))
+                for x, y, w, h, ox, oy in zip(bx, by, bw, bh, x0 - bx, y0 - by)]
+
+    def _read_one(self, xy: np.ndarray) -> np.ndarray:
+        region = self.slide.read_region((int(xy[0]), int(xy[1])), self.level, (self.read_size, self.read_size))
+        return self._resize(region)
+
+    def _fit(self, region: np.ndarray, ox: float, oy: float) -> np.ndarray:
+        """The patch from its decoded box: an area resize at full scale; for scaled decodes only the remainder.
+
+        The remainder (less than 2x unless the slide lacks pyramid levels) is resampled bilinearly along
+        the patch's exact sub-pixel footprint: nearer the area-resampled truth than an area resize of
+        the box rounded to whole pixels (measured mean abs diff 0.3 vs 1.3 grey levels).
+        """
+        import cv2
+
+        if self.scale == 1:
+            return self._resize(region)
+        p, size = self.patch_size, self.read_size / self.scale
+        r = size / p
+        if r > 2:  # coarse remainder: the rounding error is below a quarter of an output pixel
+            x, y, s = round(ox), round(oy), round(size)
+            return self._resize(region[y:y + s, x:x + s])
+        if r == 1 and ox == oy == 0:
+            return region[:p, :p]
+        m = np.array([[r, 0, ox + 0.5 * r - 0.5], [0, r, oy + 0.5 * r - 0.5]], dtype=np.float64)
+        return cv2.warpAffine(region, m, (p, p), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
+
+    def _resize(self, region: np.ndarray) -> np.ndarray:
+        import cv2
+
+        if region.shape[0] == self.patch_size:
+            return region
+        return cv2.resize(region, (self.patch_size, self.patch_size), interpolation=cv2.INTER_AREA)
+
+
+def read_patches(store: PatchStore, start: int, stop: int) -> np.ndarray:
+    """Patches ``start:stop`` of a store as (n, P, P, 3) uint8: its pixels, or re-read from the slide when coords-only."""
+    if store.has_pixels:
+        return store.read_images(start, stop)
+    attrs = store.attrs
+    source = Path(attrs["source_path"])
+    if not source.exists() or source_stat(source)[0] != attrs["source_size_bytes"]:
+        raise StoreError(f"{store.path}: its source slide {source} is missing or has changed; re-run `pathomics tile`")
+    reader = _slide_reader(str(source), float(attrs["mpp_level0"]), int(attrs["read_level"]),
+                           int(attrs["read_size"]), int(attrs["patch_size"]), attrs.get("resample", "exact"))
+    return reader.read(store.coords[start:stop])
+
+
+@lru_cache(maxsize=4)
+def _slide_reader(source: str, mpp: float, level: int, read_size: int, patch_size: int, resample: str) -> PatchReader:
+    """A per-process patch reader for coords-only stores (slides stay open for the next batch)."""
+    return PatchReader(open_slide(source, mpp=mpp), level, read_size, patch_size, threads=1, resample=resample)
+
+
+os.register_at_fork(after_in_child=_slide_reader.cache_clear)  # a forked child must not reuse the parent's thread pool
