@@ -5,8 +5,8 @@ Defaults are the issue's cohort: 200 bags × 5,000 patches × 1,024 dims, aggreg
 sizes (hidden 256; TransMIL with 8 heads and 256 landmarks). Bags are drawn from a pool of ``--pool``
 distinct random bags so memory stays small; compute does not depend on the values.
 
-    python benchmarks/mil.py                              # full size, about 5-10 minutes on 2 cores
-    python benchmarks/mil.py --bags 20 --patches 1000     # a quick check
+    python benchmarks/mil_epochs.py                              # full size, about 5-10 minutes on 2 cores
+    python benchmarks/mil_epochs.py --bags 20 --patches 1000     # a quick check
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathomics.mil.aggregators import build_aggregator
 from pathomics.store import atomic_path
 
 MODELS = ("mean", "max", "abmil", "gated-abmil", "clam-sb", "transmil")
-DEFAULT_JSON = Path(__file__).parent / "results" / "mil.json"
+DEFAULT_JSON = Path(__file__).parent / "results" / "mil_epochs.json"
 
 
 def random_pool(n_pool: int, patches: int, dim: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
