@@ -43,7 +43,7 @@ from pathomics.models.backbones import Backbone, check_embeddings, load_backbone
 from pathomics.qc import check_flags as check_qc_flags
 from pathomics.qc import keep_mask as qc_keep_mask
 from pathomics.slide.patches import read_patches
-from pathomics.store import PatchStore, open_patch_store, write_feature_file
+from pathomics.store import PatchStore, open_patch_store, store_fingerprint, write_feature_file
 
 log = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -239,14 +239,6 @@ def _collect(features: np.ndarray, start: int, host: torch.Tensor, event: torch.
     if event is not None:
         event.synchronize()
     features[start:start + len(host)] = host.numpy()
-
-
-def store_fingerprint(store: PatchStore) -> str:
-    """SHA-256 of a store's provenance attributes and coordinates: changes whenever the store is rebuilt differently."""
-    attrs = {k: v for k, v in store.attrs.items() if k != "qc"}  # QC is refreshed in place and changes no pixel
-    digest = hashlib.sha256(json.dumps(attrs, sort_keys=True, default=str).encode())
-    digest.update(np.ascontiguousarray(store.coords, dtype=np.int64).tobytes())
-    return digest.hexdigest()
 
 
 def feature_attributes(store: PatchStore, backbone: Backbone, config: EmbedConfig, device: torch.device,

@@ -22,7 +22,6 @@ one row per slide (also in the store attribute ``qc``); ``<out>/qc/<slide_id>.qc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ import numpy as np
 
 from pathomics.errors import ConfigError, StoreError
 from pathomics.layout import OutputLayout
+from pathomics.store import store_fingerprint
 
 FLAGS = ("blur", "pen", "fold", "bubble")
 FLAG_COLORS = {"pen": (255, 0, 255), "blur": (255, 200, 0), "fold": (220, 0, 0), "bubble": (0, 200, 255)}  # RGB
@@ -270,16 +270,8 @@ def _slide_stains(sample: np.ndarray, config: QCConfig) -> tuple[np.ndarray, str
     return (stains, "macenko") if stains is not None else (REFERENCE_STAINS / np.linalg.norm(REFERENCE_STAINS, axis=0), "reference")
 
 
-def store_key(store: Any) -> str:
-    """SHA-256 of a patch store's coordinates and tiling attributes (its ``qc`` attribute aside): what QC depends on."""
-    attrs = {k: v for k, v in store.attrs.items() if k != "qc"}
-    digest = hashlib.sha256(json.dumps(attrs, sort_keys=True, default=str).encode())
-    digest.update(np.ascontiguousarray(store.coords, dtype=np.int64).tobytes())
-    return digest.hexdigest()
-
-
 def _metadata(store: Any, config: QCConfig) -> dict[str, Any]:
-    return {"store_key": store_key(store), "config": json.loads(json.dumps(asdict(config)))}
+    return {"store_key": store_fingerprint(store), "config": json.loads(json.dumps(asdict(config)))}
 
 
 def read_qc(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
@@ -418,6 +410,6 @@ def keep_mask(store: Any, exclude: Sequence[str]) -> np.ndarray:
         raise StoreError(f"{path}: no QC table for {store.slide_id}; re-run `pathomics tile` with pixels (not --no-pixels) "
                          "to write it, or drop --qc-exclude")
     table, meta = read_qc(path)
-    if meta.get("store_key") != store_key(store) or len(table) != len(store):
+    if meta.get("store_key") != store_fingerprint(store) or len(table) != len(store):
         raise StoreError(f"{path}: QC table is older than the patch store {store.path}; re-run `pathomics tile` to refresh it")
     return ~table[[f"flag_{f}" for f in exclude]].any(axis=1).to_numpy() if exclude else np.ones(len(store), dtype=bool)

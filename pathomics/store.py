@@ -51,6 +51,11 @@ def json_ready(value: Any) -> Any:
     return value
 
 
+def digest(document: Any) -> str:
+    """SHA-256 of ``document`` as canonical JSON (sorted keys; other types by ``str``): a key of settings and inputs."""
+    return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def write_json(path: str | os.PathLike, document: Mapping[str, Any]) -> None:
     """Write ``document`` as indented JSON, atomically, through ``json_ready``."""
     with atomic_path(path) as tmp:
@@ -254,6 +259,17 @@ class PatchStore:
         except (OSError, RuntimeError, ValueError) as exc:
             raise StoreError(f"{self.path}: patches {start}-{stop} cannot be read ({exc}); the store is damaged: "
                              "delete it and re-run `pathomics tile`") from exc
+
+
+def store_fingerprint(store: PatchStore) -> str:
+    """SHA-256 of a store's provenance attributes and coordinates: changes whenever the store is rebuilt differently.
+
+    The ``qc`` attribute is left out: QC is refreshed in place and changes no pixel.
+    """
+    attrs = {k: v for k, v in store.attrs.items() if k != "qc"}
+    fingerprint = hashlib.sha256(json.dumps(attrs, sort_keys=True, default=str).encode())
+    fingerprint.update(np.ascontiguousarray(store.coords, dtype=np.int64).tobytes())
+    return fingerprint.hexdigest()
 
 
 def open_patch_store(path: str | os.PathLike) -> PatchStore:

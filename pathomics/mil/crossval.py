@@ -3,8 +3,6 @@ signatures, attention and metrics, and a final model refitted on every patient."
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -33,7 +31,7 @@ from pathomics.mil.artifacts import (
 )
 from pathomics.mil.bags import LabelledBags, load_bags
 from pathomics.mil.config import MILConfig
-from pathomics.store import write_json
+from pathomics.store import digest, write_json
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +131,7 @@ def training_key(cohort: LabelledBags, train_idx: np.ndarray, val_idx: np.ndarra
 
     document = {"config": {k: v for k, v in config.to_dict().items() if k != "device"}, "run": run, "epochs": epochs,
                 "train": bags(train_idx), "val": bags(val_idx), "classes": list(cohort.classes)}
-    return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()
+    return digest(document)
 
 
 def fit_model(cohort: LabelledBags, train_idx: np.ndarray, val_idx: np.ndarray, config: MILConfig, run: int,

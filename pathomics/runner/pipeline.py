@@ -11,7 +11,6 @@ for at the end, then found finished. One failing slide is recorded and the other
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import multiprocessing
@@ -34,7 +33,7 @@ from pathomics.manifest import SlideEntry
 from pathomics.mil import MILConfig
 from pathomics.runner.batch import FAILED, StatusRow, exclusive_lock, progress, run_one, update_status
 from pathomics.runner.jobs import embed_job, tile_job
-from pathomics.store import atomic_path, write_json
+from pathomics.store import atomic_path, digest, write_json
 from pathomics.survival.config import RUN_FUSION, SurvivalConfig
 from pathomics.tiling import TileConfig
 
@@ -286,7 +285,7 @@ def inputs_key(settings: dict, paths: Sequence[Path]) -> str:
         return [str(path), stat.st_size, stat.st_mtime_ns]
 
     document = {"settings": settings, "inputs": [identity(Path(p)) for p in paths]}
-    return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()
+    return digest(document)
 
 
 def _load_pickle(path: Path):  # noqa: ANN202 - a SurvivalResult, imported lazily
