@@ -2,8 +2,11 @@
 
 On a synthetic 0.25 µm/px Aperio-style slide (256-px JPEG tiles) tiled to 0.5 µm/px × 256 px, every
 reader gets the same patch coordinates (those pathomics keeps) and produces the same 256-px patches:
-  pathomics  ``tile_slide`` end to end (tissue detection, grid, decoding, resampling, writing), 1 thread
-             and all cores; and ``pathomics tile --threads 1`` from the shell, start-up included;
+  pathomics  ``tile_slide`` end to end (tissue detection, grid, decoding, resampling, QC, zstd, writing), with
+             1 decoding thread and all cores (a writer thread beside them scores and compresses finished
+             shards, so the CPU column is the one-core figure); the same without QC and compression
+             ("lean": the work the peers do, plus tissue detection and writing raw patches); and
+             ``pathomics tile --threads 1`` from the shell, start-up included;
   openslide  per-patch ``read_region`` of the level-0 box + area resize (the CLAM-style loop);
   tiffslide  the same through tiffslide (array output);
   cucim      cuCIM's CPU reader per patch, and batched ``read_region`` with as many workers as cores
@@ -66,23 +69,35 @@ def make_slide(cache: Path, width: int, height: int) -> Path:
 
 def preload() -> None:
     """Import what tiling imports lazily, before timing: a long-running batch pays this once (the CLI run includes it)."""
-    import cv2  # noqa: E401, F401
+    import google_crc32c, imagecodecs, pandas, pyarrow.parquet, simplejpeg, tifffile, zarr, cv2  # noqa: E401, F401
 
 
-def run_pathomics(slide: Path, threads: int) -> dict:
+def run_pathomics(slide: Path, threads: int, lean: bool = False) -> dict:
+    """``tile_slide`` with the default settings, or ``lean``: no QC, no compression."""
     preload()
 
     from pathomics.store import open_patch_store
     from pathomics.tiling import TileConfig, tile_slide
 
+    import pathomics.tiling
+
+    settings = {"qc": None, "compression": "none"} if lean else {}
+    stream = pathomics.tiling._stream_patches
+    phase = Clock()
+
+    def timed_stream(*args: object, **kwargs: object) -> None:  # the streaming phase alone: no tissue detection, grid, QC summary
+        with phase:
+            stream(*args, **kwargs)
+
+    pathomics.tiling._stream_patches = timed_stream
     out = Path(tempfile.mkdtemp(prefix="bench-tile-"))
     try:
         with Clock() as clock:
-            result = tile_slide(slide, out, TileConfig(target_mpp=TARGET_MPP, patch_size=PATCH, threads=threads))
+            result = tile_slide(slide, out, TileConfig(target_mpp=TARGET_MPP, patch_size=PATCH, threads=threads, **settings))
         store = open_patch_store(result.path)
         np.save(os.environ["BENCH_COORDS"], store.coords)
         stored = sum(f.stat().st_size for f in (result.path / "images").rglob("*") if f.is_file() and f.name != "zarr.json")
-        return {"patches": result.n_patches, **clock.times(), "read_level": store.attrs["read_level"],
+        return {"patches": result.n_patches, **clock.times(), "stream_seconds": phase.wall, "read_level": store.attrs["read_level"],
                 "patch_size_level0": store.attrs["patch_size_level0"], "bytes_per_patch": stored / max(1, result.n_patches),
                 "compression": store.attrs["compression"]}
     finally:
@@ -187,10 +202,10 @@ def run_write(patches: np.ndarray, n: int) -> dict:
 
 def child(kind: str, slide: Path, threads: int) -> None:
     """One measurement in this process; prints its JSON result including the peak RSS."""
-    coords = np.load(os.environ["BENCH_COORDS"]) if kind not in ("pathomics", "startup") else None
+    coords = np.load(os.environ["BENCH_COORDS"]) if kind not in ("pathomics", "pathomics-lean", "startup") else None
     size0 = int(os.environ.get("BENCH_SIZE0", "0"))
-    if kind == "pathomics":
-        result = run_pathomics(slide, threads)
+    if kind in ("pathomics", "pathomics-lean"):
+        result = run_pathomics(slide, threads, lean=kind == "pathomics-lean")
     elif kind == "startup":
         result = run_startup(slide)
     elif kind == "openslide":
@@ -231,6 +246,8 @@ def measure(kind: str, slide: Path, threads: int, env: dict) -> dict:
     out, _, cpu = timed([sys.executable, __file__, "--child", kind, "--slide", str(slide), "--threads", str(threads)], env)
     result = json.loads(out.strip().splitlines()[-1])
     result["patches_per_s"] = result["patches"] / result["seconds"]
+    if "stream_seconds" in result:
+        result["stream_patches_per_s"] = result["patches"] / result["stream_seconds"]
     result["patches_per_cpu_s"] = result["patches"] / result["cpu_seconds"]
     result["process_cpu_s"] = cpu
     return result
@@ -271,7 +288,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="'all cores'")
     parser.add_argument("--cache", type=Path, default=Path(__file__).parent / "out")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "tiling.json")
-    parser.add_argument("--child", choices=("pathomics", "startup", "openslide", "tiffslide", "cucim", "cucim-batched", "decode", "write"))
+    parser.add_argument("--child", choices=("pathomics", "pathomics-lean", "startup", "openslide", "tiffslide", "cucim", "cucim-batched", "decode", "write"))
     parser.add_argument("--slide", type=Path)
     args = parser.parse_args()
     if args.child:
@@ -290,7 +307,7 @@ def main() -> None:
     env["BENCH_PATCHES"] = str(args.cache / "patches_1024.npy")
     real_patches(args.cache, 1024)
     no_cucim = cucim_available()
-    kinds = [("pathomics", 1), ("pathomics", args.threads), ("openslide", 1), ("tiffslide", 1), ("decode", 1), ("write", 1),
+    kinds = [("pathomics", 1), ("pathomics", args.threads), ("pathomics-lean", 1), ("pathomics-lean", args.threads), ("openslide", 1), ("tiffslide", 1), ("decode", 1), ("write", 1),
              ("startup", 1)]
     if no_cucim is None:
         kinds += [("cucim", 1), ("cucim-batched", args.threads)]
@@ -301,7 +318,7 @@ def main() -> None:
             runs[f"{kind}@{threads}"].append(measure(kind, big, threads, env))
         runs["cli@1"].append(measure_cli(big, first["patches"], env))
         runs["imports"].append(measure_imports(env))
-    small_run = measure("pathomics", small, 1, env)
+    small_run = measure("pathomics", small, 1, {**env, "BENCH_COORDS": str(args.cache / "coords_small.npy")})
 
     def med(key: str, field: str = "patches_per_s") -> float:
         return statistics.median(r[field] for r in runs[key])
@@ -309,10 +326,16 @@ def main() -> None:
     def rates(field: str) -> dict:
         """Patches per second of each reader (``field``: per wall second, or per CPU second of all its threads)."""
         names = {"pathomics_1_thread": "pathomics@1", "pathomics_all_cores": f"pathomics@{args.threads}",
+                 "pathomics_lean_1_thread": "pathomics-lean@1", "pathomics_lean_all_cores": f"pathomics-lean@{args.threads}",
                  "pathomics_cli_threads_1_with_startup": "cli@1", "openslide_loop": "openslide@1", "tiffslide_loop": "tiffslide@1",
                  "cucim_per_patch": "cucim@1", "cucim_batched_all_cores": f"cucim-batched@{args.threads}",
                  "decode_bound_one_core": "decode@1", "write_alone_one_thread": "write@1"}
         return {name: med(key, field) if runs.get(key) else None for name, key in names.items()}
+
+    def stream_rates() -> dict:
+        """Patches per second of the streaming phase (decode, resample, QC, write) of the same runs."""
+        return {f"{kind.replace('-', '_')}_{'1_thread' if t == 1 else 'all_cores'}": med(f"{kind}@{t}", "stream_patches_per_s")
+                for kind in ("pathomics", "pathomics-lean") for t in (1, args.threads)}
 
     def ratios(r: dict) -> dict:
         cucim = no_cucim is None
@@ -322,9 +345,13 @@ def main() -> None:
                 "all_cores_over_1_thread": r["pathomics_all_cores"] / r["pathomics_1_thread"],
                 "1_thread_over_cucim_per_patch": r["pathomics_1_thread"] / r["cucim_per_patch"] if cucim else None,
                 "all_cores_over_cucim_batched": r["pathomics_all_cores"] / r["cucim_batched_all_cores"] if cucim else None,
+                "lean_1_thread_over_openslide": r["pathomics_lean_1_thread"] / r["openslide_loop"],
+                "lean_1_thread_over_decode_bound": r["pathomics_lean_1_thread"] / r["decode_bound_one_core"],
+                "lean_1_thread_over_cucim_per_patch": r["pathomics_lean_1_thread"] / r["cucim_per_patch"] if cucim else None,
+                "lean_all_cores_over_cucim_batched": r["pathomics_lean_all_cores"] / r["cucim_batched_all_cores"] if cucim else None,
                 "write_share_of_tiling_time": r["pathomics_1_thread"] / r["write_alone_one_thread"]}
 
-    wall, cpu = rates("patches_per_s"), rates("patches_per_cpu_s")
+    wall, cpu, stream = rates("patches_per_s"), rates("patches_per_cpu_s"), stream_rates()
     rss_big = max(r["peak_rss_mb"] for r in runs["pathomics@1"])
     startup = {"interpreter_s": med("imports", "interpreter_s"), "interpreter_and_imports_s": med("imports", "interpreter_and_imports_s"),
                "tissue_detection_s": med("startup@1", "tissue_s"), "tissue_detection_cpu_s": med("startup@1", "tissue_cpu_s"),
@@ -338,6 +365,8 @@ def main() -> None:
         "load_average_at_end": os.getloadavg(),
         "patches_per_s": wall, "ratios": ratios(wall),
         "patches_per_cpu_s": cpu, "ratios_cpu": ratios(cpu),
+        "stream_phase_patches_per_s": stream,
+        "stream_phase_over_decode_bound": {k: v / wall["decode_bound_one_core"] for k, v in stream.items() if k.endswith("1_thread")},
         "startup": startup, "bytes_per_patch": first["bytes_per_patch"], "compression": first["compression"],
         "peak_rss_mb_big": rss_big, "peak_rss_mb_small": small_run["peak_rss_mb"], "peak_rss_ratio": rss_big / small_run["peak_rss_mb"],
         "small_slide": {"width": small_w, "height": small_h, "patches": small_run["patches"]},
@@ -353,6 +382,10 @@ def main() -> None:
         print(f"  {name:<42} " + ("skipped: " + no_cucim if wall[name] is None else f"{wall[name]:>9,.0f} {cpu[name]:>9,.0f}"))
     for name, value in ratios(wall).items():
         print(f"  {name:<42} " + ("-" if value is None else f"{value:>9.2f} {ratios(cpu)[name]:>9.2f}"))
+    print("  streaming phase alone (wall; after tissue detection and grid planning, before the QC summary):")
+    for name, value in stream.items():
+        bound = f", {value / wall['decode_bound_one_core']:.2f} of the decode bound" if name.endswith("1_thread") else ""
+        print(f"  {name:<42} {value:>9,.0f}{bound}")
     print(f"  start-up: interpreter {startup['interpreter_s']:.2f} s, + imports {startup['interpreter_and_imports_s']:.2f} s, "
           f"tissue detection {startup['tissue_detection_s']:.2f} s ({startup['tissue_detection_cpu_s']:.2f} CPU), grid planning "
           f"{startup['grid_planning_s']:.2f} s ({startup['grid_planning_cpu_s']:.2f} CPU); CLI total {startup['cli_total_s']:.2f} s "

@@ -20,6 +20,7 @@ import numpy as np
 
 COMPRESSIONS = ("lz4", "zstd", "none")
 ABSENT = 2**64 - 1  # offset and size of a chunk the shard does not hold
+Buffer = bytes | memoryview  # an encoded chunk
 
 
 def zarr_compressors(name: str) -> tuple:
@@ -35,8 +36,11 @@ def zarr_compressors(name: str) -> tuple:
     raise ValueError(f"unknown compression {name!r}; choose one of {', '.join(COMPRESSIONS)}")
 
 
-def chunk_encoder(name: str) -> Callable[[np.ndarray], bytes]:
-    """Encode one C-contiguous uint8 chunk exactly as ``zarr_compressors(name)`` decodes it (releases the GIL)."""
+def chunk_encoder(name: str) -> Callable[[np.ndarray], Buffer]:
+    """Encode one C-contiguous uint8 chunk exactly as ``zarr_compressors(name)`` decodes it (releases the GIL).
+
+    ``none`` returns a view of the chunk, not a copy: it is written out before the chunk's memory is reused.
+    """
     import imagecodecs
 
     if name == "lz4":
@@ -44,12 +48,12 @@ def chunk_encoder(name: str) -> Callable[[np.ndarray], bytes]:
     if name == "zstd":
         return lambda chunk: imagecodecs.zstd_encode(chunk, level=1)
     if name == "none":
-        return lambda chunk: chunk.tobytes()
+        return lambda chunk: memoryview(chunk).cast("B")
     raise ValueError(f"unknown compression {name!r}; choose one of {', '.join(COMPRESSIONS)}")
 
 
-def shard_bytes(chunks: Sequence[bytes | None]) -> bytes:
-    """A shard file: ``chunks`` (None = absent) back to back, then their (offset, nbytes) index and its CRC32C."""
+def shard_parts(chunks: Sequence[Buffer | None]) -> list[Buffer]:
+    """A shard file as its parts: ``chunks`` (None = absent) back to back, then their (offset, nbytes) index and its CRC32C."""
     import google_crc32c
 
     index = np.full((len(chunks), 2), ABSENT, dtype="<u8")
@@ -60,15 +64,16 @@ def shard_bytes(chunks: Sequence[bytes | None]) -> bytes:
             offset += len(chunk)
     raw = index.tobytes()
     crc = np.uint32(google_crc32c.value(raw)).astype("<u4").tobytes()
-    return b"".join([*(c for c in chunks if c is not None), raw, crc])
+    return [*(c for c in chunks if c is not None), raw, crc]
 
 
 def write_shard(path: Path, images: np.ndarray, chunk: int, chunks_per_shard: int,
-                encode: Callable[[np.ndarray], bytes], pool: Executor | None = None) -> None:
+                encode: Callable[[np.ndarray], Buffer], pool: Executor | None = None) -> None:
     """Write ``images`` (at most one shard, first axis) as the shard file ``path``, atomically.
 
     Chunks past the end of ``images`` are absent; a last, partial chunk is padded with zeros (the
-    fill value), as zarr-python stores edge chunks. ``pool`` encodes the chunks in parallel.
+    fill value), as zarr-python stores edge chunks. ``pool`` encodes the chunks in parallel. The parts
+    are written one after another, never joined into one copy of the shard.
     """
     pieces = []
     for start in range(0, len(images), chunk):
@@ -77,9 +82,9 @@ def write_shard(path: Path, images: np.ndarray, chunk: int, chunks_per_shard: in
             piece = np.concatenate([piece, np.zeros((chunk - len(piece), *piece.shape[1:]), piece.dtype)])
         pieces.append(np.ascontiguousarray(piece))
     encoded = list(pool.map(encode, pieces)) if pool is not None else [encode(p) for p in pieces]
-    data = shard_bytes([*encoded, *[None] * (chunks_per_shard - len(encoded))])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as fh:
-        fh.write(data)
+        for part in shard_parts([*encoded, *[None] * (chunks_per_shard - len(encoded))]):
+            fh.write(part)  # a buffered file writes a large part straight from its memory
     os.replace(tmp, path)

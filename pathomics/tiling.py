@@ -35,6 +35,7 @@ from pathomics.qc import BatchScores, QCConfig, score_batch, update_slide_qc
 from pathomics.shards import COMPRESSIONS
 from pathomics.slide import SlideReader, open_slide, source_stat
 from pathomics.slide.patches import STRIP_PIXELS, PatchReader
+from pathomics.slide.tiff_tiles import map_in_parts
 from pathomics.store import PatchStoreWriter, open_patch_store, write_png
 from pathomics.tissue import Tissue, TissueConfig, detect_tissue, load_tissue, write_geojson
 
@@ -210,33 +211,46 @@ def _unchanged(final: Path, attrs: dict) -> bool:
 
 def _stream_patches(slide: SlideReader, grid: Grid, config: TileConfig, writer: PatchStoreWriter,
                     progress: Callable[[int, int], None] | None, scores: list[BatchScores]) -> None:
-    """Read patches batch by batch (QC-scoring each into ``scores``) and hand full shards to a writer thread."""
+    """Read patches batch by batch into shards; a writer thread QC-scores each shard (into ``scores``) and writes it.
+
+    Decoding is the one job that needs ``config.threads``; scoring and compressing a shard overlap the
+    decoding of the next. Three shard buffers circulate (one filling, one queued, one being scored and
+    written): reused memory is not page-faulted in again for every shard, which cost as much system
+    time as the writing itself.
+    """
     reader = PatchReader(slide, grid.read_level, grid.read_size, config.patch_size, config.threads, config.resample)
+    n, shard, batch, p = len(grid.coords), writer.shard, config.batch_size, config.patch_size
     shards: queue.Queue = queue.Queue(maxsize=1)
+    free: queue.Queue = queue.Queue()
+    for _ in range(min(3, -(-(n - writer.patches_written) // shard))):
+        free.put(np.empty((shard, p, p, 3), np.uint8))
     failure: list[BaseException] = []
 
     def write_shards() -> None:
         while (item := shards.get()) is not None:
+            start, buffer, count = item
             if not failure:
                 try:
-                    writer.write(*item, pool=reader.pool)  # chunks encoded by the decode threads (by this one at 1 thread)
+                    if config.qc:  # scored, like the chunks encoded, by the decode threads (by this one at 1 thread)
+                        scores.extend(map_in_parts(lambda i: score_batch(buffer[i:min(count, i + batch)], config.qc),
+                                                   range(0, count, batch), reader.pool, config.threads))
+                    writer.write(start, buffer[:count], pool=reader.pool)
                 except BaseException as exc:  # noqa: BLE001 - re-raised in the reading thread
                     failure.append(exc)
+            free.put(buffer)
 
     thread = threading.Thread(target=write_shards, name="pathomics-write", daemon=True)
     thread.start()
-    n, shard, batch = len(grid.coords), writer.shard, config.batch_size
     try:
         for shard_start in range(writer.patches_written, n, shard):
-            images = np.empty((min(n, shard_start + shard) - shard_start, config.patch_size, config.patch_size, 3), np.uint8)
+            buffer = free.get()
+            images = buffer[:min(n, shard_start + shard) - shard_start]
             for i in range(0, len(images), batch):
                 coords = grid.coords[shard_start + i:shard_start + min(len(images), i + batch)]
                 reader.read(coords, out=images[i:i + batch])  # the one place a batch of decoded patches exists
-                if config.qc:
-                    scores.append(score_batch(images[i:i + batch], config.qc))
             if failure:
                 break
-            shards.put((shard_start, images))
+            shards.put((shard_start, buffer, len(images)))
             if progress:
                 progress(shard_start + len(images), n)
     finally:

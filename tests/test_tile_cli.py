@@ -63,6 +63,15 @@ def test_usage_errors(tmp_path, aperio_slide):
     assert main(["tile", "--out", str(tmp_path)]) == 2
 
 
+def test_tiling_from_the_shell_does_not_import_torch(tmp_path, aperio_slide):
+    """torch is 1.7 s of start-up on a 2-core machine, more than tiling a small slide: `tile` never needs it."""
+    code = ("import sys; from pathomics.cli.main import main; "
+            f"code = main(['tile', {str(aperio_slide.path)!r}, '--out', {str(tmp_path)!r}, '--mpp', '1.0', '--patch-size', '64']); "
+            "print(code, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1].split() == ["0", "False"]
+
+
 @pytest.fixture(scope="module")
 def big_slide(tmp_path_factory):
     """Large enough for several shards at native resolution (about 1,500 patches of 256 px)."""

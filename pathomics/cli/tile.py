@@ -64,6 +64,8 @@ def tile_config(args: argparse.Namespace):  # noqa: ANN201 - TileConfig, importe
 
 def preset_resolution(model: str | None) -> tuple[float | None, int | None]:
     """The MPP and patch size a foundation preset was trained at (None, None for other models: the defaults)."""
+    if model is None:  # `tile` has no model: do not pay for importing torch
+        return None, None
     from pathomics.models.foundation import PRESETS
 
     recipe = PRESETS.get(model or "")

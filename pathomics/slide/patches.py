@@ -51,13 +51,18 @@ class PatchReader:
         parts = 2 * self.threads
         if self.tiles is None:
             def one(i: int) -> None:
-                out[i] = self._read_one(coords[i])
+                self._read_one(coords[i], out[i])
         else:
             boxes = self._boxes(coords)
             self.tiles.prefetch(self.tiles.tiles_for(self.level, [box for box, _ in boxes], self.scale), self.pool, parts)
+            whole = self.read_size == self.patch_size * self.scale  # decoded tiles are at the target resolution
 
             def one(i: int) -> None:
-                out[i] = self._fit(self.tiles.assemble(self.level, boxes[i][0], self.scale), *boxes[i][1])
+                (x, y, w, h), (ox, oy) = boxes[i]
+                if whole and ox == oy == 0:  # the patch is a box of whole decoded pixels: assemble it in place
+                    self.tiles.assemble(self.level, (x, y, self.patch_size, self.patch_size), self.scale, out=out[i])
+                else:
+                    self._fit(self.tiles.assemble(self.level, (x, y, w, h), self.scale), ox, oy, out[i])
         map_in_parts(one, range(len(coords)), self.pool, parts)
         return out
 
@@ -71,7 +76,8 @@ class PatchReader:
         """Each patch's box in pixels of the read level as decoded (at 1/``scale``), and the patch origin inside it.
 
         At full scale the box is the patch rounded to whole pixels (as OpenSlide reads it); when scaled,
-        the box has a pixel of margin and the origin keeps the sub-pixel position.
+        the origin keeps the sub-pixel position and the box has a pixel of margin for the resampling,
+        except where the patch is exactly a box of whole decoded pixels (no tile is decoded for nothing).
         """
         lw, lh = (d // self.scale for d in self.slide.level_dimensions[self.level])
         ds, size = self.downsample * self.scale, self.read_size / self.scale
@@ -82,17 +88,18 @@ class PatchReader:
             return [((int(x), int(y), s, s), (0.0, 0.0)) for x, y in zip(xs, ys)]
         x0, y0 = np.minimum(coords[:, 0] / ds, lw - size), np.minimum(coords[:, 1] / ds, lh - size)
         bx, by = np.floor(x0).astype(int), np.floor(y0).astype(int)
-        bw = np.minimum(np.ceil(x0 + size).astype(int) + 1, lw) - bx
-        bh = np.minimum(np.ceil(y0 + size).astype(int) + 1, lh) - by
+        margin = ((x0 != bx) | (y0 != by) | (size != self.patch_size)).astype(int)
+        bw = np.minimum(np.ceil(x0 + size).astype(int) + margin, lw) - bx
+        bh = np.minimum(np.ceil(y0 + size).astype(int) + margin, lh) - by
         return [((int(x), int(y), int(w), int(h)), (float(ox), float(oy)))
                 for x, y, w, h, ox, oy in zip(bx, by, bw, bh, x0 - bx, y0 - by)]
 
-    def _read_one(self, xy: np.ndarray) -> np.ndarray:
+    def _read_one(self, xy: np.ndarray, out: np.ndarray) -> None:
         region = self.slide.read_region((int(xy[0]), int(xy[1])), self.level, (self.read_size, self.read_size))
-        return self._resize(region)
+        self._resize(region, out)
 
-    def _fit(self, region: np.ndarray, ox: float, oy: float) -> np.ndarray:
-        """The patch from its decoded box: an area resize at full scale; for scaled decodes only the remainder.
+    def _fit(self, region: np.ndarray, ox: float, oy: float, out: np.ndarray) -> None:
+        """The patch from its decoded box, into ``out``: an area resize at full scale; for scaled decodes only the remainder.
 
         The remainder (less than 2x unless the slide lacks pyramid levels) is resampled bilinearly along
         the patch's exact sub-pixel footprint: nearer the area-resampled truth than an area resize of
@@ -100,24 +107,25 @@ class PatchReader:
         """
         import cv2
 
-        if self.scale == 1:
-            return self._resize(region)
         p, size = self.patch_size, self.read_size / self.scale
         r = size / p
-        if r > 2:  # coarse remainder: the rounding error is below a quarter of an output pixel
+        if self.scale == 1:
+            self._resize(region, out)
+        elif r > 2:  # coarse remainder: the rounding error is below a quarter of an output pixel
             x, y, s = round(ox), round(oy), round(size)
-            return self._resize(region[y:y + s, x:x + s])
-        if r == 1 and ox == oy == 0:
-            return region[:p, :p]
-        m = np.array([[r, 0, ox + 0.5 * r - 0.5], [0, r, oy + 0.5 * r - 0.5]], dtype=np.float64)
-        return cv2.warpAffine(region, m, (p, p), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
+            self._resize(region[y:y + s, x:x + s], out)
+        else:
+            m = np.array([[r, 0, ox + 0.5 * r - 0.5], [0, r, oy + 0.5 * r - 0.5]], dtype=np.float64)
+            cv2.warpAffine(region, m, (p, p), dst=out, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                           borderMode=cv2.BORDER_REPLICATE)
 
-    def _resize(self, region: np.ndarray) -> np.ndarray:
+    def _resize(self, region: np.ndarray, out: np.ndarray) -> None:
         import cv2
 
         if region.shape[0] == self.patch_size:
-            return region
-        return cv2.resize(region, (self.patch_size, self.patch_size), interpolation=cv2.INTER_AREA)
+            out[...] = region
+        else:
+            cv2.resize(region, (self.patch_size, self.patch_size), dst=out, interpolation=cv2.INTER_AREA)
 
 
 def read_patches(store: PatchStore, start: int, stop: int) -> np.ndarray:

@@ -86,11 +86,14 @@ class TileCache(ABC):
         while len(self._cache) > max(self.capacity, len(keys)):
             self._cache.popitem(last=False)
 
-    def assemble(self, level: int, box: Box, scale: int = 1) -> np.ndarray:
-        """The pixels of ``box`` at ``level`` decoded at 1/``scale``, from cached tiles (call ``prefetch`` first)."""
+    def assemble(self, level: int, box: Box, scale: int = 1, out: np.ndarray | None = None) -> np.ndarray:
+        """The pixels of ``box`` at ``level`` decoded at 1/``scale``, from cached tiles (call ``prefetch`` first).
+
+        Written into ``out`` (an (h, w, 3) uint8 array) when given, e.g. straight into a patch batch.
+        """
         x, y, w, h = box
         tw, th = self._scaled_shape(level, scale)
-        out = np.empty((h, w, 3), dtype=np.uint8)
+        out = np.empty((h, w, 3), dtype=np.uint8) if out is None else out
         for row in range(y // th, (y + h - 1) // th + 1):
             for col in range(x // tw, (x + w - 1) // tw + 1):
                 tile = self._cache[(level, scale, row, col)]
