@@ -10,7 +10,7 @@ encoder uses there (``Encoder.micro_batch``): the ratio micro/whole is what micr
 Random weights (throughput does not depend on them) and random-noise patches (the costliest to decompress).
 
     python benchmarks/embedding.py --quick               # a couple of minutes on a 2-core CPU
-    python benchmarks/embedding.py --models uni --patches 16 --batch-size 16 --repeats 2   # ViT-L/16, random weights
+    python benchmarks/embedding.py --models uni --patches 128 --batch-size 32 --repeats 2   # ViT-L/16, random weights (~10 min on 2 cores)
     python benchmarks/embedding.py --device cuda --patches 16384 --batch-size 512
 """
 

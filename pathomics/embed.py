@@ -2,7 +2,8 @@
 
 Background DataLoader workers read and decode batches (from the store's pixels, or from the slide for a
 coords-only store) while the device encodes the previous one: uint8 batches travel in pinned memory with
-non-blocking copies (on a GPU), are resized and normalised on the device, and run channels_last under
+non-blocking copies (on a GPU), are resized and normalised on the device (on a CPU, by the workers, which
+have the cores the model's threads leave), and run channels_last under
 ``torch.inference_mode`` and autocast (bf16/fp16 on a GPU, bf16 on CPUs with native bf16). Results are
 copied back one batch behind, so the device never waits for the host.
 
@@ -91,6 +92,31 @@ class EmbedConfig:
             raise ConfigError(f"input size must be at least 16 pixels, got {self.input_size}")
 
 
+class Preprocess:
+    """A backbone's input recipe: uint8 (n, P, P, 3) → resized, centre-cropped, normalised float32 (n, 3, S, S).
+
+    The resize is torchvision's antialiased bilinear (or the recipe's bicubic) on uint8: PIL's result
+    within one grey level, as CLAM, TRIDENT and the model cards preprocess; on a CPU its uint8 kernel
+    is ~10x cheaper than resizing floats. Runs on the device of its input; on a CPU the DataLoader
+    workers run it (their cores, not the model's), so it holds only CPU tensors and pickles.
+    """
+
+    def __init__(self, backbone: Backbone) -> None:
+        self.size, self.resize = backbone.input_size, backbone.resize_size or backbone.input_size
+        self.interpolation = TF.InterpolationMode(backbone.interpolation)
+        std, mean = torch.tensor(backbone.std).view(1, 3, 1, 1), torch.tensor(backbone.mean).view(1, 3, 1, 1)
+        self.scale, self.shift = 1.0 / (255.0 * std), -mean / std  # (x/255 - mean)/std as one multiply-add
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        x = batch.permute(0, 3, 1, 2)  # NHWC memory is channels_last
+        if x.shape[-2:] != (self.resize, self.resize):
+            x = TF.resize(x, [self.resize, self.resize], interpolation=self.interpolation, antialias=True)
+        if self.resize != self.size:
+            x = TF.center_crop(x, [self.size, self.size])
+        x = torch.addcmul(self.shift.to(x.device), x.float(), self.scale.to(x.device))
+        return x.contiguous(memory_format=torch.channels_last)
+
+
 class Encoder:
     """A backbone placed on a device at a precision: uint8 (n, P, P, 3) batches in, float32 (n, D) out.
 
@@ -100,29 +126,14 @@ class Encoder:
     def __init__(self, backbone: Backbone, device: torch.device, precision: str) -> None:
         self.backbone, self.device, self.precision = backbone, device, precision
         self.module = backbone.module.to(device).to(memory_format=torch.channels_last).eval()
-        std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1)
-        mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
-        self.scale, self.shift = 1.0 / (255.0 * std), -mean / std  # (x/255 - mean)/std as one multiply-add
+        self.preprocess = Preprocess(backbone)
         self.micro_batch = cpu_micro_batch(self) if device.type == "cpu" else None
         if self.micro_batch:
             retain_freed_memory()
 
     def prepare(self, batch: torch.Tensor) -> torch.Tensor:
-        """Copy a uint8 NHWC batch to the device; resize, centre-crop and normalise it there; channels_last float32.
-
-        The resize is torchvision's antialiased bilinear (or the recipe's bicubic) on uint8: PIL's result
-        within one grey level, as CLAM, TRIDENT and the model cards preprocess; on a CPU its uint8 kernel
-        is ~10x cheaper than resizing floats.
-        """
-        x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC memory is channels_last
-        size, resize = self.backbone.input_size, self.backbone.resize_size or self.backbone.input_size
-        if x.shape[-2:] != (resize, resize):
-            x = TF.resize(x, [resize, resize], interpolation=TF.InterpolationMode(self.backbone.interpolation),
-                          antialias=True)
-        if resize != size:
-            x = TF.center_crop(x, [size, size])
-        x = torch.addcmul(self.shift, x.float(), self.scale)
-        return x.contiguous(memory_format=torch.channels_last)
+        """Copy a uint8 NHWC batch to the device and preprocess it there: channels_last float32 (n, 3, S, S)."""
+        return self.preprocess(batch.to(self.device, non_blocking=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embed a prepared batch at the configured precision; float32 (n, D) on the device."""
@@ -132,10 +143,11 @@ class Encoder:
         return out.float()
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        """Prepare and embed a uint8 batch (on a CPU, ``micro_batch`` patches at a time)."""
+        """Embed a uint8 batch, or one already preprocessed (float), on a CPU ``micro_batch`` patches at a time."""
+        run = self.forward if batch.is_floating_point() else lambda part: self.forward(self.prepare(part))
         if self.micro_batch is None or len(batch) <= self.micro_batch:
-            return self.forward(self.prepare(batch))
-        return torch.cat([self.forward(self.prepare(part)) for part in batch.split(self.micro_batch)])
+            return run(batch)
+        return torch.cat([run(part) for part in batch.split(self.micro_batch)])
 
 
 def cpu_micro_batch(encoder: Encoder) -> int:
@@ -186,10 +198,12 @@ def retain_freed_memory() -> None:
 
 
 class PatchBatches(Dataset):
-    """Item i is batch i of the patches ``index`` (default: all) of a store, as one uint8 tensor (n, P, P, 3)."""
+    """Item i is batch i of the patches ``index`` (default: all) of a store, as one uint8 tensor (n, P, P, 3),
+    or as ``transform`` makes it."""
 
-    def __init__(self, store: PatchStore, batch_size: int, index: np.ndarray | None = None) -> None:
-        self.store, self.batch_size = store, batch_size
+    def __init__(self, store: PatchStore, batch_size: int, index: np.ndarray | None = None,
+                 transform: Preprocess | None = None) -> None:
+        self.store, self.batch_size, self.transform = store, batch_size, transform
         self.index = np.arange(len(store)) if index is None else np.asarray(index, dtype=np.int64)
 
     def __len__(self) -> int:
@@ -198,14 +212,19 @@ class PatchBatches(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         index = self.index[i * self.batch_size:(i + 1) * self.batch_size]
         start, stop = int(index[0]), int(index[-1]) + 1
-        patches = read_patches(self.store, start, stop)
-        return torch.from_numpy(patches if stop - start == len(index) else patches[index - start])
+        patches = torch.from_numpy(read_patches(self.store, start, stop))
+        patches = patches if stop - start == len(index) else patches[index - start]
+        return patches if self.transform is None else self.transform(patches)
 
 
 def encode_store(store: PatchStore, encoder: Encoder, batch_size: int, num_workers: int,
                  index: np.ndarray | None = None) -> np.ndarray:
-    """Embeddings (n, D) float32 of the patches ``index`` (ascending; default: all) of ``store``, in store order."""
-    batches = PatchBatches(store, batch_size, index)
+    """Embeddings (n, D) float32 of the patches ``index`` (ascending; default: all) of ``store``, in store order.
+
+    On a CPU the loader workers also preprocess (resize, normalise), leaving the model's threads the forward pass alone.
+    """
+    on_cpu = encoder.device.type == "cpu" and num_workers > 0
+    batches = PatchBatches(store, batch_size, index, encoder.preprocess if on_cpu else None)
     features = np.empty((len(batches.index), encoder.backbone.embedding_dim), dtype=np.float32)
     if len(features) == 0:
         return features
