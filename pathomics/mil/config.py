@@ -32,7 +32,7 @@ class MILConfig:
     instance_dropout: float = 0.2  # bag augmentation: fraction of patches dropped per bag and step (training only)
     schedule: str = "cosine"       # learning rate after warm-up: "constant" or "cosine" decay
     warmup_epochs: int = 3         # linear learning-rate warm-up
-    val_fraction: float = 0.2      # patients of each training fold held out for early stopping
+    val_fraction: float = 0.0      # patients of each training fold held out for early stopping (0: the full schedule)
     class_weights: bool = True
     classes: tuple[str, ...] | None = None  # class order, best to worst; default: sorted labels
     survival_loss: str = "cox"     # "cox" (partial likelihood) or "discrete" (discrete-time NLL)
