@@ -141,8 +141,11 @@ def summarise(rows: list[dict[str, Any]]) -> pd.DataFrame:
     per_set = table.groupby(["method", "set"])["auc"].agg(["mean", "std"]).reset_index()
     wide = per_set.pivot(index="method", columns="set", values="mean")
     sd = per_set.pivot(index="method", columns="set", values="std").fillna(0.0)
-    cells = wide.round(3).astype(str) + " ± " + sd.round(3).astype(str)
-    cells["mean over sets"] = wide.mean(axis=1).round(3).astype(str)
+    cells = (wide.round(3).astype(str) + " ± " + sd.round(3).astype(str)).where(wide.notna(), "—")
+    common = wide.columns[wide.notna().all()]  # methods compared on the same sets only
+    cells[f"mean over the {len(common)} sets all ran"] = wide[common].mean(axis=1).round(3).astype(str)
+    if len(common) < wide.shape[1]:
+        cells["mean over its sets"] = wide.mean(axis=1).round(3).astype(str)
     return cells
 
 

@@ -240,7 +240,9 @@ def test_dropped_connections_are_not_reported_as_errors(server: ViewerServer, ca
 
 
 def test_cli_view_prints_its_address_and_stops_on_ctrl_c(out: Path) -> None:
-    with subprocess.Popen([sys.executable, "-m", "pathomics.cli.main", "view", str(out)], stdout=subprocess.PIPE, text=True) as proc:
+    # SIGINT back to its default in the child: a shell's background job starts with it ignored (POSIX)
+    with subprocess.Popen([sys.executable, "-m", "pathomics.cli.main", "view", str(out)], stdout=subprocess.PIPE, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as proc:
         try:
             line = proc.stdout.readline()  # type: ignore[union-attr]
             url = re.search(r"at (http://127\.0\.0\.1:(\d+)/)", line)
@@ -251,7 +253,10 @@ def test_cli_view_prints_its_address_and_stops_on_ctrl_c(out: Path) -> None:
             conn.close()
         finally:
             proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
+        try:
+            assert proc.wait(timeout=30) == 0
+        finally:
+            proc.kill()  # never leave the test waiting on a server that did not stop
 
 
 def test_cli_view_refuses_a_folder_without_tiles_a_busy_port_and_a_bad_one(
