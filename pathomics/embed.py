@@ -97,14 +97,15 @@ class Preprocess:
 
     The resize is torchvision's antialiased bilinear (or the recipe's bicubic) on uint8: PIL's result
     within one grey level, as CLAM, TRIDENT and the model cards preprocess; on a CPU its uint8 kernel
-    is ~10x cheaper than resizing floats. Runs on the device of its input; on a CPU the DataLoader
-    workers run it (their cores, not the model's), so it holds only CPU tensors and pickles.
+    is ~10x cheaper than resizing floats. Runs on ``device`` (its input's); on a CPU the DataLoader
+    workers run it (their cores, not the model's).
     """
 
-    def __init__(self, backbone: Backbone) -> None:
+    def __init__(self, backbone: Backbone, device: torch.device) -> None:
         self.size, self.resize = backbone.input_size, backbone.resize_size or backbone.input_size
         self.interpolation = TF.InterpolationMode(backbone.interpolation)
-        std, mean = torch.tensor(backbone.std).view(1, 3, 1, 1), torch.tensor(backbone.mean).view(1, 3, 1, 1)
+        std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1)
+        mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
         self.scale, self.shift = 1.0 / (255.0 * std), -mean / std  # (x/255 - mean)/std as one multiply-add
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
@@ -113,7 +114,7 @@ class Preprocess:
             x = TF.resize(x, [self.resize, self.resize], interpolation=self.interpolation, antialias=True)
         if self.resize != self.size:
             x = TF.center_crop(x, [self.size, self.size])
-        x = torch.addcmul(self.shift.to(x.device), x.float(), self.scale.to(x.device))
+        x = torch.addcmul(self.shift, x.float(), self.scale)
         return x.contiguous(memory_format=torch.channels_last)
 
 
@@ -126,7 +127,7 @@ class Encoder:
     def __init__(self, backbone: Backbone, device: torch.device, precision: str) -> None:
         self.backbone, self.device, self.precision = backbone, device, precision
         self.module = backbone.module.to(device).to(memory_format=torch.channels_last).eval()
-        self.preprocess = Preprocess(backbone)
+        self.preprocess = Preprocess(backbone, device)
         self.micro_batch = cpu_micro_batch(self) if device.type == "cpu" else None
         if self.micro_batch:
             retain_freed_memory()
