@@ -20,6 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -131,12 +132,18 @@ def plan_grid(slide: SlideReader, tissue: MultiPolygon, config: TileConfig) -> G
 
 
 def tissue_fractions(tissue: MultiPolygon, xs: np.ndarray, ys: np.ndarray, size0: int) -> np.ndarray:
-    """Fraction of each square patch (level-0 top-left xs, ys) covered by the tissue polygons."""
+    """Fraction of each square patch (level-0 top-left xs, ys) covered by the tissue polygons.
+
+    Only patches on a polygon's edge need an intersection; those inside it (most of them) are wholly covered.
+    """
     boxes = shapely.box(xs, ys, xs + size0, ys + size0)
     parts = np.asarray(list(tissue.geoms), dtype=object)
     tree = shapely.STRtree(parts)
     box_idx, part_idx = tree.query(boxes, predicate="intersects")
-    areas = shapely.area(shapely.intersection(boxes[box_idx], parts[part_idx]))
+    shapely.prepare(parts)
+    areas = np.full(len(box_idx), float(size0 * size0))
+    edge = ~shapely.contains_properly(parts[part_idx], boxes[box_idx])
+    areas[edge] = shapely.area(shapely.intersection(boxes[box_idx[edge]], parts[part_idx[edge]]))
     covered = np.zeros(len(xs), dtype=np.float64)
     np.add.at(covered, box_idx, areas)
     return np.clip(covered / float(size0 * size0), 0.0, 1.0)
@@ -163,16 +170,17 @@ def tile_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, config
             log.warning("%s: no tissue patches found (%s); writing an empty store — check the slide or lower --min-tissue",
                         slide_path, "no tissue detected" if tissue.polygons.is_empty else f"none with ≥{config.min_tissue:.0%} tissue")
         final.parent.mkdir(parents=True, exist_ok=True)
-        write_geojson(tissue.polygons, layout.tissue_geojson(slide_id))
-        _write_thumbnail(tissue, grid, layout.thumbnail(slide_id))
         attrs.update(n_patches=len(grid.coords), read_level=grid.read_level, read_size=grid.read_size,
                      thumbnail_downsample=tissue.thumbnail_downsample)
-        writer = PatchStoreWriter(final, attrs, grid.coords, grid.tissue_fraction, config.with_pixels, config.compression)
-        if 0 < writer.patches_written < len(grid.coords):
-            log.info("%s: resuming an interrupted store at patch %d of %d", slide_id, writer.patches_written, len(grid.coords))
-        scores: list[BatchScores] = []
-        if config.with_pixels:
-            _stream_patches(slide, grid, config, writer, progress, scores)
+        with ThreadPoolExecutor(1) as side:  # the outline and thumbnail are drawn and written while patches stream
+            outlines = side.submit(_write_outlines, tissue, grid, layout, slide_id)
+            writer = PatchStoreWriter(final, attrs, grid.coords, grid.tissue_fraction, config.with_pixels, config.compression)
+            if 0 < writer.patches_written < len(grid.coords):
+                log.info("%s: resuming an interrupted store at patch %d of %d", slide_id, writer.patches_written, len(grid.coords))
+            scores: list[BatchScores] = []
+            if config.with_pixels:
+                _stream_patches(slide, grid, config, writer, progress, scores)
+            outlines.result()
         writer.publish()
         update_slide_qc(out_dir, final, config.qc, scores)
     return TileResult(slide_id, final, len(grid.coords), DONE, time.perf_counter() - start_time)
@@ -261,10 +269,12 @@ def _stream_patches(slide: SlideReader, grid: Grid, config: TileConfig, writer: 
         raise failure[0]
 
 
-def _write_thumbnail(tissue: Tissue, grid: Grid, path: Path) -> None:
-    """Save the thumbnail with the tissue outline (green) and the kept patches (blue) drawn on it."""
+def _write_outlines(tissue: Tissue, grid: Grid, layout: OutputLayout, slide_id: str) -> None:
+    """Save the tissue polygons as GeoJSON, and the thumbnail with the tissue outline (green) and the kept
+    patches (blue) drawn on it."""
     import cv2
 
+    write_geojson(tissue.polygons, layout.tissue_geojson(slide_id))
     image = cv2.cvtColor(tissue.thumbnail, cv2.COLOR_RGB2BGR)
     scale = 1.0 / tissue.thumbnail_downsample
     for x, y in grid.coords:
@@ -275,4 +285,4 @@ def _write_thumbnail(tissue: Tissue, grid: Grid, path: Path) -> None:
         for ring in [poly.exterior, *poly.interiors]:
             pts = np.rint(np.asarray(ring.coords) * scale).astype(np.int32)
             cv2.polylines(image, [pts], True, (0, 170, 0), 2)
-    write_png(path, image)
+    write_png(layout.thumbnail(slide_id), image)

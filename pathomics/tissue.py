@@ -23,6 +23,8 @@ from pathomics.store import atomic_path
 
 MIN_SATURATION = 20   # 0-255: below this nothing is stained, whatever Otsu says
 MIN_OPTICAL_DENSITY = 0.05
+# optical density -log10((v + 1) / 256) of each 8-bit value, looked up instead of computed per pixel
+OPTICAL_DENSITY = -np.log10((np.arange(256, dtype=np.float32) + 1.0) / 256.0)
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ def tissue_mask(rgb: np.ndarray, mpp: float, config: TissueConfig = TissueConfig
 
     smooth = cv2.medianBlur(np.ascontiguousarray(rgb), 3)
     saturation = cv2.cvtColor(smooth, cv2.COLOR_RGB2HSV)[..., 1]
-    optical_density = -np.log10(np.clip(smooth.astype(np.float32) + 1.0, 1.0, 256.0) / 256.0).mean(axis=2)
+    optical_density = cv2.transform(cv2.LUT(smooth, OPTICAL_DENSITY), np.full((1, 3), 1 / 3, np.float32))
     if saturation.max() < MIN_SATURATION:
         return np.zeros(saturation.shape, dtype=bool)
     otsu, _ = cv2.threshold(saturation, 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)

@@ -15,7 +15,7 @@ from pathomics.errors import StoreError
 from pathomics.slide import open_slide
 from pathomics.slide.patches import read_patches
 from pathomics.store import STORE_ATTRS, open_patch_store, partial_path
-from pathomics.tiling import TileConfig, patch_size_level0, tile_slide
+from pathomics.tiling import TileConfig, patch_size_level0, tile_slide, tissue_fractions
 
 
 def openslide_rgb(path, xy, level, size) -> np.ndarray:
@@ -77,6 +77,19 @@ def test_store_schema_and_tissue_rule(tmp_path, generic_slide):
     x_steps = np.diff(np.unique(store.coords[:, 0]))
     assert x_steps.min() == 192  # (128 - 32) px at 2x
     assert (store.path.parent / "generic.tissue.geojson").exists() and (store.path.parent / "generic.thumb.png").exists()
+
+
+def test_tissue_fractions_equal_exact_intersections_inside_outside_on_edges_and_over_holes():
+    from shapely.geometry import MultiPolygon, Polygon, box
+
+    ring = Polygon([(0, 0), (1000, 0), (1000, 800), (0, 800)], [[(400, 300), (600, 300), (600, 500), (400, 500)]])
+    tissue = MultiPolygon([ring, Polygon([(1200, 0), (1500, 300), (1200, 600)])])
+    step = np.arange(-100, 1600, 37)
+    xs, ys = (a.ravel() for a in np.meshgrid(step, step))
+    fractions = tissue_fractions(tissue, xs, ys, 100)
+    exact = [tissue.intersection(box(x, y, x + 100, y + 100)).area / 100**2 for x, y in zip(xs, ys)]
+    np.testing.assert_allclose(fractions, exact, atol=1e-12)
+    assert {0.0, 1.0} <= set(fractions.tolist()) and ((fractions > 0) & (fractions < 1)).sum() > 50
 
 
 def test_all_background_slide_gives_empty_complete_store_and_warning(tmp_path, blank_slide, caplog):
