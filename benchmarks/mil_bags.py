@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a MILConfig default (for tuning), e.g. --set lr=1e-3 schedule=constant")
     parser.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
                         help="no training: tabulate the runs of earlier invocations' JSON files together")
-    parser.add_argument("--out", type=Path, default=RESULTS / "mil_bags")
+    parser.add_argument("--out", type=Path, default=RESULTS / "mil_bags", help="writes OUT.json and OUT.md")
     args = parser.parse_args(argv)
     overrides = {k: type(getattr(MILConfig(), k))(v) if getattr(MILConfig(), k) is not None else int(v)
                  for k, v in (o.split("=", 1) for o in args.overrides)}
@@ -192,9 +192,9 @@ def main(argv: list[str] | None = None) -> int:
                 "combined_from": [str(p) for p in args.combine or ()],
                 "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
                 "runs": rows, "table": table.to_dict(orient="index")}
-    with atomic_path(args.out.with_suffix(".json")) as tmp:
+    with atomic_path(args.out.parent / f"{args.out.name}.json") as tmp:  # a name like lr_0.5 keeps its dot
         tmp.write_text(json.dumps(document, indent=2) + "\n")
-    with atomic_path(args.out.with_suffix(".md")) as tmp:
+    with atomic_path(args.out.parent / f"{args.out.name}.md") as tmp:
         tmp.write_text(f"10-fold out-of-fold AUC, mean ± SD over {seeds} seed(s)\n\n" + markdown(table) + "\n")
     print(table.to_string())
     return 0

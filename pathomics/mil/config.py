@@ -23,7 +23,7 @@ class MILConfig:
     patience: int = 8
     min_epochs: int = 10           # no early stop before this epoch (attention needs time to lock on)
     batch_size: int = 16           # bags per optimiser step; the risk set of the Cox loss
-    lr: float = 1e-3               # peak learning rate (after warm-up)
+    lr: float = 3e-3               # peak learning rate (after warm-up)
     weight_decay: float = 1e-2     # AdamW's decoupled weight decay
     hidden_dim: int = 256
     dropout: float = 0.25
