@@ -277,9 +277,9 @@ def _write_outlines(tissue: Tissue, grid: Grid, layout: OutputLayout, slide_id: 
     write_geojson(tissue.polygons, layout.tissue_geojson(slide_id))
     image = cv2.cvtColor(tissue.thumbnail, cv2.COLOR_RGB2BGR)
     scale = 1.0 / tissue.thumbnail_downsample
+    size = max(1, int(grid.patch_size_level0 * scale))
     for x, y in grid.coords:
         x0, y0 = int(x * scale), int(y * scale)
-        size = max(1, int(grid.patch_size_level0 * scale))
         cv2.rectangle(image, (x0, y0), (x0 + size, y0 + size), (200, 90, 40), 1)
     for poly in tissue.polygons.geoms:
         for ring in [poly.exterior, *poly.interiors]:
