@@ -12,6 +12,7 @@ Random weights (throughput does not depend on them) and random-noise patches (th
     python benchmarks/embedding.py --quick               # a couple of minutes on a 2-core CPU
     python benchmarks/embedding.py --models uni --patches 128 --batch-size 32 --repeats 2   # ViT-L/16, random weights (~10 min on 2 cores)
     python benchmarks/embedding.py --device cuda --patches 16384 --batch-size 512
+    python benchmarks/embedding.py --device cuda --from-slide --decoder nvimgcodec --models resnet50-trunc   # GPU decode
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def measure(args: argparse.Namespace, store: Path, work: Path) -> list[dict]:
         for precision in dict.fromkeys(("fp32", fast)):
             backbone = load_backbone(model, "random", precision=precision)  # a foundation preset holds bf16 weights at bf16
             config = EmbedConfig(model=model, weights="random", device=str(device), precision=precision,
-                                 batch_size=args.batch_size, num_workers=args.num_workers)
+                                 batch_size=args.batch_size, num_workers=args.num_workers, decoder=args.decoder)
             encoder = Encoder(backbone, device, precision)
             runs = {"model_only": model_only(encoder, args.patches, args.batch_size, args.patch_size),
                     "pipeline": pipeline(store, work / f"{model}-{precision}", config, backbone)}
@@ -141,7 +142,8 @@ def environment(args: argparse.Namespace) -> dict:
     return {"device": str(device), "device_name": name, "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "patches": args.patches, "patch_size": args.patch_size,
             "input_size": 224, "batch_size": args.batch_size, "num_workers": args.num_workers, "repeats": args.repeats,
-            "channels_last": True, "store": "coords-only, decoded from a slide" if args.from_slide else "pixels", "load_average_1min": round(os.getloadavg()[0], 2),  # other processes skew CPU figures
+            "channels_last": True, "store": "coords-only, decoded from a slide" if args.from_slide else "pixels",
+            "decoder": args.decoder, "load_average_1min": round(os.getloadavg()[0], 2),  # other processes skew CPU figures
             "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
@@ -159,6 +161,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small sizes: a couple of minutes on a 2-core CPU")
     parser.add_argument("--from-slide", action="store_true",
                         help="a coords-only store of a synthetic slide: the pipeline decodes patches from the slide (streaming)")
+    parser.add_argument("--decoder", choices=("auto", "workers", "nvimgcodec"), default="auto",
+                        help="who decodes a coords-only store (--from-slide): nvimgcodec decodes on the device (pathomics[gpu])")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = parser.parse_args(argv)
     gpu = resolve_device(args.device).type == "cuda"

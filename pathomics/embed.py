@@ -26,6 +26,7 @@ import os
 import re
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
@@ -43,6 +44,7 @@ from pathomics.layout import DONE, SKIPPED, OutputLayout
 from pathomics.models.backbones import Backbone, check_embeddings, load_backbone
 from pathomics.qc import check_flags as check_qc_flags
 from pathomics.qc import keep_mask as qc_keep_mask
+from pathomics.slide.nvimgcodec_tiles import DevicePatchReader
 from pathomics.slide.patches import read_patches
 from pathomics.store import PatchStore, open_patch_store, store_fingerprint, write_feature_file
 
@@ -51,6 +53,7 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Attributes that determine the numbers in a feature file: when all match, the file is reused.
 RESULT_KEYS = ("model", "weights_sha256", "precision", "input_size", "embedding_dim", "store_fingerprint", "qc_exclude",
                "qc_kept_sha256")
+DECODERS = ("auto", "workers", "nvimgcodec")
 CPU_ACTIVATION_BYTES = 16 << 20  # largest activation of one CPU micro-batch: half glibc's largest mmap threshold
 
 
@@ -67,6 +70,9 @@ class EmbedConfig:
     ``weights``: a state-dict path, ``"random"``, or None for torchvision's file in the torch hub cache.
     ``input_size``: the side patches are resized to (None: the backbone's own).
     ``qc_exclude``: QC flags (``pathomics.qc.FLAGS``) whose patches are left out of the feature file.
+    ``decoder``: who decodes a coords-only store's patches: ``workers`` (the DataLoader workers, on the CPU),
+    ``nvimgcodec`` (batches of JPEG tiles decoded by nvImageCodec on the device, ``slide.nvimgcodec_tiles``;
+    on a CPU device its CPU backend), or ``auto``: nvImageCodec on a CUDA device where it can, else the workers.
     """
 
     model: str = "resnet50-trunc"
@@ -77,9 +83,12 @@ class EmbedConfig:
     num_workers: int = field(default_factory=default_workers)
     input_size: int | None = None
     qc_exclude: tuple[str, ...] = ()
+    decoder: str = "auto"
 
     def __post_init__(self) -> None:
         check_qc_flags(self.qc_exclude)
+        if self.decoder not in DECODERS:
+            raise ConfigError(f"decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
@@ -219,18 +228,24 @@ class PatchBatches(Dataset):
 
 
 def encode_store(store: PatchStore, encoder: Encoder, batch_size: int, num_workers: int,
-                 index: np.ndarray | None = None) -> np.ndarray:
+                 index: np.ndarray | None = None, reader: DevicePatchReader | None = None) -> np.ndarray:
     """Embeddings (n, D) float32 of the patches ``index`` (ascending; default: all) of ``store``, in store order.
 
     On a CPU the loader workers also preprocess (resize, normalise), leaving the model's threads the forward pass alone.
+    With a ``reader`` (nvImageCodec), this process decodes each batch on the device while the previous one's
+    model kernels run.
     """
-    on_cpu = encoder.device.type == "cpu" and num_workers > 0
+    on_cpu = encoder.device.type == "cpu" and num_workers > 0 and reader is None
     batches = PatchBatches(store, batch_size, index, encoder.preprocess if on_cpu else None)
     features = np.empty((len(batches.index), encoder.backbone.embedding_dim), dtype=np.float32)
     if len(features) == 0:
         return features
-    loader = DataLoader(batches, batch_size=None, num_workers=min(num_workers, len(batches)),
-                        pin_memory=encoder.device.type == "cuda")
+    if reader is not None:
+        coords = store.coords[batches.index]
+        loader: Iterable[torch.Tensor] = (reader.read(coords[i:i + batch_size]) for i in range(0, len(coords), batch_size))
+    else:
+        loader = DataLoader(batches, batch_size=None, num_workers=min(num_workers, len(batches)),
+                            pin_memory=encoder.device.type == "cuda")
     in_flight: deque[tuple[int, torch.Tensor, torch.cuda.Event | None]] = deque()
     start = 0
     with torch.inference_mode():
@@ -317,6 +332,20 @@ def embed_store(store_path: str | os.PathLike, out_dir: str | os.PathLike, confi
     return embed_slide(store_path, out_dir, config or EmbedConfig(), backbone).path
 
 
+def patch_decoder(store: PatchStore, decoder: str, device: torch.device) -> DevicePatchReader | None:
+    """The nvImageCodec reader ``decoder`` asks for (``auto``: on a CUDA device, where the store allows), or None
+    for the loader workers. ``nvimgcodec`` on a store it cannot decode raises a ConfigError saying why."""
+    if decoder == "nvimgcodec":
+        return DevicePatchReader(store, device)
+    if decoder == "workers" or device.type != "cuda" or store.has_pixels:
+        return None
+    try:
+        return DevicePatchReader(store, device)
+    except ConfigError as exc:
+        log.info("%s; decoding on the CPU", exc)
+        return None
+
+
 @dataclass(frozen=True)
 class EmbedResult:
     """What ``embed_slide`` did: the feature file, ``done`` or ``skipped``, and the number of patches."""
@@ -345,7 +374,13 @@ def embed_slide(store_path: str | os.PathLike, out_dir: str | os.PathLike, confi
         log.info("%s: features from the same store, model and precision exist; skipped", store.slide_id)
         return EmbedResult(path, SKIPPED, n)
     start = time.perf_counter()
-    features = encode_store(store, Encoder(backbone, device, precision), config.batch_size, config.num_workers, index)
+    reader = patch_decoder(store, config.decoder, device)
+    attrs["decoder"] = "nvimgcodec" if reader else "workers"
+    try:
+        features = encode_store(store, Encoder(backbone, device, precision), config.batch_size, config.num_workers, index, reader)
+    finally:
+        if reader:
+            reader.close()
     coords = store.coords if index is None else store.coords[index]
     write_feature_file(path, features, coords, attrs, coords_attributes(store))
     seconds = time.perf_counter() - start

@@ -50,6 +50,18 @@ def slide_0263(slide_dir: Path) -> SlideTruth:
 
 
 @pytest.fixture(scope="session")
+def aperio_rgb(slide_dir: Path) -> SlideTruth:
+    """Tiles as Aperio writes them: RGB JPEG with no colour marker, abbreviated streams sharing JPEGTables."""
+    return write_slide(slide_dir / "aperio_rgb.svs", 3072, 2048, mpp=0.25, seed=6, rgb_jpeg=True)
+
+
+@pytest.fixture(scope="session")
+def slide_240(slide_dir: Path) -> SlideTruth:
+    """240-px tiles at 0.263 µm/px, one level: every target MPP is a non-integer downsample of level 0."""
+    return write_slide(slide_dir / "t240.svs", 2880, 1920, mpp=0.263, seed=7, tile=240, min_level_size=4096)
+
+
+@pytest.fixture(scope="session")
 def truncated_slide(slide_dir: Path, aperio_slide: SlideTruth) -> Path:
     path = slide_dir / "truncated.svs"
     data = aperio_slide.path.read_bytes()

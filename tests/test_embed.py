@@ -141,7 +141,8 @@ def test_feature_file_opens_with_plain_h5py(tmp_path: Path, shufflenet: Backbone
     assert (attrs["model"], attrs["weights"], attrs["weights_sha256"]) == ("shufflenet-v2", "random", "random")
     assert (attrs["embedding_dim"], attrs["precision"], attrs["slide_id"]) == (1024, "fp32", "slide-7")
     config_values = {f.name: attrs[f.name] for f in dataclasses.fields(EmbedConfig)}
-    assert config_values == {**dataclasses.asdict(CPU_FP32), "qc_exclude": ""}  # the excluded QC flags, comma-separated
+    # the excluded QC flags, comma-separated; the decoder that ran ("auto" resolved)
+    assert config_values == {**dataclasses.asdict(CPU_FP32), "qc_exclude": "", "decoder": "workers"}
 
 
 def test_cpu_batches_run_in_micro_batches_that_bound_the_largest_activation(monkeypatch: pytest.MonkeyPatch) -> None:

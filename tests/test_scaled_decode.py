@@ -18,18 +18,6 @@ from pathomics.synthetic import write_slide
 from pathomics.tiling import TileConfig, tile_slide
 
 
-@pytest.fixture(scope="module")
-def aperio_rgb(tmp_path_factory):
-    """Tiles as Aperio writes them: RGB JPEG with no colour marker, abbreviated streams sharing JPEGTables."""
-    return write_slide(tmp_path_factory.mktemp("rgb") / "aperio_rgb.svs", 3072, 2048, mpp=0.25, seed=6, rgb_jpeg=True)
-
-
-@pytest.fixture(scope="module")
-def slide_240(tmp_path_factory):
-    """240-px tiles at 0.263 µm/px, one level: every target MPP is a non-integer downsample of level 0."""
-    return write_slide(tmp_path_factory.mktemp("t240") / "t240.svs", 2880, 1920, mpp=0.263, seed=7, tile=240, min_level_size=4096)
-
-
 def tissue_tile(path):
     """(level-0 page, tile index, raw bytes) of the largest level-0 tile (one full of tissue texture)."""
     with tifffile.TiffFile(path) as tif:

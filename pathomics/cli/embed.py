@@ -33,6 +33,9 @@ def add_embed_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="patches per batch (default 256)")
     parser.add_argument("--num-workers", type=int, help="background reader processes (default: one per core, up to 8)")
     parser.add_argument("--input-size", type=int, help="resize patches to this side (default: the backbone's own)")
+    parser.add_argument("--decoder", choices=("auto", "workers", "nvimgcodec"),
+                        help="who decodes a coords-only store's patches: auto (default: nvImageCodec on a GPU where "
+                             "installed and the slide has JPEG TIFF tiles, else the CPU workers), workers, nvimgcodec")
     parser.add_argument("--qc-exclude", metavar="FLAGS", type=comma_list,
                         help="leave out patches with these QC flags, comma-separated: blur, pen, fold, bubble "
                              "(needs the QC tables tiling wrote)")

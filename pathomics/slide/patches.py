@@ -37,9 +37,7 @@ class PatchReader:
         if self.tiles is not None:
             if resample == "fast":
                 self.scale = self.tiles.jpeg_scale(level, read_size / patch_size)
-            tw, th = self.tiles.tile_shape(level)
-            cols = STRIP_PIXELS // tw + read_size // tw + 3
-            self.tiles.capacity = cols * (read_size // th + 3)  # a strip's row of patches, with margin
+            self.tiles.capacity = strip_tiles(self.tiles.tile_shape(level), read_size)
 
     @property
     def method(self) -> str:
@@ -79,13 +77,12 @@ class PatchReader:
         the origin keeps the sub-pixel position and the box has a pixel of margin for the resampling,
         except where the patch is exactly a box of whole decoded pixels (no tile is decoded for nothing).
         """
-        lw, lh = (d // self.scale for d in self.slide.level_dimensions[self.level])
-        ds, size = self.downsample * self.scale, self.read_size / self.scale
         if self.scale == 1:
             s = self.read_size
-            xs = np.minimum(np.rint(coords[:, 0] / ds).astype(int), lw - s)
-            ys = np.minimum(np.rint(coords[:, 1] / ds).astype(int), lh - s)
-            return [((int(x), int(y), s, s), (0.0, 0.0)) for x, y in zip(xs, ys)]
+            corners = read_corners(coords, self.downsample, s, self.slide.level_dimensions[self.level])
+            return [((int(x), int(y), s, s), (0.0, 0.0)) for x, y in corners]
+        lw, lh = (d // self.scale for d in self.slide.level_dimensions[self.level])
+        ds, size = self.downsample * self.scale, self.read_size / self.scale
         x0, y0 = np.minimum(coords[:, 0] / ds, lw - size), np.minimum(coords[:, 1] / ds, lh - size)
         bx, by = np.floor(x0).astype(int), np.floor(y0).astype(int)
         margin = ((x0 != bx) | (y0 != by) | (size != self.patch_size)).astype(int)
@@ -126,6 +123,19 @@ class PatchReader:
             out[...] = region
         else:
             cv2.resize(region, (self.patch_size, self.patch_size), dst=out, interpolation=cv2.INTER_AREA)
+
+
+def strip_tiles(tile_shape: tuple[int, int], read_size: int) -> int:
+    """Tiles a strip's row of patches touches, with margin: the tile cache's capacity."""
+    tw, th = tile_shape
+    return (STRIP_PIXELS // tw + read_size // tw + 3) * (read_size // th + 3)
+
+
+def read_corners(coords: np.ndarray, downsample: float, read_size: int, level_size: tuple[int, int]) -> np.ndarray:
+    """Top-left corners (n, 2), in pixels of the read level, of patches read as OpenSlide reads them: level-0
+    corners divided by the level's downsample and rounded, kept inside the level."""
+    corners = np.rint(np.asarray(coords, dtype=np.float64) / downsample).astype(np.int64)
+    return np.minimum(corners, np.array(level_size, dtype=np.int64) - read_size)
 
 
 def read_patches(store: PatchStore, start: int, stop: int) -> np.ndarray:

@@ -79,12 +79,16 @@ class TileCache(ABC):
         """Decode the tiles of ``keys`` not yet cached (on ``pool`` in ``parts`` tasks, or inline); trim the cache to capacity."""
         keys = list(keys)
         missing = [k for k in keys if k not in self._cache]
-        for key, tile in zip(missing, map_in_parts(self._decode, missing, pool, parts)):
+        for key, tile in zip(missing, self._decode_many(missing, pool, parts)):
             self._cache[key] = tile
         for key in keys:
             self._cache.move_to_end(key)
         while len(self._cache) > max(self.capacity, len(keys)):
             self._cache.popitem(last=False)
+
+    def _decode_many(self, keys: Sequence[TileKey], pool: Executor | None, parts: int) -> list[np.ndarray]:
+        """The tiles of ``keys``, decoded one by one (on ``pool`` in ``parts`` tasks, or inline)."""
+        return map_in_parts(self._decode, keys, pool, parts)
 
     def assemble(self, level: int, box: Box, scale: int = 1, out: np.ndarray | None = None) -> np.ndarray:
         """The pixels of ``box`` at ``level`` decoded at 1/``scale``, from cached tiles (call ``prefetch`` first).
@@ -115,8 +119,8 @@ class TiffTileSource(TileCache):
         self._fd = os.open(path, os.O_RDONLY)
 
     @classmethod
-    def open(cls, path: Path, level_dimensions: Sequence[tuple[int, int]]) -> TiffTileSource | None:
-        """The tile source for ``path`` if every level is a tiled page tifffile can decode, else None."""
+    def open(cls, path: Path, level_dimensions: Sequence[tuple[int, int]], **options: object) -> TiffTileSource | None:
+        """The tile source for ``path`` if every level is a tiled page tifffile can decode, else None (``options``: a subclass's)."""
         import tifffile
 
         quiet = logging.getLogger("tifffile")
@@ -137,7 +141,7 @@ class TiffTileSource(TileCache):
                 tiff.close()
                 return None
             pages.append(match)
-        return cls(path, pages, tiff)
+        return cls(path, pages, tiff, **options)
 
     def close(self) -> None:
         os.close(self._fd)
@@ -150,30 +154,62 @@ class TiffTileSource(TileCache):
 
     def jpeg_scale(self, level: int, factor: float) -> int:
         """JPEG tiles scale during decode; anything else (JPEG 2000, LZW, raw) decodes at full size (1)."""
-        if self._pages[level].compression != JPEG:  # type: ignore[attr-defined]
+        if not self.is_jpeg(level):
             return 1
         return scale_for(factor, self.tile_shape(level))
 
-    def _decode(self, key: TileKey) -> np.ndarray:
-        level, scale, row, col = key
+    def is_jpeg(self, level: int) -> bool:
+        """Whether ``level``'s tiles are JPEG-compressed (what DCT scaling and nvImageCodec apply to)."""
+        return self._pages[level].compression == JPEG  # type: ignore[attr-defined]
+
+    def tile_index(self, key: TileKey) -> int:
+        """The position of tile ``key`` in its page's tile offsets (row-major)."""
+        level, _, row, col = key
+        return row * -(-self._pages[level].imagewidth // self.tile_shape(level)[0]) + col  # type: ignore[attr-defined]
+
+    def tile_data(self, key: TileKey) -> bytes | None:
+        """The stored bytes of tile ``key``; None for a tile the scanner never wrote (background)."""
+        level, index = key[0], self.tile_index(key)
         page = self._pages[level]
-        tw, th = self.tile_shape(level)
-        index = row * -(-page.imagewidth // tw) + col  # type: ignore[attr-defined]
         offset, count = page.dataoffsets[index], page.databytecounts[index]  # type: ignore[attr-defined]
-        if count == 0:  # a tile the scanner never wrote: background
-            return np.full((th // scale, tw // scale, 3), 255, dtype=np.uint8)
+        if count == 0:
+            return None
         data = os.pread(self._fd, count, offset)
         if len(data) != count:
             raise SlideReadError(f"{self.path}: tile {index} of level {level} is cut short; the file is truncated — re-copy it from the scanner")
+        return data
+
+    def jpeg_stream(self, key: TileKey, data: bytes) -> bytes:
+        """A JPEG tile's stored bytes as a self-contained stream any decoder reads (tables in, Aperio's RGB marked)."""
+        page = self._pages[key[0]]
+        rgb = page.photometric == 2 and not page.is_jfif  # type: ignore[attr-defined]  # Aperio's RGB-in-JPEG
+        try:
+            return complete_stream(data, page.jpegtables, rgb)  # type: ignore[attr-defined]
+        except ValueError as exc:
+            raise self.undecodable(key, exc) from exc
+
+    def undecodable(self, key: TileKey, reason: object) -> SlideReadError:
+        """The error for a tile whose bytes no decoder accepts."""
+        return SlideReadError(f"{self.path}: tile {self.tile_index(key)} of level {key[0]} cannot be decoded ({reason}); "
+                              "the file is corrupt — re-copy it from the scanner")
+
+    def _decode(self, key: TileKey) -> np.ndarray:
+        level, scale = key[:2]
+        page = self._pages[level]
+        tw, th = self.tile_shape(level)
+        data = self.tile_data(key)
+        if data is None:
+            return np.full((th // scale, tw // scale, 3), 255, dtype=np.uint8)
         try:
             if scale > 1:
-                rgb = page.photometric == 2 and not page.is_jfif  # type: ignore[attr-defined]  # Aperio's RGB-in-JPEG
-                return decode_scaled(complete_stream(data, page.jpegtables, rgb), (th, tw), scale)  # type: ignore[attr-defined]
+                return decode_scaled(self.jpeg_stream(key, data), (th, tw), scale)
             if page.compression == JPEG and page.bitspersample == 8:  # type: ignore[attr-defined]
                 return self._decode_jpeg(page, data, tw, th)
-            segment, _, _ = page.decode(data, index, jpegtables=page.jpegtables)  # type: ignore[attr-defined]
+            segment, _, _ = page.decode(data, self.tile_index(key), jpegtables=page.jpegtables)  # type: ignore[attr-defined]
+        except SlideReadError:
+            raise
         except Exception as exc:  # noqa: BLE001 - codecs raise their own error types for corrupt data
-            raise SlideReadError(f"{self.path}: tile {index} of level {level} cannot be decoded ({exc}); the file is corrupt — re-copy it from the scanner") from exc
+            raise self.undecodable(key, exc) from exc
         return np.asarray(segment).reshape(th, tw, -1)
 
     @staticmethod
