@@ -153,7 +153,8 @@ class PatchStoreWriter:
                     chunks=(self.chunk, p, p, 3), shards=(self.shard, p, p, 3), compressors=zarr_compressors(compression),
                     fill_value=0, config=every_chunk,
                 )
-            root.attrs.update({**wanted, "patches_written": 0 if with_pixels else self.n})
+            # one metadata write (attrs.update rewrites zarr.json once per key: 23 ms for a store's 31)
+            root.update_attributes({**wanted, "patches_written": 0 if with_pixels else self.n})
         self.root = root
         self.patches_written = int(root.attrs["patches_written"])
         for stray in self.partial.glob("images/c/**/.*.tmp"):  # a shard a killed run was writing
