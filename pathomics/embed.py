@@ -334,16 +334,20 @@ def embed_store(store_path: str | os.PathLike, out_dir: str | os.PathLike, confi
 
 def patch_decoder(store: PatchStore, decoder: str, device: torch.device) -> DevicePatchReader | None:
     """The nvImageCodec reader ``decoder`` asks for (``auto``: on a CUDA device, where the store allows), or None
-    for the loader workers. ``nvimgcodec`` on a store it cannot decode raises a ConfigError saying why."""
-    if decoder == "nvimgcodec":
-        return DevicePatchReader(store, device)
-    if decoder == "workers" or device.type != "cuda" or store.has_pixels:
+    for the loader workers. ``nvimgcodec`` raises a ConfigError saying why when it cannot decode the store."""
+    if decoder == "workers" or (decoder == "auto" and (device.type != "cuda" or store.has_pixels)):
         return None
     try:
         return DevicePatchReader(store, device)
     except ConfigError as exc:
+        if decoder == "nvimgcodec":
+            raise
         log.info("%s; decoding on the CPU", exc)
-        return None
+    except Exception as exc:  # noqa: BLE001 - nvImageCodec or nvJPEG failing to start on this device
+        if decoder == "nvimgcodec":
+            raise ConfigError(f"{store.path}: nvImageCodec could not start on {device} ({exc}); use --decoder workers") from exc
+        log.warning("%s: nvImageCodec could not start on %s (%s); decoding on the CPU", store.path, device, exc)
+    return None
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from pathomics.embed import EmbedConfig, embed_store, patch_decoder
 from pathomics.errors import ConfigError, SlideReadError
 from pathomics.models.backbones import load_backbone
 from pathomics.slide.nvimgcodec_tiles import DevicePatchReader
-from pathomics.slide.patches import read_patches
+from pathomics.slide.patches import read_corners, read_patches
 from pathomics.store import open_patch_store, read_feature_file
 from pathomics.synthetic import write_slide
 from pathomics.tiling import TileConfig, tile_slide
@@ -62,6 +62,26 @@ def test_patches_are_within_two_grey_levels_of_openslide_and_of_the_cpu_path(tmp
             assert np.abs(patch_pixels - read_patches(store, int(i), int(i) + 1)[0]).mean() <= 2.0
 
 
+def test_batch_assembly_equals_patch_by_patch_assembly_for_every_tile_offset(tmp_path, aperio_rgb):
+    # 64 px of overlap at 0.5 µm/px: corners every 384 level-0 px, so patches sit at 4 offsets inside their
+    # 256-px tiles and each offset's patches are interleaved with the others' in the batch
+    store = coords_store(aperio_rgb.path, tmp_path, 0.5, 256, overlap=64)
+    reader = DevicePatchReader(store, torch.device("cpu"))
+    try:
+        s = reader.read_size
+        corners = read_corners(store.coords, reader.downsample, s, reader.level_size)
+        assert len({(x % 256, y % 256) for x, y in corners.tolist()}) == 4
+        reader.tiles.prefetch(reader.tiles.tiles_for(0, [(int(x), int(y), s, s) for x, y in corners]))
+        batch = torch.empty((len(corners), s, s, 3), dtype=torch.uint8)
+        reader.tiles.assemble_batch(0, corners, s, batch)
+        for i, (x, y) in enumerate(corners.tolist()):
+            one = torch.empty((s, s, 3), dtype=torch.uint8)
+            reader.tiles.assemble(0, (x, y, s, s), out=one)
+            assert torch.equal(batch[i], one)
+    finally:
+        reader.close()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_embedding_through_nvimgcodec_matches_the_cpu_workers(tmp_path, slide_240, device):
     store = coords_store(slide_240.path, tmp_path, 1.0, 64).path
@@ -92,6 +112,20 @@ def test_auto_uses_the_workers_on_a_cpu_and_nvimgcodec_refuses_what_it_cannot_de
     lzw = write_slide(tmp_path / "lzw.tif", 2048, 1536, mpp=0.25, flavour="generic", seed=8, compression="lzw")
     with pytest.raises(ConfigError, match=r"lzw\.tif does not store level \d as JPEG tiles"):
         patch_decoder(coords_store(lzw.path, tmp_path / "lzw", 1.0, 64), "nvimgcodec", torch.device("cpu"))
+
+
+def test_a_decoder_that_cannot_start_leaves_auto_on_the_workers_and_stops_nvimgcodec_with_one_message(
+        tmp_path, slide_240, monkeypatch, caplog):
+    store = coords_store(slide_240.path, tmp_path, 1.0, 64)
+
+    def broken(device):
+        raise RuntimeError("nvJPEG library not found")
+
+    monkeypatch.setattr("pathomics.slide.nvimgcodec_tiles._decoder", broken)
+    assert patch_decoder(store, "auto", torch.device("cuda")) is None  # no CUDA touched before the decoder
+    assert "could not start on cuda (nvJPEG library not found); decoding on the CPU" in caplog.text
+    with pytest.raises(ConfigError, match=r"t240\.zarr: nvImageCodec could not start on cpu \(nvJPEG library not found\)"):
+        patch_decoder(store, "nvimgcodec", torch.device("cpu"))
 
 
 def test_a_corrupt_tile_fails_naming_the_file(tmp_path, slide_240):

@@ -62,6 +62,7 @@ class NvImageCodecTiles(TiffTileSource):
     def __init__(self, path: Path, pages: Sequence[object], tiff: object, device: torch.device = CPU) -> None:
         from nvidia import nvimgcodec
 
+        self._decoder = _decoder(device)  # first: a decoder nvImageCodec cannot create fails before anything is opened
         super().__init__(path, pages, tiff)
         self.device = device
         self._codec = nvimgcodec
@@ -73,8 +74,8 @@ class NvImageCodecTiles(TiffTileSource):
         stored = [(key, d) for key, d in zip(keys, data) if d is not None]
         on_device = self.device.type == "cuda"  # the CPU-only backend's host images export no DLPack without CUDA
         stream = torch.cuda.current_stream(self.device).cuda_stream if on_device else 0
-        images = _decoder(self.device).decode([self._codec.CodeStream(self.jpeg_stream(key, d)) for key, d in stored],
-                                              params=self._params, cuda_stream=stream) if stored else []
+        streams = [self._codec.CodeStream(self.jpeg_stream(key, d)) for key, d in stored]
+        images = self._decoder.decode(streams, params=self._params, cuda_stream=stream) if stored else []
         decoded = {}
         for (key, _), image in zip(stored, images):
             if image is None:
@@ -83,6 +84,28 @@ class NvImageCodecTiles(TiffTileSource):
         tw, th = self.tile_shape(keys[0][0]) if keys else (0, 0)
         return [decoded[key] if key in decoded else torch.full((th, tw, 3), 255, dtype=torch.uint8, device=self.device)
                 for key in keys]
+
+    def assemble_batch(self, level: int, corners: np.ndarray, size: int, out: torch.Tensor) -> None:
+        """The ``size``-pixel boxes at ``corners`` (n, 2) of ``level`` (full scale), from cached tiles, into ``out``.
+
+        Patches whose corners sit at the same offset inside their tiles take the same slices of the same
+        grid of tiles, so each such group is assembled with one stacked copy per grid tile rather than one
+        copy per patch and tile: on a tile-aligned grid, a handful of device operations a batch.
+        """
+        tw, th = self.tile_shape(level)
+        col0, row0 = corners[:, 0] // tw, corners[:, 1] // th
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (ox, oy) in enumerate(zip((corners[:, 0] - col0 * tw).tolist(), (corners[:, 1] - row0 * th).tolist())):
+            groups.setdefault((ox, oy), []).append(i)
+        for (ox, oy), members in groups.items():
+            contiguous = members[-1] - members[0] == len(members) - 1  # a slice copies; an index tensor scatters
+            index = slice(members[0], members[-1] + 1) if contiguous else torch.as_tensor(members, device=out.device)
+            for r in range((oy + size - 1) // th + 1):
+                y0, y1, ty = max(0, r * th - oy), min(size, (r + 1) * th - oy), oy - r * th
+                for c in range((ox + size - 1) // tw + 1):
+                    x0, x1, tx = max(0, c * tw - ox), min(size, (c + 1) * tw - ox), ox - c * tw
+                    tiles = torch.stack([self._cache[(level, 1, int(row0[i]) + r, int(col0[i]) + c)] for i in members])
+                    out[index, y0:y1, x0:x1] = tiles[:, y0 + ty:y1 + ty, x0 + tx:x1 + tx, :3]
 
 
 class DevicePatchReader:
@@ -114,11 +137,10 @@ class DevicePatchReader:
     def read(self, coords: np.ndarray) -> torch.Tensor:
         """The patches at level-0 ``coords`` (n, 2), uint8 NHWC on the device."""
         s, p = self.read_size, self.patch_size
-        boxes = [(int(x), int(y), s, s) for x, y in read_corners(coords, self.downsample, s, self.level_size)]
-        self.tiles.prefetch(self.tiles.tiles_for(self.level, boxes))
-        region = torch.empty((len(boxes), s, s, 3), dtype=torch.uint8, device=self.device)
-        for i, box in enumerate(boxes):
-            self.tiles.assemble(self.level, box, out=region[i])
+        corners = read_corners(coords, self.downsample, s, self.level_size)
+        self.tiles.prefetch(self.tiles.tiles_for(self.level, [(int(x), int(y), s, s) for x, y in corners]))
+        region = torch.empty((len(corners), s, s, 3), dtype=torch.uint8, device=self.device)
+        self.tiles.assemble_batch(self.level, corners, s, region)
         if s == p:
             return region
         area = F.interpolate(region.permute(0, 3, 1, 2).float(), size=(p, p), mode="area")

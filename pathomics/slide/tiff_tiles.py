@@ -141,7 +141,11 @@ class TiffTileSource(TileCache):
                 tiff.close()
                 return None
             pages.append(match)
-        return cls(path, pages, tiff, **options)
+        try:
+            return cls(path, pages, tiff, **options)
+        except BaseException:
+            tiff.close()
+            raise
 
     def close(self) -> None:
         os.close(self._fd)
