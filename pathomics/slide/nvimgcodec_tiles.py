@@ -80,7 +80,7 @@ class NvImageCodecTiles(TiffTileSource):
         for (key, _), image in zip(stored, images):
             if image is None:
                 raise self.undecodable(key, "nvImageCodec rejected its JPEG stream")
-            decoded[key] = torch.from_dlpack(image) if on_device else torch.from_numpy(np.asarray(image))
+            decoded[key] = torch.from_dlpack(image.to_dlpack()) if on_device else torch.from_numpy(np.asarray(image))
         tw, th = self.tile_shape(keys[0][0]) if keys else (0, 0)
         return [decoded[key] if key in decoded else torch.full((th, tw, 3), 255, dtype=torch.uint8, device=self.device)
                 for key in keys]
