@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pathomics.embed import EmbedConfig, Encoder, default_workers, embed_store, resolve_device, resolve_precision
+from pathomics.embed import DECODERS, EmbedConfig, Encoder, default_workers, embed_store, resolve_device, resolve_precision
 from pathomics.layout import OutputLayout
 from pathomics.models.backbones import Backbone, load_backbone
 from pathomics.store import STORE_ATTRS, PatchStoreWriter, open_patch_store
@@ -161,7 +161,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small sizes: a couple of minutes on a 2-core CPU")
     parser.add_argument("--from-slide", action="store_true",
                         help="a coords-only store of a synthetic slide: the pipeline decodes patches from the slide (streaming)")
-    parser.add_argument("--decoder", choices=("auto", "workers", "nvimgcodec"), default="auto",
+    parser.add_argument("--decoder", choices=DECODERS, default="auto",
                         help="who decodes a coords-only store (--from-slide): nvimgcodec decodes on the device (pathomics[gpu])")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = parser.parse_args(argv)

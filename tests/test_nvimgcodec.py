@@ -97,6 +97,8 @@ def test_embedding_through_nvimgcodec_matches_the_cpu_workers(tmp_path, slide_24
     cosine = (nv.features * workers.features).sum(1) / np.linalg.norm(nv.features, axis=1) / np.linalg.norm(workers.features, axis=1)
     assert cosine.min() > 0.99
     assert not np.array_equal(nv.features, workers.features)  # a different decoder really ran
+    auto = read_feature_file(embed_store(store, tmp_path / "auto", dataclasses.replace(on_device, decoder="auto"), backbone=backbone))
+    assert auto.attrs["decoder"] == ("nvimgcodec" if device.type == "cuda" else "workers")  # the default: the GPU's
 
 
 def test_auto_uses_the_workers_on_a_cpu_and_nvimgcodec_refuses_what_it_cannot_decode(tmp_path, slide_240, aperio_slide):
