@@ -12,7 +12,7 @@ Random weights (throughput does not depend on them) and random-noise patches (th
     python benchmarks/embedding.py --quick               # a couple of minutes on a 2-core CPU
     python benchmarks/embedding.py --models uni --patches 128 --batch-size 32 --repeats 2   # ViT-L/16, random weights (~10 min on 2 cores)
     python benchmarks/embedding.py --device cuda --patches 16384 --batch-size 512
-    python benchmarks/embedding.py --device cuda --from-slide --decoder nvimgcodec --models resnet50-trunc   # GPU decode
+    python benchmarks/embedding.py --device cuda --from-slide --decoder nvimgcodec workers --models resnet50-trunc  # GPU decode
 """
 
 from __future__ import annotations
@@ -115,11 +115,13 @@ def measure(args: argparse.Namespace, store: Path, work: Path) -> list[dict]:
     for model in args.models:
         for precision in dict.fromkeys(("fp32", fast)):
             backbone = load_backbone(model, "random", precision=precision)  # a foundation preset holds bf16 weights at bf16
-            config = EmbedConfig(model=model, weights="random", device=str(device), precision=precision,
-                                 batch_size=args.batch_size, num_workers=args.num_workers, decoder=args.decoder)
             encoder = Encoder(backbone, device, precision)
-            runs = {"model_only": model_only(encoder, args.patches, args.batch_size, args.patch_size),
-                    "pipeline": pipeline(store, work / f"{model}-{precision}", config, backbone)}
+            runs = {"model_only": model_only(encoder, args.patches, args.batch_size, args.patch_size)}
+            for decoder in args.decoder:  # the first is "pipeline"; each further one is timed beside it
+                config = EmbedConfig(model=model, weights="random", device=str(device), precision=precision,
+                                     batch_size=args.batch_size, num_workers=args.num_workers, decoder=decoder)
+                runs["pipeline" if decoder == args.decoder[0] else decoder] = pipeline(
+                    store, work / f"{model}-{precision}-{decoder}", config, backbone)
             if encoder.micro_batch:
                 runs["whole_batches"] = model_only(encoder, args.patches, args.batch_size, args.patch_size, whole=True)
             rate = {name: args.patches / t for name, t in paired_medians(runs, args.repeats, device).items()}
@@ -129,10 +131,15 @@ def measure(args: argparse.Namespace, store: Path, work: Path) -> list[dict]:
             if encoder.micro_batch:
                 row |= {"whole_batch_patches_per_s": round(rate["whole_batches"], 1),
                         "micro_batch_gain": round(alone / rate["whole_batches"], 3)}
+            if len(args.decoder) > 1:
+                row["pipeline_patches_per_s_by_decoder"] = {d: round(rate["pipeline" if d == args.decoder[0] else d], 1)
+                                                            for d in args.decoder}
             rows.append(row)
             print(f"{model:16s} {precision:5s} {alone:12.1f} {whole:12.1f} {whole / alone:7.3f} "
                   f"{row.get('whole_batch_patches_per_s', float('nan')):12.1f} {row.get('micro_batch_gain', float('nan')):7.2f}",
                   flush=True)
+            for decoder in args.decoder[1:]:
+                print(f"{'':16s} {'':5s} {'--decoder ' + decoder:>12s} {rate[decoder]:12.1f} {rate[decoder] / alone:7.3f}", flush=True)
     return rows
 
 
@@ -161,8 +168,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small sizes: a couple of minutes on a 2-core CPU")
     parser.add_argument("--from-slide", action="store_true",
                         help="a coords-only store of a synthetic slide: the pipeline decodes patches from the slide (streaming)")
-    parser.add_argument("--decoder", choices=DECODERS, default="auto",
-                        help="who decodes a coords-only store (--from-slide): nvimgcodec decodes on the device (pathomics[gpu])")
+    parser.add_argument("--decoder", nargs="+", choices=DECODERS, default=["auto"],
+                        help="who decodes a coords-only store (--from-slide): nvimgcodec decodes on the device (pathomics[gpu]); "
+                             "several (e.g. workers nvimgcodec) are timed side by side, the first as 'pipeline'")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = parser.parse_args(argv)
     gpu = resolve_device(args.device).type == "cuda"
