@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from pathomics.errors import ConfigError
-from pathomics.slide import open_slide, source_stat
-from pathomics.slide.patches import read_corners, strip_tiles
+from pathomics.slide import open_slide
+from pathomics.slide.patches import read_corners, stale_source, strip_tiles
 from pathomics.slide.tiff_tiles import TiffTileSource, TileKey
 from pathomics.store import PatchStore
 
@@ -118,7 +118,7 @@ class DevicePatchReader:
     def __init__(self, store: PatchStore, device: torch.device) -> None:
         a = store.attrs
         source = Path(a["source_path"])
-        why = _unsupported(store, source)
+        why = _unsupported(store)
         if why:
             raise ConfigError(f"{store.path}: nvImageCodec cannot decode this store's patches: {why}")
         self.level, self.read_size, self.patch_size = int(a["read_level"]), int(a["read_size"]), int(a["patch_size"])
@@ -150,14 +150,14 @@ class DevicePatchReader:
         self.tiles.close()
 
 
-def _unsupported(store: PatchStore, source: Path) -> str | None:
+def _unsupported(store: PatchStore) -> str | None:
     """Why nvImageCodec cannot decode the patches of ``store`` (None: it can)."""
     if store.has_pixels:
         return "the store holds its pixels (the path is for coords-only stores); use --decoder workers"
     if store.attrs.get("resample") != "fast":
         return "it was tiled with --resample exact, which promises OpenSlide's pixels; use --decoder workers"
-    if not source.exists() or source_stat(source)[0] != store.attrs["source_size_bytes"]:
-        return f"its source slide {source} is missing or has changed; re-run `pathomics tile`"
+    if why := stale_source(store):
+        return why
     if not nvimgcodec_available():
         return f"nvImageCodec is not installed ({INSTALL})"
     return None

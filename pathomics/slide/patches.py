@@ -138,15 +138,22 @@ def read_corners(coords: np.ndarray, downsample: float, read_size: int, level_si
     return np.minimum(corners, np.array(level_size, dtype=np.int64) - read_size)
 
 
+def stale_source(store: PatchStore) -> str | None:
+    """Why a store's source slide cannot be read again (missing, or not the file it was tiled from), or None."""
+    source = Path(store.attrs["source_path"])
+    if not source.exists() or source_stat(source)[0] != store.attrs["source_size_bytes"]:
+        return f"its source slide {source} is missing or has changed; re-run `pathomics tile`"
+    return None
+
+
 def read_patches(store: PatchStore, start: int, stop: int) -> np.ndarray:
     """Patches ``start:stop`` of a store as (n, P, P, 3) uint8: its pixels, or re-read from the slide when coords-only."""
     if store.has_pixels:
         return store.read_images(start, stop)
+    if why := stale_source(store):
+        raise StoreError(f"{store.path}: {why}")
     attrs = store.attrs
-    source = Path(attrs["source_path"])
-    if not source.exists() or source_stat(source)[0] != attrs["source_size_bytes"]:
-        raise StoreError(f"{store.path}: its source slide {source} is missing or has changed; re-run `pathomics tile`")
-    reader = _slide_reader(str(source), float(attrs["mpp_level0"]), int(attrs["read_level"]),
+    reader = _slide_reader(str(attrs["source_path"]), float(attrs["mpp_level0"]), int(attrs["read_level"]),
                            int(attrs["read_size"]), int(attrs["patch_size"]), attrs.get("resample", "exact"))
     return reader.read(store.coords[start:stop])
 

@@ -207,7 +207,7 @@ class TiffTileSource(TileCache):
         try:
             if scale > 1:
                 return decode_scaled(self.jpeg_stream(key, data), (th, tw), scale)
-            if page.compression == JPEG and page.bitspersample == 8:  # type: ignore[attr-defined]
+            if self.is_jpeg(level) and page.bitspersample == 8:  # type: ignore[attr-defined]
                 return self._decode_jpeg(page, data, tw, th)
             segment, _, _ = page.decode(data, self.tile_index(key), jpegtables=page.jpegtables)  # type: ignore[attr-defined]
         except SlideReadError:
