@@ -14,8 +14,10 @@ reader gets the same patch coordinates (those pathomics keeps) and produces the 
   decode     the bound: each needed JPEG tile decoded once at the scale pathomics decodes it, one core;
   write      writing the same number of real patches to a patch store alone, one thread.
 Also: peak RSS of pathomics on this slide and on one with 10x fewer pixels, bytes per stored patch,
-and the start-up split (interpreter + imports, tissue detection, grid planning). Each measurement runs
-in its own subprocess (its own peak RSS and CPU time); repeats are interleaved and medians reported.
+the start-up split (interpreter + imports, tissue detection, grid planning), the streaming phase alone
+against cuCIM, and each run's CPU ceiling (all cores busy at its CPU cost per patch) against the decode
+bound. Each measurement runs in its own subprocess (its own peak RSS and CPU time); repeats are
+interleaved and medians reported.
 
     python benchmarks/tiling.py [--width 40000 --height 30000] [--repeats 3] [--json benchmarks/results/tiling.json]
 """
@@ -351,6 +353,18 @@ def main() -> None:
                 "lean_all_cores_over_cucim_batched": r["pathomics_lean_all_cores"] / r["cucim_batched_all_cores"] if cucim else None,
                 "write_share_of_tiling_time": r["pathomics_1_thread"] / r["write_alone_one_thread"]}
 
+    def stream_over_cucim(stream: dict, wall: dict) -> dict | None:
+        """The streaming phase (coordinates in, scored and compressed patches stored: the peers' task and more) over cuCIM."""
+        if no_cucim is not None:
+            return None
+        return {"1_thread_over_cucim_per_patch": stream["pathomics_1_thread"] / wall["cucim_per_patch"],
+                "all_cores_over_cucim_batched": stream["pathomics_all_cores"] / wall["cucim_batched_all_cores"]}
+
+    def cpu_ceiling(cpu: dict, wall: dict, cores: int) -> dict:
+        """The most a run's CPU work allows with every core busy (cores x patches per CPU second), over the decode bound."""
+        return {name: cores * cpu[name] / wall["decode_bound_one_core"]
+                for name in ("pathomics_1_thread", "pathomics_all_cores", "pathomics_lean_1_thread", "pathomics_lean_all_cores")}
+
     wall, cpu, stream = rates("patches_per_s"), rates("patches_per_cpu_s"), stream_rates()
     rss_big = max(r["peak_rss_mb"] for r in runs["pathomics@1"])
     startup = {"interpreter_s": med("imports", "interpreter_s"), "interpreter_and_imports_s": med("imports", "interpreter_and_imports_s"),
@@ -367,6 +381,8 @@ def main() -> None:
         "patches_per_cpu_s": cpu, "ratios_cpu": ratios(cpu),
         "stream_phase_patches_per_s": stream,
         "stream_phase_over_decode_bound": {k: v / wall["decode_bound_one_core"] for k, v in stream.items() if k.endswith("1_thread")},
+        "stream_phase_over_cucim": stream_over_cucim(stream, wall),
+        "cpu_ceiling_over_decode_bound": cpu_ceiling(cpu, wall, os.cpu_count() or 1),
         "startup": startup, "bytes_per_patch": first["bytes_per_patch"], "compression": first["compression"],
         "peak_rss_mb_big": rss_big, "peak_rss_mb_small": small_run["peak_rss_mb"], "peak_rss_ratio": rss_big / small_run["peak_rss_mb"],
         "small_slide": {"width": small_w, "height": small_h, "patches": small_run["patches"]},
@@ -386,6 +402,11 @@ def main() -> None:
     for name, value in stream.items():
         bound = f", {value / wall['decode_bound_one_core']:.2f} of the decode bound" if name.endswith("1_thread") else ""
         print(f"  {name:<42} {value:>9,.0f}{bound}")
+    for name, value in (result["stream_phase_over_cucim"] or {}).items():
+        print(f"  streaming {name:<32} {value:>9.2f}")
+    print(f"  CPU ceiling over the decode bound (all {os.cpu_count()} cores busy with each run's CPU work):")
+    for name, value in result["cpu_ceiling_over_decode_bound"].items():
+        print(f"  {name:<42} {value:>9.2f}")
     print(f"  start-up: interpreter {startup['interpreter_s']:.2f} s, + imports {startup['interpreter_and_imports_s']:.2f} s, "
           f"tissue detection {startup['tissue_detection_s']:.2f} s ({startup['tissue_detection_cpu_s']:.2f} CPU), grid planning "
           f"{startup['grid_planning_s']:.2f} s ({startup['grid_planning_cpu_s']:.2f} CPU); CLI total {startup['cli_total_s']:.2f} s "
