@@ -14,7 +14,8 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]' 2>&1 | { grep -v '^WARNING: Location' || true; }
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]' 2>&1 | { grep -v '^WARNING: Location' || true; } \
+	  || { echo "setup failed (pip's message above); .venv needs about 7 GB of disk, $$(df -h . | awk 'NR==2 {print $$4}') free here" >&2; exit 1; }
 	$(PY) -c "import pathomics, openslide, zarr, torch"
 	touch $(STAMP)
 
