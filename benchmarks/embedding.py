@@ -34,7 +34,8 @@ import torch
 
 from pathomics.embed import DECODERS, EmbedConfig, Encoder, default_workers, embed_store, resolve_device, resolve_precision
 from pathomics.layout import OutputLayout
-from pathomics.models.backbones import Backbone, load_backbone
+from pathomics.encoders.backbones import load_backbone
+from pathomics.encoders.base import Backbone
 from pathomics.store import STORE_ATTRS, PatchStoreWriter, open_patch_store
 
 MODELS = ("shufflenet-v2", "resnet50-trunc")  # --models uni adds UNI's ViT-L/16 and recipe (random weights)

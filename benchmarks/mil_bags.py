@@ -39,10 +39,11 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from pathomics.folds import patient_folds, validation_split
 from pathomics.mil import MILConfig, train
 from pathomics.mil.bags import Bag, LabelledBags
 from pathomics.mil.crossval import fit_model
-from pathomics.store import atomic_path
+from pathomics.io import atomic_path
 
 SETS = ("musk1", "musk2", "elephant", "protein", "birds_brown_creeper", "corel_dogs")
 QUICK_SETS = SETS[:4]  # the default: 587 bags in all; birds (548 bags) and Corel dogs (2,000) take far longer
@@ -72,7 +73,7 @@ def recipe_oof(bags: list[np.ndarray], labels: np.ndarray, folds: np.ndarray, co
     ids = cohort.patient_ids
     for fold in np.unique(folds):
         test, rest = np.flatnonzero(folds == fold), np.flatnonzero(folds != fold)
-        val = train.validation_split(ids[rest], labels[rest], config.val_fraction, config.seed + int(fold))
+        val = validation_split(ids[rest], labels[rest], config.val_fraction, config.seed + int(fold))
         model, objective, _ = fit_model(cohort, rest[~val], rest[val], config, int(fold), config.epochs)
         outputs = train.predict(model, lambda i: cohort.bags[i].load(), test, torch.device("cpu"))
         oof[test] = objective.probabilities(torch.stack([o.scores for o in outputs])).numpy()[:, 1]
@@ -125,7 +126,7 @@ def run_one(task: tuple[str, str, int, dict[str, Any]]) -> dict[str, Any]:
     name, method, seed, overrides = task
     torch.set_num_threads(1)
     bags, labels = load_bag_set(name)
-    folds = train.patient_folds(np.arange(len(bags)).astype(str), labels, 10, seed)
+    folds = patient_folds(np.arange(len(bags)).astype(str), labels, 10, seed)
     start = time.perf_counter()
     if method == PLAIN:
         oof = plain_oof(bags, labels, folds, seed)

@@ -26,7 +26,7 @@ import torch
 
 from pathomics.mil import MILConfig, train
 from pathomics.mil.aggregators import build_aggregator
-from pathomics.store import atomic_path
+from pathomics.io import atomic_path
 
 MODELS = ("mean", "max", "abmil", "gated-abmil", "clam-sb", "transmil")
 DEFAULT_JSON = Path(__file__).parent / "results" / "mil_epochs.json"

@@ -41,7 +41,8 @@ from pathomics import __version__
 from pathomics.device import PRECISIONS, resolve_device, resolve_precision
 from pathomics.errors import ConfigError
 from pathomics.layout import DONE, SKIPPED, OutputLayout
-from pathomics.models.backbones import Backbone, check_embeddings, load_backbone
+from pathomics.encoders.backbones import load_backbone
+from pathomics.encoders.base import Backbone, check_embeddings
 from pathomics.qc import check_flags as check_qc_flags
 from pathomics.qc import keep_mask as qc_keep_mask
 from pathomics.slide.nvimgcodec_tiles import DevicePatchReader

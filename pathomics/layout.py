@@ -10,6 +10,22 @@ DONE, SKIPPED, FAILED = "done", "skipped", "failed"  # a stage's outcome for one
 PARTIAL_SUFFIX = ".partial"  # a store being built; renamed away once complete
 STATUS_FILE = "status.csv"
 SIGNATURES_FILE = "signatures.parquet"
+FINAL_CHECKPOINT = "final.pt"  # the MIL model refitted on every patient
+
+
+def feature_file_in(directory: str | os.PathLike, slide_id: str) -> Path:
+    """``<slide_id>.h5`` in a folder of feature files (``features/``, or one a CLAM/TRIDENT run wrote)."""
+    return Path(directory) / f"{slide_id}.h5"
+
+
+def store_slide_id(store_path: str | os.PathLike) -> str:
+    """The slide id a patch store's directory is named after."""
+    return Path(store_path).name.removesuffix(PARTIAL_SUFFIX).removesuffix(".zarr")
+
+
+def tissue_annotation(directory: str | os.PathLike, slide_id: str) -> Path:
+    """``<slide_id>.geojson`` in a folder of tissue outlines drawn elsewhere (``tile --tissue-dir``)."""
+    return Path(directory) / f"{slide_id}.geojson"
 
 
 @dataclass(frozen=True)
@@ -39,12 +55,16 @@ class OutputLayout:
     def store_ids(self) -> list[str]:
         """Slide ids of every patch store under tiles/, complete or still ``.partial``."""
         names = {p.name.removesuffix(PARTIAL_SUFFIX) for p in self.tiles.glob("*.zarr*") if p.is_dir()}
-        return sorted(n.removesuffix(".zarr") for n in names if n.endswith(".zarr"))
+        return sorted(store_slide_id(n) for n in names if n.endswith(".zarr"))
 
     # quality control
     def qc_table(self, slide_id: str) -> Path:
         """Per-patch quality scores ``qc/<slide_id>.parquet``, in the store's order."""
         return self.root / "qc" / f"{slide_id}.parquet"
+
+    def qc_thumbnail(self, slide_id: str) -> Path:
+        """``qc/<slide_id>.qc.png``: the slide thumbnail with flagged patches drawn in their flag's colour."""
+        return self.root / "qc" / f"{slide_id}.qc.png"
 
     @property
     def qc_summary(self) -> Path:
@@ -57,7 +77,7 @@ class OutputLayout:
 
     def feature_file(self, slide_id: str) -> Path:
         """The CLAM/TRIDENT feature file ``features/<slide_id>.h5``."""
-        return self.features / f"{slide_id}.h5"
+        return feature_file_in(self.features, slide_id)
 
     # MIL
     @property
@@ -69,6 +89,10 @@ class OutputLayout:
 
     def heatmap(self, slide_id: str) -> Path:
         return self.root / "heatmaps" / f"{slide_id}.png"
+
+    def planted_heatmap(self, slide_id: str) -> Path:
+        """The demo's map of where the signal was planted, beside the attention heatmap."""
+        return self.root / "heatmaps" / f"{slide_id}.planted.png"
 
     @property
     def signatures(self) -> Path:
@@ -91,7 +115,7 @@ class OutputLayout:
 
     @property
     def final_checkpoint(self) -> Path:
-        return self.mil_models / "final.pt"
+        return self.mil_models / FINAL_CHECKPOINT
 
     @property
     def splits(self) -> Path:
@@ -107,6 +131,25 @@ class OutputLayout:
     @property
     def survival(self) -> Path:
         return self.root / "survival"
+
+    @property
+    def survival_files(self) -> ResultFiles:
+        return ResultFiles(self.survival)
+
+    @property
+    def grade_fusion(self) -> Path:
+        """The comparison of plain and grade-guided fusion (``survival grade-fusion``)."""
+        return self.survival / "grade_fusion.json"
+
+    @property
+    def report(self) -> Path:
+        """The demo's report, at the top of its output directory."""
+        return self.root / "report.html"
+
+    @property
+    def cohort(self) -> CohortFiles:
+        """The synthetic cohort the demo writes and then reads like a user's tables."""
+        return CohortFiles(self.root / "cohort")
 
     @property
     def longitudinal(self) -> Path:
@@ -128,3 +171,68 @@ class OutputLayout:
 
     def lock(self, name: str) -> Path:
         return self.root / "locks" / f"{name}.lock"
+
+
+@dataclass(frozen=True)
+class ResultFiles:
+    """The files of one survival results folder: ``<out>/survival/``, the folder ``survival fit --out`` names, or
+    ``survival/longitudinal/``."""
+
+    root: Path
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    def table(self, name: str) -> Path:
+        """``<name>.csv``: coefficients, predictions, nomogram, intervals."""
+        return self.root / f"{name}.csv"
+
+    def figure(self, name: str) -> Path:
+        """``<name>.png``: km, td_auc, calibration, decision_curve, nomogram."""
+        return self.root / f"{name}.png"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def model(self) -> Path:
+        """The fitted models, pickled, that ``survival evaluate`` applies unchanged."""
+        return self.root / "model.pkl"
+
+    @property
+    def model_provenance(self) -> Path:
+        """``model.json``: the fitted models' configuration and library versions."""
+        return self.root / "model.json"
+
+
+@dataclass(frozen=True)
+class CohortFiles:
+    """The tables of a synthetic cohort: manifest, clinical and radiology tables, and the planted truth."""
+
+    root: Path
+
+    def slide(self, slide_id: str) -> Path:
+        """``slides/<slide_id>.svs``: an Aperio-flavoured pyramidal TIFF."""
+        return self.root / "slides" / f"{slide_id}.svs"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.csv"
+
+    @property
+    def clinical(self) -> Path:
+        return self.root / "clinical.csv"
+
+    @property
+    def radiology(self) -> Path:
+        return self.root / "radiology.csv"
+
+    @property
+    def truth(self) -> Path:
+        return self.root / "truth.json"
+

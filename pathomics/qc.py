@@ -328,7 +328,7 @@ def write_qc(out_dir: str | os.PathLike, store: Any, result: SlideQC, config: QC
     import pyarrow.parquet as pq
     import zarr
 
-    from pathomics.store import atomic_path
+    from pathomics.io import atomic_path
 
     table = pa.Table.from_pandas(result.table, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}),
@@ -344,8 +344,8 @@ def update_summary(out_dir: str | os.PathLike, row: dict[str, Any], config: QCCo
     """Merge a slide's row into ``<out>/qc_summary.csv`` and re-test every slide's stain against the batch (under a lock)."""
     import pandas as pd
 
-    from pathomics.runner.batch import exclusive_lock
-    from pathomics.store import atomic_path
+    from pathomics.locks import exclusive_lock
+    from pathomics.io import atomic_path
 
     layout = OutputLayout(out_dir)
     path = layout.qc_summary
@@ -380,7 +380,7 @@ def write_thumbnail(out_dir: str | os.PathLike, store: Any, table: Any) -> Path 
     """``<out>/qc/<slide_id>.qc.png``: the tiling thumbnail with each flagged patch filled in its flag's colour."""
     import cv2
 
-    from pathomics.store import write_png
+    from pathomics.io import write_png
 
     layout = OutputLayout(out_dir)
     background = layout.thumbnail(store.slide_id)
@@ -395,12 +395,8 @@ def write_thumbnail(out_dir: str | os.PathLike, store: Any, table: Any) -> Path 
         for x, y in table.loc[table[f"flag_{flag}"], ["x", "y"]].to_numpy():
             x0, y0 = round(x * scale), round(y * scale)
             cv2.rectangle(overlay, (x0, y0), (x0 + size - 1, y0 + size - 1), rgb[::-1], -1)
-    return write_png(qc_thumbnail(out_dir, store.slide_id), cv2.addWeighted(overlay, 0.6, image, 0.4, 0))
+    return write_png(OutputLayout(out_dir).qc_thumbnail(store.slide_id), cv2.addWeighted(overlay, 0.6, image, 0.4, 0))
 
-
-def qc_thumbnail(out_dir: str | os.PathLike, slide_id: str) -> Path:
-    """``<out>/qc/<slide_id>.qc.png``: the QC thumbnail."""
-    return OutputLayout(out_dir).qc_table(slide_id).with_suffix(".qc.png")
 
 
 def check_flags(names: Sequence[str]) -> tuple[str, ...]:

@@ -7,13 +7,11 @@ temporary file beside it and renamed. Readers refuse anything incomplete or fore
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from pathomics.errors import StoreError
-from pathomics.layout import PARTIAL_SUFFIX
+from pathomics.io import atomic_path, json_ready, partial_path
 from pathomics.shards import chunk_encoder, write_shard, zarr_compressors
 
 STORE_ATTRS = (
@@ -32,77 +30,8 @@ STORE_ATTRS = (
 )
 FEATURE_FILE_ATTRS = ("model", "weights", "weights_sha256", "embedding_dim", "precision", "slide_id", "pathomics_version")
 FEATURE_COORDS_ATTRS = ("patch_size", "patch_level", "patch_size_level0", "target_mpp")
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 CHUNK_BYTES = 1 << 20   # one compressed unit (4 patches of 256 px): reading one patch decodes little
 SHARD_BYTES = 32 << 20  # one file (128 patches of 256 px): a batch of a few hundred is a few reads
-
-
-def json_ready(value: Any) -> Any:
-    """Numpy scalars and arrays to Python, NaN and infinities (undefined metrics) to null, dict keys to strings."""
-    if isinstance(value, Mapping):
-        return {str(k): json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [json_ready(v) for v in value]
-    if isinstance(value, (np.integer, np.bool_)):
-        return value.item()
-    if isinstance(value, (float, np.floating)):
-        return float(value) if np.isfinite(value) else None
-    return value
-
-
-def digest(document: Any) -> str:
-    """SHA-256 of ``document`` as canonical JSON (sorted keys; other types by ``str``): a key of settings and inputs."""
-    return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def write_json(path: str | os.PathLike, document: Mapping[str, Any]) -> None:
-    """Write ``document`` as indented JSON, atomically, through ``json_ready``."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(json_ready(document), indent=2))
-
-
-def partial_path(path: str | os.PathLike) -> Path:
-    """The temporary name an output is built under before it is renamed into place."""
-    path = Path(path)
-    return path.with_name(path.name + PARTIAL_SUFFIX)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary file path beside ``path``; rename it onto ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; outputs get the usual permissions
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
-def write_png(path: str | os.PathLike, image_bgr: np.ndarray) -> Path:
-    """Encode an OpenCV (BGR) image as PNG and write it atomically."""
-    import cv2
-
-    ok, png = cv2.imencode(".png", image_bgr)
-    if not ok:
-        raise StoreError(f"{path}: could not encode a PNG of shape {image_bgr.shape}")
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(png.tobytes())
-    return Path(path)
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks (provenance of weights and checkpoints)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def patches_per_chunk(patch_size: int, target_bytes: int = CHUNK_BYTES) -> int:
@@ -135,7 +64,7 @@ class PatchStoreWriter:
         self.with_pixels = with_pixels
         self.chunk = patches_per_chunk(self.patch_size)
         self._encode = chunk_encoder(compression)
-        wanted = _jsonable({**attrs, "compression": compression, "complete": False})
+        wanted = json_ready({**attrs, "compression": compression, "complete": False})
         root = self._open_partial(wanted)
         if root is None:
             if self.partial.exists():
@@ -210,20 +139,6 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, dst)
-
-
-def _jsonable(attrs: Mapping[str, Any]) -> dict[str, Any]:
-    """Attributes as plain JSON types, so that stored and wanted values compare equal."""
-    out: dict[str, Any] = {}
-    for key, value in attrs.items():
-        if isinstance(value, np.generic):
-            value = value.item()
-        elif isinstance(value, os.PathLike):
-            value = os.fspath(value)
-        elif isinstance(value, tuple):
-            value = list(value)
-        out[key] = value
-    return out
 
 
 @dataclass(frozen=True)
@@ -342,8 +257,8 @@ def write_feature_file(path: str | os.PathLike, features: np.ndarray, coords: np
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
         h5.create_dataset("features", data=features)
         dset = h5.create_dataset("coords", data=coords)
-        dset.attrs.update(_jsonable(coords_attrs))
-        h5.attrs.update(_jsonable(attrs))
+        dset.attrs.update(json_ready(coords_attrs))
+        h5.attrs.update(json_ready(attrs))
     return Path(path)
 
 
@@ -358,21 +273,11 @@ def read_feature_file(path: str | os.PathLike) -> FeatureFile:
                 raise StoreError(f"{path}: not a feature file (needs datasets 'features' and 'coords')")
             features = np.asarray(h5["features"][:])
             coords = np.asarray(h5["coords"][:])
-            attrs = {k: _plain(v) for k, v in h5.attrs.items()}
-            coords_attrs = {k: _plain(v) for k, v in h5["coords"].attrs.items()}
+            attrs = json_ready(dict(h5.attrs))
+            coords_attrs = json_ready(dict(h5["coords"].attrs))
     except OSError as exc:
         raise StoreError(f"{path}: cannot read feature file ({exc})") from exc
     if features.ndim != 2 or coords.ndim != 2 or len(coords) != len(features):
         raise StoreError(f"{path}: features {features.shape} and coords {coords.shape} do not pair up")
     return FeatureFile(path, features.astype(np.float32, copy=False), coords.astype(np.int64, copy=False), attrs, coords_attrs)
 
-
-def _plain(value: Any) -> Any:
-    """An HDF5 attribute value as a plain Python value."""
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value

@@ -37,7 +37,8 @@ from pathomics.shards import COMPRESSIONS
 from pathomics.slide import SlideReader, open_slide, source_stat
 from pathomics.slide.patches import STRIP_PIXELS, PatchReader
 from pathomics.slide.tiff_tiles import map_in_parts
-from pathomics.store import PatchStoreWriter, open_patch_store, write_png
+from pathomics.io import write_png
+from pathomics.store import PatchStoreWriter, open_patch_store
 from pathomics.tissue import Tissue, TissueConfig, detect_tissue, load_tissue, write_geojson
 
 log = logging.getLogger(__name__)

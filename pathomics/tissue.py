@@ -19,7 +19,7 @@ from shapely.geometry import MultiPolygon, Polygon, mapping, shape
 
 from pathomics.errors import ConfigError, PathomicsError
 from pathomics.slide import SlideReader
-from pathomics.store import atomic_path
+from pathomics.io import atomic_path
 
 MIN_SATURATION = 20   # 0-255: below this nothing is stained, whatever Otsu says
 MIN_OPTICAL_DENSITY = 0.05

@@ -12,8 +12,8 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from pathomics.embed import CPU_ACTIVATION_BYTES, Encoder
 from pathomics.errors import ModelError
-from pathomics.models import backbones
-from pathomics.models.backbones import load_backbone, register_backbone
+from pathomics.encoders import backbones
+from pathomics.encoders.backbones import load_backbone, register_backbone
 
 # The user's encoder format `torchscript:PATH` is deprecated by torch itself; building one for a test warns.
 TORCHSCRIPT_DEPRECATED = pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")

@@ -13,7 +13,7 @@ from pathomics.cli.common import config_from_args
 from pathomics.cli.main import build_parser, main
 from pathomics.errors import ConfigError, PathomicsError
 from pathomics.layout import OutputLayout
-from pathomics.runner.batch import FAILED, SlideJob, StatusRow, one_line, read_status, run_one, update_status
+from pathomics.batch import FAILED, SlideJob, StatusRow, one_line, read_status, run_one, update_status
 from pathomics.tiling import TileConfig
 
 

@@ -19,8 +19,9 @@ from pathomics.device import cpu_has_native_bf16, resolve_precision
 from pathomics.embed import CPU_ACTIVATION_BYTES, EmbedConfig, Encoder, embed_store, largest_activation
 from pathomics.errors import ModelError
 from pathomics.layout import OutputLayout
-from pathomics.models.backbones import Backbone, load_backbone
-from pathomics.runner.batch import DONE, FAILED, SKIPPED, run_jobs
+from pathomics.encoders.backbones import load_backbone
+from pathomics.encoders.base import Backbone
+from pathomics.batch import DONE, FAILED, SKIPPED, run_jobs
 from pathomics.runner.jobs import embed_job
 from pathomics.store import (
     FEATURE_COORDS_ATTRS,

@@ -24,9 +24,9 @@ from pathomics.cli.models import model_rows
 from pathomics.cli.tile import tile_config
 from pathomics.embed import Encoder
 from pathomics.errors import ModelError
-from pathomics.models import foundation
-from pathomics.models.backbones import load_backbone
-from pathomics.models.foundation import PRESETS, check_fits
+from pathomics.encoders import foundation
+from pathomics.encoders.backbones import load_backbone
+from pathomics.encoders.foundation import PRESETS, check_fits
 from pathomics.synthetic import write_slide
 
 # The model cards' own preprocessing configs (the `pretrained_cfg` of each repository's config.json).

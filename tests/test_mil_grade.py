@@ -12,7 +12,8 @@ from sklearn.metrics import roc_auc_score
 from pathomics.errors import CohortError, ConfigError
 from pathomics.mil import MILConfig, load_trained, predict_mil, train_mil
 from pathomics.mil.bags import read_bag
-from pathomics.mil.train import CoxSurvival, Targets, WithGrade, cox_partial_nll, objective_from_state
+from pathomics.losses import cox_partial_nll
+from pathomics.mil.train import CoxSurvival, Targets, WithGrade, objective_from_state
 
 
 def graded_cohort(tmp_path):

@@ -11,6 +11,7 @@ from mil_fixtures import grid_coords, one_thread, witness_bag  # noqa: F401 - on
 from sksurv.linear_model.coxph import CoxPHOptimizer
 
 from pathomics.errors import CohortError, DataWarning
+from pathomics import folds, losses
 from pathomics.mil import train
 from pathomics.mil.aggregators import build_aggregator
 
@@ -24,7 +25,7 @@ def test_cox_loss_matches_scikit_survival_with_tied_times(ties):
     time = rng.integers(1, 8, n).astype(float)  # few distinct times: many ties
     event = rng.random(n) < 0.7
     reference = CoxPHOptimizer(x, event, time, np.zeros(3), ties).nlog_likelihood(beta)  # averaged over n
-    ours = train.cox_partial_nll(torch.tensor(x @ beta), torch.tensor(time), torch.tensor(event), ties)
+    ours = losses.cox_partial_nll(torch.tensor(x @ beta), torch.tensor(time), torch.tensor(event), ties)
     assert ours.item() == pytest.approx(reference * n / event.sum(), rel=1e-8)
 
 
@@ -32,16 +33,16 @@ def test_cox_loss_is_shift_invariant_and_zero_without_events():
     """exp(1000) overflows even float64: the loss must not compute it."""
     risk, time = torch.tensor([0.3, 2.0, -1.0], dtype=torch.float64), torch.tensor([3.0, 1.0, 2.0])
     event = torch.tensor([1, 1, 0])
-    expected = train.cox_partial_nll(risk, time, event).item()
-    assert train.cox_partial_nll(risk + 1000, time, event).item() == pytest.approx(expected, rel=1e-12)
-    assert train.cox_partial_nll(risk, time, torch.zeros(3)).item() == 0
+    expected = losses.cox_partial_nll(risk, time, event).item()
+    assert losses.cox_partial_nll(risk + 1000, time, event).item() == pytest.approx(expected, rel=1e-12)
+    assert losses.cox_partial_nll(risk, time, torch.zeros(3)).item() == 0
 
 
 def test_discrete_time_nll_by_hand():
     """Zero logits are hazards of 1/2: an event in bin 1 survived bin 0 and failed in bin 1 (2·log 2); a
     censoring in bin 1 survived bins 0 and 1 (2·log 2); an event in bin 0 just failed there (log 2)."""
     logits = torch.zeros(3, 4)
-    loss = train.discrete_time_nll(logits, torch.tensor([1, 1, 0]), torch.tensor([1.0, 0.0, 1.0]))
+    loss = losses.discrete_time_nll(logits, torch.tensor([1, 1, 0]), torch.tensor([1.0, 0.0, 1.0]))
     assert loss.item() == pytest.approx((2 + 2 + 1) * math.log(2) / 3)
 
 
@@ -54,7 +55,7 @@ def test_discrete_risk_orders_by_hazard():
 def test_time_bins_hold_about_equal_events_and_class_weights_balance():
     time = np.arange(1, 13, dtype=float)
     event = np.ones(12, dtype=int)
-    assert train.time_bin_edges(time, event, 4) == pytest.approx([3.75, 6.5, 9.25])
+    assert losses.time_bin_edges(time, event, 4) == pytest.approx([3.75, 6.5, 9.25])
     weights = train.class_weights(np.array([0, 0, 0, 1]), 2)
     assert weights == pytest.approx([4 / 6, 2.0])
 
@@ -68,25 +69,25 @@ def test_classification_risk_is_probability_of_the_worse_class():
 def test_folds_keep_patients_together_and_stratify():
     groups = np.repeat([f"p{i}" for i in range(30)], 2)  # two slides per patient
     strata = np.repeat(np.arange(30) % 2, 2)
-    folds = train.patient_folds(groups, strata, 5, seed=0)
+    assignment = folds.patient_folds(groups, strata, 5, seed=0)
     for patient in np.unique(groups):
-        assert len(set(folds[groups == patient])) == 1
+        assert len(set(assignment[groups == patient])) == 1
     for fold in range(5):
-        assert set(strata[folds == fold]) == {0, 1}
+        assert set(strata[assignment == fold]) == {0, 1}
     with pytest.raises(CohortError, match="lower --folds"):
-        train.patient_folds(groups, strata, 31, seed=0)
+        folds.patient_folds(groups, strata, 31, seed=0)
     with pytest.raises(CohortError, match=r"only 1 patient\(s\) with label/event 1"):
-        train.patient_folds(groups[:8], np.array([0] * 4 + [0, 0, 1, 1]), 3, seed=0)
+        folds.patient_folds(groups[:8], np.array([0] * 4 + [0, 0, 1, 1]), 3, seed=0)
 
 
 def test_validation_split_takes_whole_patients_from_each_stratum():
     groups = np.repeat([f"p{i}" for i in range(20)], 3)
     strata = np.repeat(np.arange(20) % 2, 3)
-    mask = train.validation_split(groups, strata, 0.2, seed=0)
+    mask = folds.validation_split(groups, strata, 0.2, seed=0)
     assert mask.sum() == 12  # 2 of 10 patients per stratum, 3 slides each
     assert all(mask[groups == g].all() or not mask[groups == g].any() for g in np.unique(groups))
     assert set(strata[mask]) == {0, 1}
-    assert not train.validation_split(groups, strata, 0.0, seed=0).any()
+    assert not folds.validation_split(groups, strata, 0.0, seed=0).any()
 
 
 def _bags(n: int, rng: np.random.Generator) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:

@@ -30,7 +30,7 @@ from pathomics.mil import (
     render_heatmaps,
     train_mil,
 )
-from pathomics.runner.batch import DONE, FAILED, SKIPPED
+from pathomics.batch import DONE, FAILED, SKIPPED
 from pathomics.store import STORE_ATTRS, PatchStoreWriter, read_feature_file
 
 KNOWN_ANSWER = MILConfig(folds=3, epochs=40, patience=8, min_epochs=20, lr=1e-3, batch_size=4, hidden_dim=128,

@@ -19,7 +19,7 @@ import torch
 from pathomics.cli.main import main
 from pathomics.embed import EmbedConfig, embed_store, patch_decoder
 from pathomics.errors import ConfigError, SlideReadError
-from pathomics.models.backbones import load_backbone
+from pathomics.encoders.backbones import load_backbone
 from pathomics.slide.nvimgcodec_tiles import DevicePatchReader
 from pathomics.slide.patches import read_corners, read_patches
 from pathomics.store import open_patch_store, read_feature_file

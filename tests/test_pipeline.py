@@ -18,9 +18,10 @@ import pytest
 from pathomics.embed import EmbedConfig
 from pathomics.layout import OutputLayout
 from pathomics.manifest import SlideEntry, read_manifest
-from pathomics.runner.batch import read_status
+from pathomics.batch import read_status
 from pathomics.runner.pipeline import RunConfig, check_run_inputs, run_archive, run_slides
-from pathomics.store import open_patch_store, read_feature_file, sha256_file
+from pathomics.io import sha256_file
+from pathomics.store import open_patch_store, read_feature_file
 from pathomics.survival.config import RUN_FUSION, SurvivalConfig
 from pathomics.synthetic import write_cohort
 from pathomics.tiling import TileConfig

@@ -21,7 +21,6 @@ from pathomics.qc import (
     QCConfig,
     keep_mask,
     macenko_stains,
-    qc_thumbnail,
     read_qc,
     score_batch,
     stain_outliers,
@@ -76,7 +75,7 @@ def test_qc_outputs_follow_the_store(planted) -> None:
     assert attrs["stain_fit"] == "macenko" and attrs["config"] == meta["config"]
     # the QC thumbnail is the tiling thumbnail with each flagged patch blended with its flag's colour
     thumb = cv2.imread(str(store.path.with_name("planted.thumb.png"))).astype(float)
-    qc_png = cv2.imread(str(qc_thumbnail(out, "planted"))).astype(float)
+    qc_png = cv2.imread(str(OutputLayout(out).qc_thumbnail("planted"))).astype(float)
     scale, size = 1 / store.attrs["thumbnail_downsample"], store.attrs["patch_size_level0"]
     for flag in FLAGS:
         only = table[table[f"flag_{flag}"] & (table[[f"flag_{f}" for f in FLAGS]].sum(axis=1) == 1)].iloc[0]

@@ -12,7 +12,7 @@ from browser import CHROMIUM, SKIP_REASON, headless_flags
 from conftest_survival import SYNTHETIC_COVARIATES
 
 from pathomics.survival import SurvivalConfig, survival_fit
-from pathomics.survival.report import Section, html_report, image_html, table_html
+from pathomics.survival.figures import Section, html_report, image_html, table_html
 from pathomics.synthetic.cohort import simulate_cohort_tables
 
 # Writes each image's decoded width into the DOM once the page has loaded; dumped with --dump-dom.

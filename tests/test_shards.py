@@ -9,7 +9,8 @@ import zarr
 from pathomics.errors import StoreError
 from pathomics.layout import OutputLayout
 from pathomics.shards import ABSENT, chunk_encoder, write_shard, zarr_compressors
-from pathomics.store import PatchStoreWriter, open_patch_store, partial_path
+from pathomics.io import partial_path
+from pathomics.store import PatchStoreWriter, open_patch_store
 
 ATTRS = {"slide_id": "s", "source_path": "/nowhere/s.svs", "source_size_bytes": 1, "source_mtime": 0.0, "backend": "openslide",
          "mpp_level0": 0.25, "mpp_source": "metadata", "target_mpp": 0.5, "read_level": 0, "downsample": 2.0,

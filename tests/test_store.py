@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from pathomics.store import atomic_path
+from pathomics.io import atomic_path
 
 
 def test_outputs_get_ordinary_file_permissions(tmp_path):

@@ -24,7 +24,7 @@ from pathomics.survival import (
 )
 from pathomics.survival.calibration import calibration_intercept, calibration_slope
 from pathomics.survival.nomogram import Nomogram
-from pathomics.survival.oracle import oracle_section, oracle_table, read_planted
+from pathomics.synthetic.oracle import oracle_section, oracle_table, read_planted
 from pathomics.synthetic.cohort import simulate_cohort_tables
 
 TIMES = (365.25, 730.5, 1095.75)

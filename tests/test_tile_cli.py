@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from pathomics.cli.main import main
-from pathomics.store import open_patch_store, partial_path
+from pathomics.io import partial_path
+from pathomics.store import open_patch_store
 from pathomics.synthetic import write_slide
 
 

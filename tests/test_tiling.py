@@ -14,7 +14,8 @@ import zarr
 from pathomics.errors import StoreError
 from pathomics.slide import open_slide
 from pathomics.slide.patches import read_patches
-from pathomics.store import STORE_ATTRS, open_patch_store, partial_path
+from pathomics.io import partial_path
+from pathomics.store import STORE_ATTRS, open_patch_store
 from pathomics.tiling import TileConfig, patch_size_level0, tile_slide, tissue_fractions
 
 

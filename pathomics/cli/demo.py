@@ -21,13 +21,14 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from pathomics.cli.common import writable_dir
-    from pathomics.runner.batch import exit_code, summarize
-    from pathomics.survival.report import format_ci
+    from pathomics.batch import exit_code, summarize
+    from pathomics.layout import OutputLayout
+    from pathomics.survival.figures import format_ci
     from pathomics.synthetic.demo import run_demo
 
     start = time.perf_counter()
     out = writable_dir(args.out)
-    print(f"demo: {args.patients} synthetic patients in {out / 'cohort'}; backbone shufflenet-v2 with RANDOM weights")
+    print(f"demo: {args.patients} synthetic patients in {OutputLayout(out).cohort.root}; backbone shufflenet-v2 with RANDOM weights")
     result, attention = run_demo(out, n_patients=args.patients, seed=args.seed, workers=args.workers)
     print(summarize("tile + embed", result.slide_rows))
     for name, model in result.survival.models.items():
@@ -35,5 +36,5 @@ def run(args: argparse.Namespace) -> int:
     top = sorted(attention, key=lambda a: -a.risk)[:4]
     print(f"  highest-risk slides: {np.mean([a.attention_on_planted for a in top]):.0%} of attention on planted regions "
           f"covering {np.mean([a.planted_patch_share for a in top]):.0%} of their patches")
-    print(f"report: {out / 'report.html'} ({time.perf_counter() - start:.0f} s)")
+    print(f"report: {OutputLayout(out).report} ({time.perf_counter() - start:.0f} s)")
     return exit_code(result.slide_rows)

@@ -56,7 +56,7 @@ def embed_config(args: argparse.Namespace):  # noqa: ANN201 - EmbedConfig, impor
 def run(args: argparse.Namespace) -> int:
     from pathomics.device import resolve_device, resolve_precision
     from pathomics.embed import config_backbone
-    from pathomics.runner.batch import exit_code, run_jobs, summarize
+    from pathomics.batch import exit_code, run_jobs, summarize
     from pathomics.runner.jobs import embed_job
 
     config = embed_config(args)

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pathomics.errors import CohortError
     from pathomics.layout import OutputLayout
-    from pathomics.store import write_json
+    from pathomics.io import write_json
     from pathomics.survival.grade_fusion import FusionSpec, compare_fusion, grade_columns, modality_names
 
     try:
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
                       grade_columns(table, args.grade_prefix, args.reference_grade),
                       args.time_col, args.event_col, args.penalizer)
     result = {"table": str(args.table), **compare_fusion(table, spec, args.folds, args.seed)}
-    path = OutputLayout(args.out).survival / "grade_fusion.json"
+    path = OutputLayout(args.out).grade_fusion
     write_json(path, result)
     c, test = result["c_index"], result["interaction_test"]
     print(f"{result['n']} patients, {result['events']} events; {args.folds}-fold Harrell C: plain {c['plain']['mean']:.3f}, "

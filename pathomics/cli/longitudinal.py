@@ -84,7 +84,7 @@ def add_action(actions: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathomics.layout import OutputLayout
     from pathomics.survival.longitudinal import LongitudinalConfig, longitudinal_fit
-    from pathomics.survival.report import format_ci
+    from pathomics.survival.figures import format_ci
 
     config = config_from_args(LongitudinalConfig, args)
     result = longitudinal_fit(config, args.clinical, args.markers, getattr(args, "signatures", None), args.out)

@@ -88,7 +88,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathomics import mil
     from pathomics.cli.common import writable_dir
-    from pathomics.runner.batch import exit_code, summarize
+    from pathomics.batch import exit_code, summarize
 
     if args.action == "train":
         result = mil.train_mil(args.features, args.labels, writable_dir(Path(args.out)), config_from_args(args))

@@ -24,11 +24,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def model_rows() -> list[dict[str, str]]:
     """One row per registered backbone and foundation preset, as strings."""
-    from pathomics.models.backbones import _REGISTRY, get_backbone_spec, hub_checkpoint
-    from pathomics.models.foundation import foundation_table
+    from pathomics.encoders.backbones import get_backbone_spec, hub_checkpoint, registered_backbones
+    from pathomics.encoders.foundation import foundation_table
 
     rows = []
-    for name in sorted(_REGISTRY):
+    for name in registered_backbones():
         spec = get_backbone_spec(name)
         cached = hub_checkpoint(spec.weights_file)
         rows.append({"model": name, "dim": spec.embedding_dim, "input": spec.input_size, "mpp": "-", "patch": "-",
@@ -46,7 +46,7 @@ def format_table(rows: list[dict[str, str]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathomics.models.weights import WEIGHTS_ENV, hf_home
+    from pathomics.encoders.weights import WEIGHTS_ENV, hf_home
 
     print(format_table(model_rows()))
     print("\nfamilies:")

@@ -37,9 +37,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pathomics.mil import MILConfig
-    from pathomics.runner.batch import exit_code, summarize
+    from pathomics.batch import exit_code, summarize
     from pathomics.runner.pipeline import RunConfig, run_archive
-    from pathomics.survival.report import format_ci
+    from pathomics.survival.figures import format_ci
 
     entries = slide_entries(args)
     mil = MILConfig(task="survival", model=args.aggregator, folds=args.mil_folds, epochs=args.mil_epochs,

@@ -155,7 +155,7 @@ def survival_config(args: argparse.Namespace) -> SurvivalConfig:
 
 def run(args: argparse.Namespace) -> int:
     from pathomics.survival import survival_evaluate, survival_fit
-    from pathomics.survival.report import format_ci
+    from pathomics.survival.figures import format_ci
 
     tables = (args.clinical, args.radiology, args.signatures)
     if args.action == "fit":

@@ -66,15 +66,16 @@ def preset_resolution(model: str | None) -> tuple[float | None, int | None]:
     """The MPP and patch size a foundation preset was trained at (None, None for other models: the defaults)."""
     if model is None:  # `tile` has no model: do not pay for importing torch
         return None, None
-    from pathomics.models.foundation import PRESETS
+    from pathomics.encoders.foundation import PRESETS
 
     recipe = PRESETS.get(model or "")
     return (recipe.mpp, recipe.patch_size) if recipe else (None, None)
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathomics.layout import tissue_annotation
     from pathomics.manifest import SlideEntry
-    from pathomics.runner.batch import SlideJob, exit_code, run_jobs, summarize
+    from pathomics.batch import SlideJob, exit_code, run_jobs, summarize
     from pathomics.runner.jobs import tile_job
 
     entries = slide_entries(args)
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     out = writable_dir(args.out)
 
     def job(entry: SlideEntry) -> SlideJob:
-        geojson = args.tissue_dir / f"{entry.slide_id}.geojson" if args.tissue_dir and not entry.tissue_geojson else None
+        geojson = tissue_annotation(args.tissue_dir, entry.slide_id) if args.tissue_dir and not entry.tissue_geojson else None
         return tile_job(entry, out, config, tissue_geojson=geojson, backend=args.backend)
 
     rows = run_jobs("tile", [job(e) for e in entries], out)

@@ -21,7 +21,7 @@ from pathomics.layout import OutputLayout
 from pathomics.mil.aggregators import MILAggregator, build_aggregator
 from pathomics.mil.config import MILConfig
 from pathomics.mil.train import Objective, objective_from_state
-from pathomics.store import atomic_path, sha256_file
+from pathomics.io import atomic_path, sha256_file
 
 
 @dataclass(frozen=True, eq=False)

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from pathomics.errors import CohortError, DataWarning, StoreError
+from pathomics.layout import feature_file_in
 from pathomics.mil.config import MILConfig
 from pathomics.mil.train import Targets
 from pathomics.store import read_feature_file
@@ -110,7 +111,7 @@ def load_bags(features_dir: str | os.PathLike, labels: str | os.PathLike, config
     """
     table = read_labels(labels, config)
     features_dir = Path(features_dir)
-    paths = {sid: features_dir / f"{sid}.h5" for sid in table["slide_id"]}
+    paths = {sid: feature_file_in(features_dir, sid) for sid in table["slide_id"]}
     absent = [sid for sid, p in paths.items() if not p.is_file()]
     if absent:
         warnings.warn(f"{len(absent)} labelled slide(s) have no feature file in {features_dir} and are left out: "

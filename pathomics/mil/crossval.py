@@ -17,7 +17,9 @@ import torch
 from pathomics import __version__
 from pathomics.device import resolve_device
 from pathomics.errors import ModelError
-from pathomics.layout import OutputLayout
+from pathomics.layout import FINAL_CHECKPOINT, OutputLayout
+from pathomics.folds import patient_folds, validation_split
+from pathomics.losses import time_bin_edges
 from pathomics.mil import train
 from pathomics.mil.aggregators import MILAggregator, build_aggregator
 from pathomics.mil.artifacts import (
@@ -31,7 +33,7 @@ from pathomics.mil.artifacts import (
 )
 from pathomics.mil.bags import LabelledBags, load_bags
 from pathomics.mil.config import MILConfig
-from pathomics.store import digest, write_json
+from pathomics.io import digest, write_json
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +78,14 @@ def _cross_validate(cohort: LabelledBags, config: MILConfig, layout: OutputLayou
     patients = cohort.patient_ids
     units = patients if config.aggregate == "mean" else cohort.slide_ids
     strata = cohort.targets.label if config.task == "classification" else cohort.targets.event
-    fold_of = train.patient_folds(patients, strata, config.folds, config.seed)
+    fold_of = patient_folds(patients, strata, config.folds, config.seed)
     write_json(layout.splits, {"folds": dict(zip(cohort.slide_ids.tolist(), fold_of.tolist())),
                                "patients": dict(zip(cohort.slide_ids.tolist(), patients.tolist()))})
     predictions = np.zeros((len(cohort.bags), len(cohort.classes)) if cohort.classes else len(cohort.bags))
     results, fold_metrics = [], []
     for fold in range(config.folds):
         test, rest = np.flatnonzero(fold_of == fold), np.flatnonzero(fold_of != fold)
-        val = train.validation_split(patients[rest], strata[rest], config.val_fraction, config.seed + fold)
+        val = validation_split(patients[rest], strata[rest], config.val_fraction, config.seed + fold)
         checkpoint = layout.fold_checkpoint(fold)
         trained = _trained_or_fit(cohort, rest[~val], rest[val], config, fold, config.epochs, checkpoint)
         fold_results, predictions[test] = _apply(trained.model, trained.objective, cohort, test, fold, config)
@@ -113,7 +115,7 @@ def _trained_or_fit(cohort: LabelledBags, train_idx: np.ndarray, val_idx: np.nda
             return done
     model, objective, fitted = fit_model(cohort, train_idx, val_idx, config, run, epochs)
     best = fitted.best_epoch if len(val_idx) else epochs
-    sha = save_checkpoint(checkpoint, model, objective, config, run if checkpoint.name != "final.pt" else -1, best, key)
+    sha = save_checkpoint(checkpoint, model, objective, config, run if checkpoint.name != FINAL_CHECKPOINT else -1, best, key)
     return TrainedMIL(model.eval(), objective, config, run, sha, checkpoint, best, key)
 
 
@@ -165,7 +167,7 @@ def _make_objective(cohort: LabelledBags, train_idx: np.ndarray, config: MILConf
         objective = train.CoxSurvival(config.ties)
     else:
         objective = train.DiscreteSurvival(
-            train.time_bin_edges(targets.time[train_idx], targets.event[train_idx], config.time_bins))
+            time_bin_edges(targets.time[train_idx], targets.event[train_idx], config.time_bins))
     return train.WithGrade(objective, cohort.grades, config.grade_weight) if cohort.grades else objective
 
 

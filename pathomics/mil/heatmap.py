@@ -14,8 +14,9 @@ from pathomics import __version__
 from pathomics.errors import StoreError
 from pathomics.layout import OutputLayout
 from pathomics.mil.artifacts import read_attention
-from pathomics.runner.batch import DONE, SKIPPED, Outcome, SlideJob, StatusRow, run_jobs
-from pathomics.store import atomic_path, open_patch_store
+from pathomics.batch import DONE, SKIPPED, Outcome, SlideJob, StatusRow, run_jobs
+from pathomics.io import atomic_path
+from pathomics.store import open_patch_store
 
 
 def draw_heatmap(thumbnail: Image.Image, slide_size: tuple[int, int], coords: np.ndarray, patch_size_level0: int,

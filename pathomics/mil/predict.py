@@ -10,7 +10,7 @@ import torch
 
 from pathomics import __version__
 from pathomics.errors import ModelError, StoreError
-from pathomics.layout import OutputLayout
+from pathomics.layout import OutputLayout, feature_file_in
 from pathomics.mil.artifacts import (
     SlideResult,
     TrainedMIL,
@@ -22,7 +22,7 @@ from pathomics.mil.artifacts import (
     write_signatures,
 )
 from pathomics.mil.bags import read_bag
-from pathomics.runner.batch import DONE, SKIPPED, Outcome, SlideJob, StatusRow, run_jobs
+from pathomics.batch import DONE, SKIPPED, Outcome, SlideJob, StatusRow, run_jobs
 
 
 def apply_trained(trained: TrainedMIL, features_path: str | os.PathLike, patient_id: str) -> SlideResult:
@@ -68,7 +68,7 @@ def predict_mil(model_path: str | os.PathLike, features_dir: str | os.PathLike, 
                 done = read_attention_attrs(target)
                 if (done.get("checkpoint_sha256"), done.get("patient_id")) == (trained.sha256, patient_id):
                     return SKIPPED, 0
-            result = apply_trained(trained, features_dir / f"{slide_id}.h5", patient_id)
+            result = apply_trained(trained, feature_file_in(features_dir, slide_id), patient_id)
             write_attention(target, result, trained.config.model, provenance)
             return DONE, len(result.attention)
 

@@ -1,5 +1,5 @@
 """Training of MIL aggregators: objectives (classification, Cox and discrete-time survival), the epoch loop
-with early stopping, patient-level folds and out-of-fold metrics.
+with early stopping and out-of-fold metrics (losses in ``pathomics.losses``, folds in ``pathomics.folds``).
 
 A survival loss is a property of a set of bags, never of one: the Cox partial likelihood compares each
 event with everyone still at risk, so bags are trained in batches of several and the risk set is the batch.
@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pathomics.errors import CohortError, DataWarning, ModelError
+from pathomics.errors import DataWarning, ModelError
+from pathomics.losses import cox_partial_nll, discrete_time_nll
 from pathomics.mil.aggregators import MILAggregator, MILOutput
 
 log = logging.getLogger(__name__)
@@ -215,79 +216,10 @@ def objective_from_state(state: dict[str, Any]) -> Objective:
     raise ModelError(f"checkpoint has an unknown objective {kind!r}; was it written by a newer pathomics?")
 
 
-def cox_partial_nll(risk: Tensor, time: Tensor, event: Tensor, ties: str = "efron") -> Tensor:
-    """Negative Cox log partial likelihood of ``risk`` (B,), averaged over events; 0 when there is none.
-
-    Efron: each of the d events tied at time t sees the risk set minus l/d of the tied events' weight,
-    l = 0..d-1; Breslow uses the full risk set for all of them.
-    """
-    events = event.bool()
-    if not events.any():
-        return risk.sum() * 0.0
-    shifted = risk - risk.detach().max()  # the likelihood is invariant to a shift; this avoids overflow
-    weight = torch.exp(shifted)
-    event_time = time[events][:, None]
-    at_risk = weight * (time[None, :] >= event_time)
-    denominator = at_risk.sum(1)
-    if ties == "efron":
-        tied = (time[None, :] == event_time) & events[None, :]  # (E, B): events sharing each event's time
-        d = tied.sum(1)
-        earlier = torch.tril(tied[:, events], diagonal=-1).sum(1)  # l: rank of the event within its tie
-        denominator = denominator - earlier / d * (weight * tied).sum(1)
-    elif ties != "breslow":
-        raise ModelError(f"ties must be 'efron' or 'breslow', got {ties!r}")
-    return -(shifted[events] - torch.log(denominator)).sum() / events.sum()
-
-
-def discrete_time_nll(logits: Tensor, bins: Tensor, event: Tensor) -> Tensor:
-    """Mean discrete-time NLL: an event in bin j survived bins < j and failed in j; a censoring survived bins ≤ j."""
-    log_survive = F.logsigmoid(-logits)                        # log(1 - h_j)
-    cum = F.pad(torch.cumsum(log_survive, dim=-1), (1, 0))     # log S before bin j, j = 0..K
-    before = cum.gather(1, bins[:, None]).squeeze(1)
-    through = cum.gather(1, bins[:, None] + 1).squeeze(1)
-    failed = F.logsigmoid(logits).gather(1, bins[:, None]).squeeze(1)
-    return -(event * (before + failed) + (1 - event) * through).mean()
-
-
-def time_bin_edges(time: np.ndarray, event: np.ndarray, bins: int) -> list[float]:
-    """Interior cut points at quantiles of the event times, so each bin holds about as many events."""
-    cuts = np.unique(np.quantile(time[event.astype(bool)], np.linspace(0, 1, bins + 1)[1:-1]))
-    return cuts.tolist()
-
-
 def class_weights(labels: np.ndarray, n_classes: int) -> list[float]:
     """Inverse-frequency weights n / (C · n_c), so every class carries equal total weight."""
     counts = np.bincount(labels, minlength=n_classes).astype(float)
     return (len(labels) / (n_classes * np.maximum(counts, 1))).tolist()
-
-
-def patient_folds(groups: np.ndarray, strata: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Fold number of each slide: patients (``groups``) never straddle folds; folds are stratified by ``strata``."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    n_patients = len(np.unique(groups))
-    if folds > n_patients:
-        raise CohortError(f"{folds} folds but only {n_patients} patients; lower --folds")
-    for value in np.unique(strata).tolist():
-        n = len(np.unique(groups[strata == value]))
-        if n < folds:
-            raise CohortError(f"only {n} patient(s) with label/event {value!r}, fewer than the {folds} folds; lower --folds")
-    assignment = np.empty(len(groups), dtype=np.int64)
-    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for fold, (_, test) in enumerate(splitter.split(np.zeros(len(groups)), strata, groups)):
-        assignment[test] = fold
-    return assignment
-
-
-def validation_split(groups: np.ndarray, strata: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Mask of a validation subset: about ``fraction`` of the patients of each stratum, whole patients only."""
-    rng = np.random.default_rng(seed)
-    patients, first = np.unique(groups, return_index=True)
-    chosen: list[str] = []
-    for stratum in np.unique(strata[first]):
-        members = rng.permutation(patients[strata[first] == stratum])
-        chosen.extend(members[:round(fraction * len(members))])
-    return np.isin(groups, chosen)
 
 
 @dataclass(frozen=True)

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pathomics.batch import Outcome, SlideJob
+from pathomics.layout import store_slide_id
 from pathomics.manifest import SlideEntry
-from pathomics.runner.batch import Outcome, SlideJob
 from pathomics.tiling import TileConfig, tile_slide
 
 if TYPE_CHECKING:  # torch is imported only when embedding runs: `pathomics tile` starts in a fraction of the time
     from pathomics.embed import EmbedConfig
-    from pathomics.models.backbones import Backbone
+    from pathomics.encoders.base import Backbone
 
 
 def tile_job(entry: SlideEntry, out_dir: str | os.PathLike, config: TileConfig,
@@ -35,4 +35,4 @@ def embed_job(store_path: str | os.PathLike, out_dir: str | os.PathLike, config:
         result = embed_slide(store_path, out_dir, config, backbone)
         return result.state, result.n_patches
 
-    return SlideJob(Path(store_path).name.removesuffix(".zarr"), run)
+    return SlideJob(store_slide_id(store_path), run)

@@ -3,7 +3,7 @@
 Slides are independent tasks on a Dask cluster: a local one by default (``workers`` processes), or an
 existing one at ``scheduler`` (the same code path; workers must see the same file system). Every stage
 skips finished, validated outputs, so a re-run resumes where a crash or reboot stopped. Each slide is
-processed under an exclusive ``flock`` on ``<out>/locks/<slide_id>.lock`` (``batch.exclusive_lock``), so
+processed under an exclusive ``flock`` on ``<out>/locks/<slide_id>.lock`` (``locks.exclusive_lock``), so
 two runs on one output directory never process a slide twice; a slide held by the other run is waited
 for at the end, then found finished. One failing slide is recorded and the others go on.
 """
@@ -31,9 +31,10 @@ from pathomics.errors import CohortError, ConfigError, InputError
 from pathomics.layout import DONE, SKIPPED, OutputLayout
 from pathomics.manifest import SlideEntry
 from pathomics.mil import MILConfig
-from pathomics.runner.batch import FAILED, StatusRow, exclusive_lock, progress, run_one, update_status
+from pathomics.batch import FAILED, StatusRow, progress, run_one, update_status
+from pathomics.locks import exclusive_lock
 from pathomics.runner.jobs import embed_job, tile_job
-from pathomics.store import atomic_path, digest, write_json
+from pathomics.io import atomic_path, digest, write_json
 from pathomics.survival.config import RUN_FUSION, SurvivalConfig
 from pathomics.tiling import TileConfig
 

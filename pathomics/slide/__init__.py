@@ -19,10 +19,10 @@ from pathomics.slide.base import Resolution, SlideReader, magnification_to_mpp, 
 from pathomics.slide.dicom_backend import DicomSlideReader, dicom_series, is_dicom_file, is_dicom_slide
 from pathomics.slide.dicom_tiles import DicomTileSource
 from pathomics.slide.openslide_backend import OpenSlideReader
-from pathomics.slide.tiff_tiles import TiffTileSource, TileCache
+from pathomics.slide.tiff_tiles import TiffTileSource, TileSource
 from pathomics.slide.tiffslide_backend import TiffSlideReader
 
-__all__ = ["open_slide", "open_tile_source", "is_dicom_slide", "source_stat", "SlideReader", "Resolution", "TileCache",
+__all__ = ["open_slide", "open_tile_source", "is_dicom_slide", "source_stat", "SlideReader", "Resolution", "TileSource",
            "TiffTileSource", "DicomTileSource", "magnification_to_mpp", "BACKENDS"]
 log = logging.getLogger(__name__)
 BACKENDS: dict[str, type[OpenSlideReader] | type[TiffSlideReader] | type[DicomSlideReader]] = {
@@ -65,7 +65,7 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None, backend: str =
                          "check that the file is a whole-slide image and was copied completely")
 
 
-def open_tile_source(path: Path, level_dimensions: Sequence[tuple[int, int]]) -> TileCache | None:
+def open_tile_source(path: Path, level_dimensions: Sequence[tuple[int, int]]) -> TileSource | None:
     """The direct tile reader of a slide (TIFF tiles, DICOM JPEG frames), or None: read it with ``read_region``."""
     return TiffTileSource.open(path, level_dimensions) or DicomTileSource.open(path, level_dimensions)
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from pathomics.errors import SlideReadError
 from pathomics.slide.dicom_backend import is_dicom_file, pixel_data_layout, slide_files
-from pathomics.slide.tiff_tiles import TileCache, misaligned_empty
+from pathomics.slide.tiff_tiles import TileSource, misaligned_empty
 
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 _JCS_RGB, _JCS_YCBCR = 2, 3  # libjpeg colour spaces
@@ -34,7 +34,7 @@ class _Level:
     colorspace: int  # how the JPEG frames are coded: RGB, or YCbCr (DICOM YBR_*)
 
 
-class DicomTileSource(TileCache):
+class DicomTileSource(TileSource):
     """Decoded-once JPEG frames of a DICOM slide's levels, assembled into arbitrary boxes."""
 
     method = "dicom-tiles"

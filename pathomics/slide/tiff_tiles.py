@@ -32,7 +32,7 @@ T, R = TypeVar("T"), TypeVar("R")
 JPEG = 7  # TIFF compression tag value
 
 
-class TileCache(ABC):
+class TileSource(ABC):
     """Decoded-once tiles of a slide's levels, kept in a small LRU cache and assembled into arbitrary boxes.
 
     Subclasses say where a level's tiles are and how to decode one: TIFF pages here, DICOM frames in
@@ -107,7 +107,7 @@ class TileCache(ABC):
         return out
 
 
-class TiffTileSource(TileCache):
+class TiffTileSource(TileSource):
     """Decoded-once tiles of a TIFF slide's pyramid levels, assembled into arbitrary boxes."""
 
     method = "tiff-tiles"

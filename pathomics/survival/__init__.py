@@ -1,7 +1,7 @@
 """Prognosis: clinical, radiology and pathology scores in Cox models of recurrence.
 
 ``survival_fit`` / ``survival_evaluate`` are the library functions behind ``pathomics survival fit|evaluate``;
-the pieces (cohort join, models, metrics) are importable for finer use. Names load on first use, so
+the pieces (cohort join, Cox models, metrics) are importable for finer use. Names load on first use, so
 importing the light ``pathomics.survival.config`` does not pull in lifelines and scikit-survival.
 """
 
@@ -15,10 +15,10 @@ _EXPORTS = {
     "Cohort": "cohort",
     "load_cohort": "cohort",
     "check_tables": "cohort",
-    "Design": "models",
-    "CoxModel": "models",
-    "DecisionFusion": "models",
-    "build_models": "models",
+    "Design": "cox",
+    "CoxModel": "cox",
+    "DecisionFusion": "cox",
+    "build_models": "fusion",
     "FittedStudy": "analysis",
     "ModelResult": "analysis",
     "SurvivalResult": "analysis",

@@ -17,23 +17,24 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from sklearn.base import clone
-from sklearn.model_selection import KFold, LeaveOneGroupOut, StratifiedKFold
+from sklearn.model_selection import LeaveOneGroupOut
 
 from pathomics import __version__
+from pathomics.folds import row_splits
 from pathomics.errors import CohortError, ModelError, PathomicsError
-from pathomics.store import atomic_path, write_json
+from pathomics.io import atomic_path, write_json
+from pathomics.layout import OutputLayout, ResultFiles
 from pathomics.survival import metrics as m
 from pathomics.survival.calibration import calibration_intercept, calibration_slope, expected_events
 from pathomics.survival.cohort import Cohort, TableSource, load_cohort
 from pathomics.survival.config import SurvivalConfig
 from pathomics.survival.decision import decision_curve, thresholds_grid
-from pathomics.survival.fusion import modalities_used, usable_rows
-from pathomics.survival.models import SurvivalModel, build_models
+from pathomics.survival.cox import SurvivalModel
+from pathomics.survival.fusion import build_models, modalities_used, usable_rows
 from pathomics.survival.nomogram import Nomogram
 from pathomics.survival.report import coefficients_table, write_survival_report
 
 log = logging.getLogger(__name__)
-MODEL_FILE = "model.pkl"
 GRID_POINTS = 50
 CORE_METRICS = ("c_index_harrell", "c_index_uno", "td_auc", "ibs", "n", "events", "calibration_slope", "calibration_intercept")
 TRAINING_METRICS = (*CORE_METRICS, "decision_curve")
@@ -211,9 +212,7 @@ def _splits(data: pd.DataFrame, config: SurvivalConfig) -> tuple[Splits, str]:
         return splits, f"leave-one-{config.split_by}-out ({len(splits)} groups)"
     if data["event"].sum() < config.folds:
         raise CohortError(f"{int(data['event'].sum())} events cannot fill {config.folds} folds; use fewer --folds")
-    smallest = min(int(data["event"].sum()), int((data["event"] == 0).sum()))
-    splitter = StratifiedKFold if smallest >= config.folds else KFold
-    folds = splitter(config.folds, shuffle=True, random_state=config.seed).split(data, data["event"])
+    folds = row_splits(data["event"].to_numpy(), config.folds, config.seed)
     return [(i, train, test) for i, (train, test) in enumerate(folds)], f"{config.folds}-fold patient-level cross-validation"
 
 
@@ -357,12 +356,13 @@ def write_results(result: SurvivalResult, directory: str | Path) -> Path:
         "encoding": result.encoding,
         "models": {name: r.metrics for name, r in result.models.items()},
     }
-    write_json(directory / "metrics.json", document)
-    _write_csv(coefficients_table(result), directory / "coefficients.csv")
+    files = ResultFiles(directory)
+    write_json(files.metrics, document)
+    _write_csv(coefficients_table(result), files.table("coefficients"))
     predictions = pd.concat([r.predictions.assign(model=name) for name, r in result.models.items()], ignore_index=True)
-    _write_csv(predictions[["model", *predictions.columns.drop("model")]], directory / "predictions.csv")
+    _write_csv(predictions[["model", *predictions.columns.drop("model")]], files.table("predictions"))
     if result.study.nomogram is not None:
-        _write_csv(result.study.nomogram.table(), directory / "nomogram.csv")
+        _write_csv(result.study.nomogram.table(), files.table("nomogram"))
     write_survival_report(result, directory)  # the figures, nomogram.png among them, and report.html
     return directory
 
@@ -378,7 +378,8 @@ def save_study(study: FittedStudy, directory: str | Path) -> None:
     import sksurv
 
     directory = Path(directory)
-    with atomic_path(directory / MODEL_FILE) as tmp, open(tmp, "wb") as file:
+    files = ResultFiles(directory)
+    with atomic_path(files.model) as tmp, open(tmp, "wb") as file:
         pickle.dump(study, file, protocol=pickle.HIGHEST_PROTOCOL)
     provenance = {
         "pathomics_version": __version__,
@@ -390,7 +391,7 @@ def save_study(study: FittedStudy, directory: str | Path) -> None:
         "events": int(study.train_event.sum()),
         "cut_points": study.cut_points,
     }
-    write_json(directory / "model.json", provenance)
+    write_json(files.model_provenance, provenance)
 
 
 def load_study(directory: str | Path) -> FittedStudy:
@@ -399,7 +400,7 @@ def load_study(directory: str | Path) -> FittedStudy:
     The file is a pickle: load only models you made or trust, as unpickling can run code.
     """
     directory = Path(directory)
-    path = next((p for p in (directory / MODEL_FILE, directory / "survival" / MODEL_FILE) if p.is_file()), None)
+    path = next((p for p in (ResultFiles(directory).model, OutputLayout(directory).survival_files.model) if p.is_file()), None)
     if path is None:
         raise PathomicsError(f"no saved survival model in {directory}; pass the --out folder of 'pathomics survival fit'")
     with open(path, "rb") as file:

@@ -12,13 +12,16 @@ recurrences on this cohort, below 0 too many.
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from lifelines import CoxPHFitter
 from lifelines.exceptions import ConvergenceError, ConvergenceWarning
 
-from pathomics.survival.models import SurvivalModel
+if TYPE_CHECKING:
+    from pathomics.survival.cox import SurvivalModel
+
 
 
 def calibration_slope(risk: np.ndarray, time: np.ndarray, event: np.ndarray) -> float:

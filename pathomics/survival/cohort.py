@@ -43,14 +43,14 @@ class Cohort:
 
 
 @dataclass(frozen=True)
-class _Table:
+class InputTable:
     """A named input table, so that messages can say which file is wrong."""
 
     name: str
     frame: pd.DataFrame
 
     @classmethod
-    def read(cls, source: TableSource, kind: str, id_col: str) -> _Table:
+    def read(cls, source: TableSource, kind: str, id_col: str) -> InputTable:
         if isinstance(source, pd.DataFrame):
             return cls(f"{kind} table", source.reset_index(drop=True))
         path = Path(source)
@@ -122,8 +122,8 @@ def load_cohort(
     signatures: TableSource | None = None,
 ) -> Cohort:
     """Validate the tables and join them on the patient id (several slides per patient aggregated)."""
-    table = _Table.read(clinical, "clinical", config.id_col)
-    data, categorical = _clinical_frame(table, config)
+    table = InputTable.read(clinical, "clinical", config.id_col)
+    data, categorical = clinical_frame(table, config)
     clinical_ids = data.index
     dropped: dict[str, int] = {}
     unmatched: dict[str, int] = {}
@@ -142,7 +142,7 @@ def load_cohort(
         modalities.append("radiology")
     signature_columns: tuple[str, ...] = ()
     if signatures is not None:
-        slides, unmatched["signature rows (slides) without a clinical record"] = _signature_frame(
+        slides, unmatched["signature rows (slides) without a clinical record"] = signature_frame(
             signatures, clinical_ids, config
         )
         signature_columns = tuple(c for c in slides.columns if c.startswith(config.signature_prefix))
@@ -177,8 +177,8 @@ def check_tables(config: SurvivalConfig, clinical: TableSource, radiology: Table
     Returns the clinical patient ids. Raises the same CohortError ``load_cohort`` would for a missing column,
     a malformed value or, under the ``error`` policy, a missing covariate or score.
     """
-    table = _Table.read(clinical, "clinical", config.id_col)
-    data, _ = _clinical_frame(table, config)
+    table = InputTable.read(clinical, "clinical", config.id_col)
+    data, _ = clinical_frame(table, config)
     absent = data[list(config.covariates)].isna()
     named = ", ".join(repr(c) for c in absent.columns[absent.any().to_numpy()])
     _apply_policy(data, absent.any(axis=1), f"value of covariate(s) {named}", table.name, config, _covariate_policy(config))
@@ -189,7 +189,7 @@ def check_tables(config: SurvivalConfig, clinical: TableSource, radiology: Table
     return data.index
 
 
-def _clinical_frame(table: _Table, config: SurvivalConfig) -> tuple[pd.DataFrame, tuple[str, ...]]:
+def clinical_frame(table: InputTable, config: SurvivalConfig) -> tuple[pd.DataFrame, tuple[str, ...]]:
     """Id-indexed frame with float ``time``, int ``event``, the covariates and the split column."""
     extra = [config.split_by] if config.split_by else []
     table.require(
@@ -230,7 +230,7 @@ def _clinical_frame(table: _Table, config: SurvivalConfig) -> tuple[pd.DataFrame
 
 def _radiology_frame(source: TableSource, patients: pd.Index, config: SurvivalConfig) -> tuple[pd.DataFrame, int]:
     """Radiology scores indexed by patient, and how many rows match no clinical patient."""
-    table = _Table.read(source, "radiology", config.id_col)
+    table = InputTable.read(source, "radiology", config.id_col)
     table.require([config.id_col, config.radiology_col], "name the score column with --radiology-col")
     ids = table.unique_ids(config.id_col)
     scores = table.numeric(config.radiology_col, config.id_col, allow_missing=True)
@@ -238,9 +238,9 @@ def _radiology_frame(source: TableSource, patients: pd.Index, config: SurvivalCo
     return frame, int((~frame.index.isin(patients)).sum())
 
 
-def _signature_frame(source: TableSource, patients: pd.Index, config: SurvivalConfig) -> tuple[pd.DataFrame, int]:
+def signature_frame(source: TableSource, patients: pd.Index, config: SurvivalConfig) -> tuple[pd.DataFrame, int]:
     """Per-patient aggregate of the slides' risk and ``sig_*`` columns, and the slide rows matching no patient."""
-    table = _Table.read(source, "signatures", config.id_col)
+    table = InputTable.read(source, "signatures", config.id_col)
     signature_columns = [c for c in table.frame.columns if str(c).startswith(config.signature_prefix)]
     if config.fusion == "decision":
         table.require([config.id_col, config.risk_col], "decision fusion needs the slides' pathology risk; see --risk-col")

@@ -65,10 +65,10 @@ def decision_curve(
 
 def plot_decision_curves(curves: dict[str, dict[str, dict[str, Any]]], path: Path, time_unit: str, title: str = "") -> Path:
     """One panel per stated time: each model's net benefit beside treat-all and treat-none."""
-    from pathomics.survival.report import _panels, _save
+    from pathomics.survival.figures import panels, save_figure
 
     times = list(next(iter(curves.values())))
-    figure, axes = _panels(len(times))
+    figure, axes = panels(len(times))
     for ax, t in zip(axes, times, strict=True):
         any_curve = next(iter(curves.values()))[t]
         threshold, everyone = np.asarray(any_curve["threshold"]), np.asarray(any_curve["treat_all"], dtype=float)
@@ -84,4 +84,4 @@ def plot_decision_curves(curves: dict[str, dict[str, dict[str, Any]]], path: Pat
             ylim=(-0.05 * max(top, 0.01), 1.1 * max(top, 0.01)),
         )
         ax.legend(fontsize="small")
-    return _save(figure, path)
+    return save_figure(figure, path)

@@ -1,6 +1,7 @@
-"""Decision-level fusion over the modalities each patient has (``--missing available``).
+"""The model set (``build_models``: one Cox model per modality and the combined model) and decision-level
+fusion over the modalities each patient has (``--missing available``).
 
-One :class:`~pathomics.survival.models.DecisionFusion` is fitted per combination of modalities, on every
+One :class:`~pathomics.survival.cox.DecisionFusion` is fitted per combination of modalities, on every
 training patient who has at least those (available-case fitting), and each patient is scored by the model
 of the modalities they have. So a patient without a radiology score or a slide still gets a prediction,
 patients with all modalities get the all-modality model, and the modalities used are recorded per patient.
@@ -20,7 +21,9 @@ from sklearn.base import BaseEstimator
 
 from pathomics.errors import CohortError
 from pathomics.survival.calibration import baseline_cumulative_hazard
-from pathomics.survival.models import CoxModel, DecisionFusion, SurvivalModel
+from pathomics.survival.cohort import Cohort
+from pathomics.survival.config import SurvivalConfig
+from pathomics.survival.cox import CoxModel, DecisionFusion, Design, SurvivalModel
 
 
 class AvailableFusion(BaseEstimator):
@@ -113,3 +116,47 @@ def usable_rows(model: SurvivalModel | AvailableFusion, data: pd.DataFrame) -> p
         return data
     design = model.design
     return data[data[[*design.numeric, *design.categorical, *design.signature_columns]].notna().all(axis=1)]
+
+
+def build_models(config: SurvivalConfig, cohort: Cohort) -> dict[str, SurvivalModel]:
+    """The unfitted model set: one model per modality present, plus ``combined`` when there are two or more."""
+    impute = config.missing == "impute"
+    blocks: dict[str, dict[str, Any]] = {}
+    if "clinical" in cohort.modalities:
+        numeric = tuple(c for c in config.covariates if c not in cohort.categorical)
+        blocks["clinical"] = {"numeric": numeric, "categorical": cohort.categorical}
+    if "radiology" in cohort.modalities:
+        blocks["radiology"] = {"numeric": (config.radiology_col,)}
+    if "pathology" in cohort.modalities:
+        features = {"signature_columns": cohort.signature_columns, "n_components": config.n_components}
+        blocks["pathology"] = features if config.fusion == "features" else {"numeric": (config.risk_col,)}
+
+    def cox(block: dict[str, Any]) -> CoxModel:
+        penalizer = config.penalizer if len(config.penalizer) > 1 else config.penalizer[0]
+        return CoxModel(
+            Design(**block, impute=impute),
+            penalizer=penalizer,
+            l1_ratio=config.l1_ratio,
+            inner_folds=config.inner_folds,
+            alpha=1 - config.ci_level,
+            seed=config.seed,
+        )
+
+    models: dict[str, SurvivalModel] = {name: cox(block) for name, block in blocks.items()}
+    if len(blocks) < 2:
+        return models
+    if config.fusion == "features":
+        merged: dict[str, Any] = {}
+        for block in blocks.values():
+            for key, value in block.items():
+                merged[key] = merged.get(key, ()) + value if isinstance(value, tuple) else value
+        models["combined"] = cox(merged)
+    else:
+        scores = tuple(block["numeric"][0] for name, block in blocks.items() if name != "clinical")
+        clinical = models.get("clinical")
+        if config.missing == "available":
+            names = tuple(name for name in blocks if name != "clinical")
+            models["combined"] = AvailableFusion(clinical, scores, names, alpha=1 - config.ci_level)
+        else:
+            models["combined"] = DecisionFusion(clinical, scores, impute=impute, alpha=1 - config.ci_level)
+    return models

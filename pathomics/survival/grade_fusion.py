@@ -27,9 +27,9 @@ import numpy as np
 import pandas as pd
 from lifelines import CoxPHFitter
 from scipy.stats import chi2
-from sklearn.model_selection import StratifiedKFold
 
 from pathomics.errors import CohortError
+from pathomics.folds import row_splits
 from pathomics.survival.metrics import concordance
 
 
@@ -110,7 +110,7 @@ def compare_fusion(table: pd.DataFrame, spec: FusionSpec, folds: int = 5, seed: 
     interactions, the coefficients and the modality weights per grade."""
     time, event = table[spec.time].to_numpy(float), table[spec.event].to_numpy(int)
     c = {"plain": [], "gated": []}
-    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(table, event):
+    for train, test in row_splits(event, folds, seed):
         for name, gated in (("plain", False), ("gated", True)):
             model = fit_fusion(table.iloc[train], spec, gated)
             c[name].append(concordance(time[test], event[test], model.risk(table.iloc[test])))

@@ -32,13 +32,13 @@ from lifelines import CoxTimeVaryingFitter
 
 from pathomics import __version__
 from pathomics.errors import CohortError, ConfigError
-from pathomics.layout import OutputLayout
-from pathomics.mil.train import patient_folds
-from pathomics.store import atomic_path, write_json
+from pathomics.layout import OutputLayout, ResultFiles
+from pathomics.folds import patient_folds
+from pathomics.io import atomic_path, write_json
 from pathomics.survival import metrics as m
-from pathomics.survival.cohort import TableSource, _clinical_frame, _signature_frame, _Table
+from pathomics.survival.cohort import InputTable, TableSource, clinical_frame, signature_frame
 from pathomics.survival.config import SurvivalConfig
-from pathomics.survival.models import CoxModel, Design
+from pathomics.survival.cox import CoxModel, Design
 from pathomics.survival.sequence import SequenceSettings, fit_sequence, predict_sequence
 
 log = logging.getLogger(__name__)
@@ -136,11 +136,11 @@ def load_longitudinal(
 ) -> LongitudinalData:
     """Read and validate the clinical, long marker and (optional) signature tables; errors name the file and row."""
     survival = config.survival_config()
-    clinical_table = _Table.read(clinical, "clinical", config.id_col)
-    patients, _ = _clinical_frame(clinical_table, survival)
+    clinical_table = InputTable.read(clinical, "clinical", config.id_col)
+    patients, _ = clinical_frame(clinical_table, survival)
     signature_columns: tuple[str, ...] = ()
     if signatures is not None:
-        slides, _ = _signature_frame(signatures, patients.index, survival)
+        slides, _ = signature_frame(signatures, patients.index, survival)
         absent = patients.index.difference(slides.index)
         if len(absent):
             raise CohortError(
@@ -149,7 +149,7 @@ def load_longitudinal(
             )
         signature_columns = tuple(slides.columns)
         patients = patients.join(slides)
-    table = _Table.read(markers, "markers", config.id_col)
+    table = InputTable.read(markers, "markers", config.id_col)
     names = config.marker_columns or tuple(
         str(c) for c in table.frame.columns if c not in (config.id_col, config.marker_time_col)
     )
@@ -169,7 +169,7 @@ def load_longitudinal(
 
 
 def _check_markers(
-    long: pd.DataFrame, table: _Table, patients: pd.DataFrame, clinical_name: str, config: LongitudinalConfig
+    long: pd.DataFrame, table: InputTable, patients: pd.DataFrame, clinical_name: str, config: LongitudinalConfig
 ) -> None:
     """Measurement times within follow-up, every id a known patient, every patient measured, no repeated visit."""
     negative = np.flatnonzero((long["time"] < 0).to_numpy())
@@ -455,12 +455,13 @@ def _gain(sequence: list[m.EvalSet], other: list[m.EvalSet], config: Longitudina
 def write_longitudinal(result: LongitudinalResult, directory: str | Path) -> Path:
     """Write ``metrics.json``, ``coefficients.csv``, ``intervals.csv`` and ``predictions.csv``, each atomically."""
     directory = Path(directory)
-    write_json(directory / "metrics.json", result.metrics)
+    files = ResultFiles(directory)
+    write_json(files.metrics, result.metrics)
     for name, frame in (
         ("coefficients", result.coefficients),
         ("intervals", result.intervals),
         ("predictions", result.predictions),
     ):
-        with atomic_path(directory / f"{name}.csv") as tmp:
+        with atomic_path(files.table(name)) as tmp:
             frame.to_csv(tmp, index=False)
     return directory

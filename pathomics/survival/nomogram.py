@@ -21,7 +21,7 @@ from sklearn.base import BaseEstimator
 
 from pathomics.errors import ModelError
 from pathomics.survival.calibration import baseline_cumulative_hazard
-from pathomics.survival.models import CLINICAL_LP, CoxModel, DecisionFusion, Design, SurvivalModel
+from pathomics.survival.cox import CLINICAL_LP, CoxModel, DecisionFusion, Design, SurvivalModel
 
 NOMOGRAM_PROBABILITIES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
@@ -51,7 +51,7 @@ def linear_form(model: SurvivalModel, data: pd.DataFrame) -> tuple[pd.DataFrame,
         return encoded, fused.cph_.params_ / fused.scale_.reindex(fused.cph_.params_.index), [fused.design_]
     if not isinstance(fused, DecisionFusion):
         raise ModelError(f"cannot draw a nomogram of a {type(fused).__name__}")
-    stage_x, stage_w, designs = linear_form(fused.stage_, fused._stage_inputs(data))
+    stage_x, stage_w, designs = linear_form(fused.stage_, fused.stage_inputs(data))
     if fused.clinical_ is None:
         return stage_x, stage_w, designs
     clinical_x, clinical_w, clinical_designs = linear_form(fused.clinical_, data)
@@ -133,7 +133,7 @@ class Nomogram(BaseEstimator):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        from pathomics.survival.report import _save
+        from pathomics.survival.figures import save_figure
 
         rows = 3 + len(self.terms_) + len(self.times)
         figure = Figure(figsize=(9.0, 0.62 * rows + 0.6), layout="constrained")
@@ -170,7 +170,7 @@ class Nomogram(BaseEstimator):
                 ruler(y, f"RFS at {t:g} {time_unit}", [x * total_x for _, x in marks], [f"{p:g}" for p, _ in marks])
         ax.set(xlim=(-35, self.max_points + 5), ylim=(y - 0.8, rows + 0.8))
         ax.axis("off")
-        return _save(figure, path)
+        return save_figure(figure, path)
 
 
 def _terms(encoded: pd.DataFrame, weights: pd.Series, designs: list[Design]) -> list[Term]:

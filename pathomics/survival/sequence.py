@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_sequence
 
-from pathomics.mil.train import cox_partial_nll
+from pathomics.losses import cox_partial_nll
 
 
 @dataclass(frozen=True)

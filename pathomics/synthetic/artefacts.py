@@ -30,8 +30,8 @@ from pathomics.synthetic.slides import (
     Ellipse,
     Painter,
     SlideTruth,
-    _multipolygon,
-    _overlaps,
+    as_multipolygon,
+    boxes_overlap,
     write_slide,
 )
 
@@ -52,7 +52,7 @@ class Stroke:
             raise ConfigError(f"unknown ink {self.color!r}; choose one of {', '.join(INK_TRANSMITTANCE)}")
 
     def polygon(self) -> MultiPolygon:
-        return _multipolygon(LineString(self.points).buffer(self.width / 2))  # round caps, as OpenCV draws them
+        return as_multipolygon(LineString(self.points).buffer(self.width / 2))  # round caps, as OpenCV draws them
 
 
 @dataclass(frozen=True)
@@ -81,8 +81,8 @@ class Artefacts:
         def paint(block: np.ndarray, x0: int, y0: int, render: Callable[[int, int, int], np.ndarray]) -> np.ndarray:
             size = block.shape[0]
             box = (x0, y0, x0 + size, y0 + size)
-            blur, folds, bubbles = ([e for e in group if _overlaps(e.bounds(), box)] for group in (self.blur, self.folds, self.bubbles))
-            strokes = [s for s in self.strokes if _overlaps(s.polygon().bounds, box)]
+            blur, folds, bubbles = ([e for e in group if boxes_overlap(e.bounds(), box)] for group in (self.blur, self.folds, self.bubbles))
+            strokes = [s for s in self.strokes if boxes_overlap(s.polygon().bounds, box)]
             if not (blur or folds or bubbles or strokes or stain is not None):
                 return block
             out = block.astype(np.float32)
@@ -146,7 +146,7 @@ def _od_direction(rgb: tuple[int, int, int]) -> np.ndarray:
 
 
 def _union(polygons: list[MultiPolygon]) -> MultiPolygon:
-    return _multipolygon(shapely.union_all(polygons)) if polygons else MultiPolygon()
+    return as_multipolygon(shapely.union_all(polygons)) if polygons else MultiPolygon()
 
 
 def _ellipse_mask(e: Ellipse, x0: int, y0: int, size: int) -> np.ndarray:

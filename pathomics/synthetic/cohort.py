@@ -18,7 +18,7 @@ from pathomics.errors import ConfigError
 
 DEFAULT_STRENGTHS = {"clinical": 0.6, "radiology": 1.2, "pathology": 2.0}
 STAGE_EFFECT = {"I": 0.0, "II": 0.5, "III": 1.1, "IV": 1.8}
-_N_LATENT = 4  # pathology signal + three nuisance directions of the slide embedding
+N_LATENT = 4  # pathology signal + three nuisance directions of the slide embedding
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,8 @@ def simulate_cohort_tables(
     The embedding directions depend on ``embedding_seed`` only, so cohorts of different ``seed`` share
     one embedding space, as slides embedded by one backbone do.
     """
-    if n_signature < _N_LATENT:
-        raise ConfigError(f"n_signature must be at least {_N_LATENT}, got {n_signature}")
+    if n_signature < N_LATENT:
+        raise ConfigError(f"n_signature must be at least {N_LATENT}, got {n_signature}")
     rng = np.random.default_rng(seed)
     strengths = dict(DEFAULT_STRENGTHS if strengths is None else strengths)
     ids = [f"P{i:04d}" for i in range(n_patients)]
@@ -96,8 +96,8 @@ def simulate_cohort_tables(
             "radiology_score": (components["radiology"] + 0.3 * rng.standard_normal(n_patients)).round(4).to_numpy(),
         }
     )
-    mixing = np.linalg.qr(np.random.default_rng(embedding_seed).standard_normal((n_signature, _N_LATENT)))[0].T
-    signatures = _signatures(components["pathology"], mixing, max_slides, rng)
+    mixing = np.linalg.qr(np.random.default_rng(embedding_seed).standard_normal((n_signature, N_LATENT)))[0].T
+    signatures = latent_signatures(components["pathology"], mixing, max_slides, rng)
     truth = PlantedTruth(strengths, components, weibull_shape, weibull_scale, float(1 - event.mean()))
     return clinical, radiology, signatures, truth
 
@@ -106,7 +106,7 @@ def _standardise(values: np.ndarray) -> np.ndarray:
     return (values - values.mean()) / values.std()
 
 
-def _signatures(pathology: pd.Series, mixing: np.ndarray, max_slides: int, rng: np.random.Generator) -> pd.DataFrame:
+def latent_signatures(pathology: pd.Series, mixing: np.ndarray, max_slides: int, rng: np.random.Generator) -> pd.DataFrame:
     """Per-slide rows ``slide_id, patient_id, risk, sig_0..sig_{K-1}, model, fold``; ``mixing`` maps latents to K dims."""
     n_latent, n_signature = mixing.shape
     slides = rng.integers(1, max_slides + 1, len(pathology))

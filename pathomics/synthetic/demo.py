@@ -69,7 +69,7 @@ def attention_on_planted(out_dir: Path, truth: dict[str, SlideTruth], slide_ids:
 def run_demo(out_dir: Path, n_patients: int = 80, seed: int = 0, workers: int = 1, top: int = 4) -> tuple[RunResult, list[PlantedAttention]]:
     """Write the cohort (once), run the pipeline on it, and write ``<out>/report.html``."""
     out_dir = Path(out_dir)
-    cohort = write_cohort(out_dir / "cohort", n_patients=n_patients, seed=seed)
+    cohort = write_cohort(OutputLayout(out_dir).cohort.root, n_patients=n_patients, seed=seed)
     result = run_archive(read_manifest(cohort.manifest), cohort.clinical, out_dir, demo_config(workers), radiology=cohort.radiology)
     truth = read_cohort_truth(cohort.truth)
     signatures = pd.read_parquet(OutputLayout(out_dir).signatures)
@@ -83,21 +83,15 @@ def write_demo_report(out_dir: Path, result: RunResult, truth: dict[str, SlideTr
                       everyone: list[PlantedAttention], highest: list[PlantedAttention]) -> Path:
     """``<out>/report.html``: the survival comparison plus attention heatmaps beside the planted regions."""
     from pathomics.mil import render_heatmap
-    from pathomics.survival.oracle import oracle_section
-    from pathomics.survival.report import (
-        Section,
-        image_html,
-        paragraph,
-        survival_sections,
-        table_html,
-        write_report,
-    )
+    from pathomics.synthetic.oracle import oracle_section
+    from pathomics.survival.figures import Section, image_html, paragraph, table_html, write_report
+    from pathomics.survival.report import survival_sections
 
     layout = OutputLayout(out_dir)
     panels = ""
     for item in highest:
         heatmap = render_heatmap(layout.attention_file(item.slide_id), out_dir, layout.heatmap(item.slide_id))
-        planted = _planted_png(out_dir, truth[item.slide_id], layout.heatmap(item.slide_id).with_suffix(".planted.png"))
+        planted = _planted_png(out_dir, truth[item.slide_id], layout.planted_heatmap(item.slide_id))
         panels += paragraph(f"{item.slide_id}: risk {item.risk:.3f}; {item.attention_on_planted:.0%} of attention on planted "
                             f"patches, which are {item.planted_patch_share:.0%} of its patches")
         panels += image_html(heatmap, f"attention heatmap of {item.slide_id}") + image_html(planted, f"planted regions of {item.slide_id}")
@@ -110,21 +104,22 @@ def write_demo_report(out_dir: Path, result: RunResult, truth: dict[str, SlideTr
             "is recovered from texture alone. Each slide has planted lesions whose nuclei are denser, larger and darker "
             "in proportion to the patient's latent grade; how much of the tissue is lesion does not depend on it.")),
         *survival_sections(result.survival, layout.survival),
-        oracle_section(out_dir / "cohort" / "truth.json", out_dir / "cohort" / "clinical.csv", result.survival),
+        oracle_section(layout.cohort.truth, layout.cohort.clinical, result.survival),
         Section("Attention on planted regions", paragraph(
             f"Highest-risk {len(highest)} slides: on average {mean_on:.0%} of attention falls on planted lesion patches, "
             f"which make up {mean_share:.0%} of their patches (all slides: {np.mean([a.attention_on_planted for a in everyone]):.0%} "
             f"vs {np.mean([a.planted_patch_share for a in everyone]):.0%}). Left: attention (rank within slide); "
             "right: the planted lesions in red.") + table_html(table) + panels),
     ]
-    return write_report(out_dir / "report.html", "pathomics demo report (RANDOM backbone weights)", sections)
+    return write_report(layout.report, "pathomics demo report (RANDOM backbone weights)", sections)
 
 
 def _planted_png(out_dir: Path, truth: SlideTruth, path: Path) -> Path:
     """The store's thumbnail with the planted lesions outlined in red."""
     import cv2
 
-    from pathomics.store import open_patch_store, write_png
+    from pathomics.io import write_png
+    from pathomics.store import open_patch_store
 
     slide_id = truth.path.stem
     store = open_patch_store(OutputLayout(out_dir).store(slide_id))

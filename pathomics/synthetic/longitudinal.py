@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from pathomics.synthetic.cohort import _N_LATENT, _signatures
+from pathomics.synthetic.cohort import N_LATENT, latent_signatures
 
 EGFR_MEAN, EGFR_SD = 70.0, 15.0  # population eGFR at surgery
 SLOPE_MEAN, SLOPE_SD = -2.0, 6.0  # eGFR change per year
@@ -57,8 +57,8 @@ def simulate_longitudinal(
     """Clinical (``patient_id, time, event``), long marker (``patient_id, time, egfr, haemoglobin``) and
     slide-signature tables, in days, and the planted truth. Censoring is uniform over the last half of
     ``follow_up``; visits are jittered by up to a sixth of ``visit_every`` and none is at or after follow-up."""
-    if n_signature < _N_LATENT:
-        raise ValueError(f"n_signature must be at least {_N_LATENT}, got {n_signature}")
+    if n_signature < N_LATENT:
+        raise ValueError(f"n_signature must be at least {N_LATENT}, got {n_signature}")
     rng = np.random.default_rng(seed)
     ids = [f"N{i:04d}" for i in range(n_patients)]
     intercept = rng.normal(EGFR_MEAN, EGFR_SD, n_patients)
@@ -94,8 +94,8 @@ def simulate_longitudinal(
     components = pd.DataFrame(
         {"slope": (SLOPE_MEAN - slope) / SLOPE_SD, "pathology": pathology}, index=pd.Index(ids, name="patient_id")
     )
-    mixing = np.linalg.qr(np.random.default_rng(0).standard_normal((n_signature, _N_LATENT)))[0].T
-    signatures = _signatures(components["pathology"], mixing, 1, rng)
+    mixing = np.linalg.qr(np.random.default_rng(0).standard_normal((n_signature, N_LATENT)))[0].T
+    signatures = latent_signatures(components["pathology"], mixing, 1, rng)
     truth = LongitudinalTruth(value_effect, slope_effect, pathology_effect, components)
     return clinical, markers, signatures, truth
 

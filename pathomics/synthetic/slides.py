@@ -23,6 +23,7 @@ import numpy as np
 from shapely.geometry import MultiPolygon, Polygon
 
 from pathomics.errors import ConfigError
+from pathomics.layout import CohortFiles
 
 GLASS = (242, 242, 240)
 STROMA = (232, 160, 196)
@@ -75,12 +76,12 @@ class SlideTruth:
         geom = MultiPolygon()
         for shape in self.shapes:
             geom = geom.difference(shape.polygon()) if shape.hole else geom.union(shape.polygon())
-        return _multipolygon(geom)
+        return as_multipolygon(geom)
 
     def lesions(self) -> MultiPolygon:
         """The planted lesion tissue (``regions`` within the tissue) as polygons in level-0 pixels."""
         regions = MultiPolygon([r.polygon() for r in self.regions]) if self.regions else MultiPolygon()
-        return _multipolygon(regions.buffer(0).intersection(self.tissue()))
+        return as_multipolygon(regions.buffer(0).intersection(self.tissue()))
 
     def mask(self, x0: int, y0: int, width: int, height: int, step: float = 1.0,
              shapes: tuple[Ellipse, ...] | None = None) -> np.ndarray:
@@ -89,7 +90,7 @@ class SlideTruth:
         xs = (x0 + (np.arange(width) + 0.5) * step)[None, :]
         inside = np.zeros((height, width), dtype=bool)
         for shape in self.shapes if shapes is None else shapes:
-            if _overlaps(shape.bounds(), (x0, y0, x0 + width * step, y0 + height * step)):
+            if boxes_overlap(shape.bounds(), (x0, y0, x0 + width * step, y0 + height * step)):
                 hit = shape.inside(xs, ys)
                 inside = inside & ~hit if shape.hole else inside | hit
         return inside
@@ -204,7 +205,7 @@ def _level_tiles(truth: SlideTruth, atlas: tuple[np.ndarray, np.ndarray], ds: in
     for ty in range(0, lh, tile):
         for tx in range(0, lw, tile):
             x0, y0, size = tx * ds, ty * ds, tile * ds
-            if not any(_overlaps(s.bounds(), (x0, y0, x0 + size, y0 + size)) for s in truth.shapes if not s.hole):
+            if not any(boxes_overlap(s.bounds(), (x0, y0, x0 + size, y0 + size)) for s in truth.shapes if not s.hole):
                 yield glass
                 continue
             block = _render(truth, atlas, x0, y0, size)
@@ -218,7 +219,7 @@ def _render(truth: SlideTruth, atlas: tuple[np.ndarray, np.ndarray], x0: int, y0
     ys = (y0 + np.arange(size)) % ATLAS
     xs = (x0 + np.arange(size)) % ATLAS
     texture = atlas[0][ys[:, None], xs[None, :]]
-    if truth.regions and any(_overlaps(r.bounds(), (x0, y0, x0 + size, y0 + size)) for r in truth.regions):
+    if truth.regions and any(boxes_overlap(r.bounds(), (x0, y0, x0 + size, y0 + size)) for r in truth.regions):
         lesion = truth.mask(x0, y0, size, size, shapes=truth.regions)
         texture = np.where(lesion[..., None], atlas[1][ys[:, None], xs[None, :]], texture)
     mask = truth.mask(x0, y0, size, size)
@@ -271,7 +272,7 @@ def _texture_atlas(seed: int, nuclei: Nuclei = LOW_GRADE) -> np.ndarray:
     return atlas.clip(0, 255).astype(np.uint8)
 
 
-def _multipolygon(geom) -> MultiPolygon:
+def as_multipolygon(geom) -> MultiPolygon:
     if isinstance(geom, MultiPolygon):
         return geom
     if isinstance(geom, Polygon):
@@ -279,19 +280,8 @@ def _multipolygon(geom) -> MultiPolygon:
     return MultiPolygon([g for g in getattr(geom, "geoms", []) if isinstance(g, Polygon)])
 
 
-def _overlaps(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+def boxes_overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
-
-
-@dataclass(frozen=True)
-class CohortFiles:
-    """Where a synthetic cohort was written."""
-
-    root: Path
-    manifest: Path
-    clinical: Path
-    radiology: Path
-    truth: Path
 
 
 def write_cohort(out_dir: str | os.PathLike, n_patients: int = 80, seed: int = 0, slide_size: tuple[int, int] = (4096, 3072),
@@ -310,8 +300,8 @@ def write_cohort(out_dir: str | os.PathLike, n_patients: int = 80, seed: int = 0
 
     from pathomics.synthetic.cohort import simulate_cohort_tables
 
-    root = Path(out_dir)
-    (root / "slides").mkdir(parents=True, exist_ok=True)
+    files = CohortFiles(Path(out_dir))
+    files.slide("").parent.mkdir(parents=True, exist_ok=True)
     clinical, radiology, signatures, truth = simulate_cohort_tables(n_patients, seed, max_slides=max_slides)
     rng = np.random.default_rng(seed + 1)
     records, slides_truth = [], {}
@@ -320,15 +310,14 @@ def write_cohort(out_dir: str | os.PathLike, n_patients: int = 80, seed: int = 0
         atypia = float(norm.cdf(grade + 0.2 * rng.standard_normal()))
         fraction = float(rng.uniform(0.10, 0.35))
         tissue, regions = _planted_layout(slide_size, fraction, rng)
-        path, texture_seed = root / "slides" / f"{slide_id}.svs", int(rng.integers(1 << 30))  # drawn even when kept
+        path, texture_seed = files.slide(slide_id), int(rng.integers(1 << 30))  # drawn even when kept
         if not path.exists():
             tmp = path.with_name(f".{path.name}.partial")
             write_slide(tmp, *slide_size, mpp=mpp, shapes=(tissue,), regions=regions, atypia=atypia, seed=texture_seed)
             os.replace(tmp, path)
-        records.append({"slide_path": f"slides/{path.name}", "slide_id": slide_id, "patient_id": patient_id})
+        records.append({"slide_path": str(path.relative_to(files.root)), "slide_id": slide_id, "patient_id": patient_id})
         slides_truth[slide_id] = {"patient_id": patient_id, "latent_grade": grade, "atypia": atypia,
                                   "lesion_fraction": fraction, "regions": [vars(r) for r in regions], "tissue": vars(tissue)}
-    files = CohortFiles(root, root / "manifest.csv", root / "clinical.csv", root / "radiology.csv", root / "truth.json")
     import pandas as pd
 
     pd.DataFrame(records).to_csv(files.manifest, index=False)
@@ -348,7 +337,8 @@ def read_cohort_truth(path: str | os.PathLike) -> dict[str, SlideTruth]:
 
     data = json.loads(Path(path).read_text())
     width, height = data["slide_size"]
-    return {sid: SlideTruth(Path(path).parent / "slides" / f"{sid}.svs", width, height, data["mpp"],
+    files = CohortFiles(Path(path).parent)
+    return {sid: SlideTruth(files.slide(sid), width, height, data["mpp"],
                             (Ellipse(**s["tissue"]),), tuple(Ellipse(**r) for r in s["regions"]))
             for sid, s in data["slides"].items()}
 

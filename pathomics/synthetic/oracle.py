@@ -19,7 +19,7 @@ from pathomics.survival.metrics import concordance
 
 if TYPE_CHECKING:
     from pathomics.survival import SurvivalResult
-    from pathomics.survival.report import Section
+    from pathomics.survival.figures import Section
 
 
 def read_planted(truth: str | Path) -> tuple[pd.DataFrame, dict[str, float]]:
@@ -59,7 +59,7 @@ def oracle_table(
 
 def oracle_section(truth: str | Path, clinical: str | Path, result: SurvivalResult) -> Section:
     """The report section: the oracle table and how to read it."""
-    from pathomics.survival.report import Section, paragraph, table_html
+    from pathomics.survival.figures import Section, paragraph, table_html
 
     components, strengths = read_planted(truth)
     table = oracle_table(components, strengths, pd.read_csv(clinical, dtype={result.config.id_col: str}), result)

@@ -1,4 +1,4 @@
-"""Cox models of recurrence: design encoding, penalised Cox fits and the four-model set with fusion.
+"""Cox models of recurrence: design encoding, penalised Cox fits and decision-level fusion.
 
 Estimators follow the scikit-learn contract (hyper-parameters in the constructor, ``fit()`` returns
 self, fitted attributes end in ``_``); the Cox fits themselves are lifelines' ``CoxPHFitter`` (Efron
@@ -17,12 +17,10 @@ from lifelines import CoxPHFitter
 from lifelines.exceptions import ConvergenceError, ConvergenceWarning
 from sklearn.base import BaseEstimator, clone
 from sklearn.decomposition import PCA
-from sklearn.model_selection import StratifiedKFold
 from sksurv.metrics import concordance_index_censored
 
 from pathomics.errors import CohortError, FitWarning
-from pathomics.survival.cohort import Cohort
-from pathomics.survival.config import SurvivalConfig
+from pathomics.folds import row_splits
 
 MODEL_NAMES = ("clinical", "radiology", "pathology", "combined")
 CLINICAL_LP = "clinical_lp"
@@ -140,7 +138,7 @@ class CoxModel(BaseEstimator):
                           f"the unpenalised Cox model on {len(frame)} patients, {int(frame['event'].sum())} events, "
                           "does not converge")
                 warnings.warn(f"{reason}; refitted with ridge penalizer {STABILISING_PENALIZER} and flagged in "
-                              "coefficients.csv", FitWarning, stacklevel=2)
+                              "the coefficients table", FitWarning, stacklevel=2)
                 self.cph_, self.stabilised_ = self._fit_cph(frame, STABILISING_PENALIZER), True
         if self.cph_ is None:
             raise CohortError("the Cox model does not converge; check the covariates for collinearity or too few "
@@ -172,7 +170,7 @@ class CoxModel(BaseEstimator):
     def _inner_score(self, data: pd.DataFrame, penalizer: float) -> float:
         """Mean Harrell C of a fixed-penalty model over inner folds of ``data``."""
         model = clone(self).set_params(penalizer=penalizer)
-        splits = StratifiedKFold(self.inner_folds, shuffle=True, random_state=self.seed).split(data, data["event"])
+        splits = row_splits(data["event"].to_numpy(), self.inner_folds, self.seed)
         scores = [
             concordance_index_censored(
                 data["event"].iloc[test].astype(bool).to_numpy(),
@@ -227,20 +225,20 @@ class DecisionFusion(BaseEstimator):
     def fit(self, data: pd.DataFrame) -> DecisionFusion:
         self.clinical_ = clone(self.clinical).fit(data) if self.clinical is not None else None
         numeric = ((CLINICAL_LP,) if self.clinical_ is not None else ()) + self.scores
-        self.stage_ = CoxModel(Design(numeric=numeric, impute=self.impute), alpha=self.alpha).fit(self._stage_inputs(data))
+        self.stage_ = CoxModel(Design(numeric=numeric, impute=self.impute), alpha=self.alpha).fit(self.stage_inputs(data))
         return self
 
-    def _stage_inputs(self, data: pd.DataFrame) -> pd.DataFrame:
+    def stage_inputs(self, data: pd.DataFrame) -> pd.DataFrame:
         inputs = data[["time", "event", *self.scores]]
         if self.clinical_ is None:
             return inputs
         return inputs.assign(**{CLINICAL_LP: self.clinical_.predict_risk(data)})
 
     def predict_risk(self, data: pd.DataFrame) -> np.ndarray:
-        return self.stage_.predict_risk(self._stage_inputs(data))
+        return self.stage_.predict_risk(self.stage_inputs(data))
 
     def predict_survival(self, data: pd.DataFrame, times: Sequence[float]) -> np.ndarray:
-        return self.stage_.predict_survival(self._stage_inputs(data), times)
+        return self.stage_.predict_survival(self.stage_inputs(data), times)
 
     def coefficients(self) -> pd.DataFrame:
         return self.stage_.coefficients()
@@ -250,49 +248,3 @@ class DecisionFusion(BaseEstimator):
 
 
 SurvivalModel = CoxModel | DecisionFusion
-
-
-def build_models(config: SurvivalConfig, cohort: Cohort) -> dict[str, SurvivalModel]:
-    """The unfitted model set: one model per modality present, plus ``combined`` when there are two or more."""
-    impute = config.missing == "impute"
-    blocks: dict[str, dict[str, Any]] = {}
-    if "clinical" in cohort.modalities:
-        numeric = tuple(c for c in config.covariates if c not in cohort.categorical)
-        blocks["clinical"] = {"numeric": numeric, "categorical": cohort.categorical}
-    if "radiology" in cohort.modalities:
-        blocks["radiology"] = {"numeric": (config.radiology_col,)}
-    if "pathology" in cohort.modalities:
-        features = {"signature_columns": cohort.signature_columns, "n_components": config.n_components}
-        blocks["pathology"] = features if config.fusion == "features" else {"numeric": (config.risk_col,)}
-
-    def cox(block: dict[str, Any]) -> CoxModel:
-        penalizer = config.penalizer if len(config.penalizer) > 1 else config.penalizer[0]
-        return CoxModel(
-            Design(**block, impute=impute),
-            penalizer=penalizer,
-            l1_ratio=config.l1_ratio,
-            inner_folds=config.inner_folds,
-            alpha=1 - config.ci_level,
-            seed=config.seed,
-        )
-
-    models: dict[str, SurvivalModel] = {name: cox(block) for name, block in blocks.items()}
-    if len(blocks) < 2:
-        return models
-    if config.fusion == "features":
-        merged: dict[str, Any] = {}
-        for block in blocks.values():
-            for key, value in block.items():
-                merged[key] = merged.get(key, ()) + value if isinstance(value, tuple) else value
-        models["combined"] = cox(merged)
-    else:
-        scores = tuple(block["numeric"][0] for name, block in blocks.items() if name != "clinical")
-        clinical = models.get("clinical")
-        if config.missing == "available":
-            from pathomics.survival.fusion import AvailableFusion
-
-            names = tuple(name for name in blocks if name != "clinical")
-            models["combined"] = AvailableFusion(clinical, scores, names, alpha=1 - config.ci_level)
-        else:
-            models["combined"] = DecisionFusion(clinical, scores, impute=impute, alpha=1 - config.ci_level)
-    return models

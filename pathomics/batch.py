@@ -6,19 +6,17 @@ others go on. ``<out>/status.csv`` keeps one row per (slide_id, stage), updated 
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import fcntl
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 from pathomics.errors import PathomicsError
 from pathomics.layout import DONE, FAILED, SKIPPED, OutputLayout
-from pathomics.store import atomic_path
+from pathomics.locks import exclusive_lock
+from pathomics.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -107,27 +105,6 @@ def update_status(out_dir: str | os.PathLike, rows: Iterable[StatusRow]) -> None
             writer = csv.DictWriter(fh, fieldnames=[f.name for f in fields(StatusRow)])
             writer.writeheader()
             writer.writerows(asdict(r) for r in merged.values())
-
-
-@contextlib.contextmanager
-def exclusive_lock(path: str | os.PathLike, wait: bool = False) -> Iterator[bool]:
-    """Hold an exclusive ``flock`` on ``path``; yields False at once if another process holds it and not ``wait``.
-
-    The kernel grants the lock atomically and drops it when the holder's file is closed or the holder
-    dies, so a killed run leaves no stale lock behind (unlike check-then-create lock files).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
 
 
 def exit_code(rows: Sequence[StatusRow]) -> int:

@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from pathomics.layout import ResultFiles
 from pathomics.survival.decision import plot_decision_curves
-from pathomics.survival.report import Section, image_html, paragraph, table_html
+from pathomics.survival.figures import Section, image_html, paragraph, table_html
 
 if TYPE_CHECKING:
     from pathomics.survival import SurvivalResult
@@ -50,10 +51,10 @@ def translation_sections(result: SurvivalResult, directory: Path) -> list[Sectio
     if external:
         sections.append(Section("Training and external cohorts side by side", _side_by_side(result)))
     curves = {name: r.metrics["decision_curve"] for name, r in result.models.items()}
-    images = image_html(plot_decision_curves(curves, directory / "decision_curve.png", unit), "decision curves")
+    images = image_html(plot_decision_curves(curves, ResultFiles(directory).figure("decision_curve"), unit), "decision curves")
     training = {name: result.study.training[name]["decision_curve"] for name in result.models if name in result.study.training}
     if external and training:
-        plot = plot_decision_curves(training, directory / "decision_curve_training.png", unit, title="training cohort, ")
+        plot = plot_decision_curves(training, ResultFiles(directory).figure("decision_curve_training"), unit, title="training cohort, ")
         images = (
             paragraph("External cohort:") + images
             + paragraph("Training cohort (in-sample):") + image_html(plot, "training decision curves")
@@ -70,7 +71,7 @@ def translation_sections(result: SurvivalResult, directory: Path) -> list[Sectio
     )
     nomogram = result.study.nomogram
     if nomogram is not None:
-        png = nomogram.plot(directory / "nomogram.png", unit)
+        png = nomogram.plot(ResultFiles(directory).figure("nomogram"), unit)
         sections.append(
             Section(
                 "Nomogram",

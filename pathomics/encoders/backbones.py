@@ -8,27 +8,25 @@ else ``random`` when explicitly asked; nothing is ever downloaded.
 
 from __future__ import annotations
 
-import pickle
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 from pathomics.errors import ConfigError, ModelError
-from pathomics.store import sha256_file
+from pathomics.encoders.base import (
+    IMAGENET_MEAN, IMAGENET_STD, RANDOM, RANDOM_SEED, Backbone, probe_embedding_dim,
+)
+from pathomics.encoders.weights import read_state_dict
+from pathomics.io import sha256_file
 
-RANDOM = "random"
 TORCHVISION_PREFIX = "torchvision:"
 TORCHSCRIPT_PREFIX = "torchscript:"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-RANDOM_SEED = 0  # random weights are reproducible: the same seed gives the same untrained backbone
 
 
 @dataclass(frozen=True)
@@ -43,23 +41,6 @@ class BackboneSpec:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     embedding_dim: int | None = None  # None: learnt from a probe forward pass
-
-
-@dataclass(frozen=True)
-class Backbone:
-    """A loaded encoder (eval mode, on the CPU) with its provenance."""
-
-    name: str
-    module: nn.Module
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    embedding_dim: int
-    weights: str  # the weights file, or "random"
-    weights_sha256: str  # of the weights file, or "random"
-    resize_size: int | None = None  # patches are resized to this side, then centre-cropped to input_size (None: input_size)
-    interpolation: str = "bilinear"
-    recipe: dict[str, Any] | None = None  # a foundation model's card recipe, recorded in the feature files
 
 
 _REGISTRY: dict[str, Callable[[], BackboneSpec]] = {}
@@ -77,11 +58,16 @@ def register_backbone(name: str) -> Callable[[Callable[[], BackboneSpec]], Calla
     return register
 
 
+def registered_backbones() -> list[str]:
+    """Names registered with ``register_backbone`` (the CNN backbones; presets are listed by ``list_backbones``)."""
+    return sorted(_REGISTRY)
+
+
 def list_backbones() -> list[str]:
     """Registered backbone and foundation preset names (``torchvision:``, ``torchscript:``, ``timm:``, ``hf:`` also work)."""
-    from pathomics.models.foundation import PRESETS
+    from pathomics.encoders.foundation import PRESETS
 
-    return sorted(_REGISTRY) + list(PRESETS)
+    return registered_backbones() + list(PRESETS)
 
 
 def get_backbone_spec(name: str) -> BackboneSpec:
@@ -158,7 +144,7 @@ def load_backbone(name: str, weights: str | None = None, input_size: int | None 
     that the encoder maps a batch to a 2-D (n, D) output before any patch is read. ``precision``, the
     resolved embedding precision, lets foundation models hold their weights in bf16 (``models.foundation``).
     """
-    from pathomics.models import foundation
+    from pathomics.encoders import foundation
 
     if foundation.handles(name):
         return foundation.load_foundation(name, weights, input_size, precision)
@@ -208,23 +194,6 @@ def _load_state(model: nn.Module, trunk: Callable[[nn.Module], nn.Module], path:
     return module
 
 
-def read_state_dict(path: Path, mmap: bool = False) -> Mapping[str, torch.Tensor]:
-    """A torchvision-style state dict, bare or under a checkpoint's ``state_dict`` key (tensors only).
-
-    ``mmap``: map the file instead of reading it (zip-format files only), so large weights cost page cache.
-    """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except (RuntimeError, OSError, ValueError, EOFError, IndexError, KeyError, TypeError, pickle.UnpicklingError) as exc:
-        # a file that is no pickle at all (a text file, say) breaks the unpickler in many ways
-        raise ModelError(f"{path} is not a PyTorch state dict ({exc})") from exc
-    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
-        state = state["state_dict"]
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelError(f"{path} holds no state dict of tensors (nor a checkpoint with a 'state_dict')")
-    return state
-
-
 def _load_torchscript(path: Path, name: str, weights: str | None, input_size: int | None) -> Backbone:
     """A user's TorchScript encoder: it carries its own weights and expects ImageNet-normalised RGB."""
     if weights is not None:
@@ -241,24 +210,3 @@ def _load_torchscript(path: Path, name: str, weights: str | None, input_size: in
     size = input_size or 224
     dim = probe_embedding_dim(module.eval(), size, None, name)
     return Backbone(name, module, size, IMAGENET_MEAN, IMAGENET_STD, dim, str(path), sha256_file(path))
-
-
-def probe_embedding_dim(module: nn.Module, input_size: int, expected: int | None, name: str) -> int:
-    """Run two blank patches through ``module`` and return D, refusing outputs that are not (2, D)."""
-    with torch.inference_mode():
-        try:
-            out = module(torch.zeros(2, 3, input_size, input_size))
-        except RuntimeError as exc:
-            raise ModelError(f"{name} cannot encode {input_size}-px patches ({exc})") from exc
-    dim = check_embeddings(out, 2, name)
-    if expected is not None and dim != expected:
-        raise ModelError(f"{name} returned {dim}-d embeddings, expected {expected}")
-    return dim
-
-
-def check_embeddings(out: object, n: int, name: str) -> int:
-    """The embedding dimension of a model output, which must be one (n, D) tensor."""
-    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != n:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ModelError(f"{name} must return one (batch, dim) tensor per batch of {n} patches, got {shape}")
-    return int(out.shape[1])

@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from pathomics.errors import ModelError
-from pathomics.models.backbones import IMAGENET_MEAN, IMAGENET_STD, RANDOM, RANDOM_SEED, Backbone, probe_embedding_dim
-from pathomics.models.weights import check_keys, read_weights, resolve_weights, weights_in
-from pathomics.store import sha256_file
+from pathomics.encoders.base import IMAGENET_MEAN, IMAGENET_STD, RANDOM, RANDOM_SEED, Backbone, probe_embedding_dim
+from pathomics.encoders.weights import check_keys, read_weights, resolve_weights, weights_in
+from pathomics.io import sha256_file
 
 log = logging.getLogger(__name__)
 TIMM_PREFIX = "timm:"
@@ -351,7 +351,7 @@ def _assign_weights(vit: nn.Module, path: Path, recipe: Recipe, dtype: torch.dty
 
 def foundation_table() -> list[dict[str, Any]]:
     """One row per preset and family for ``pathomics models``: dim, input, MPP, licence, weights found where."""
-    from pathomics.models.weights import lookup
+    from pathomics.encoders.weights import lookup
 
     rows = []
     for name, recipe in PRESETS.items():

@@ -9,6 +9,7 @@ Hugging Face cache layout of the preset's repository, ``$HF_HOME/hub/models--ORG
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,8 +101,6 @@ def read_weights(path: Path, dtype: torch.dtype | None = None) -> dict[str, torc
                 return {key: cast(fh.get_tensor(key)) for key in fh.keys()}  # noqa: SIM118 - safe_open is no dict
         except (SafetensorError, OSError) as exc:
             raise ModelError(f"{path} is not a safetensors file ({exc})") from exc
-    from pathomics.models.backbones import read_state_dict
-
     return {key: cast(value) for key, value in read_state_dict(path, mmap=True).items()}
 
 
@@ -116,3 +115,20 @@ def check_keys(expected: Iterable[str], given: Mapping[str, torch.Tensor], path:
                          f"{missing[0] if missing else '-'}), {len(unexpected)} unexpected (first: "
                          f"{unexpected[0] if unexpected else '-'}); pass the weights of this model, or choose the "
                          f"--model they belong to")
+
+
+def read_state_dict(path: Path, mmap: bool = False) -> Mapping[str, torch.Tensor]:
+    """A torchvision-style state dict, bare or under a checkpoint's ``state_dict`` key (tensors only).
+
+    ``mmap``: map the file instead of reading it (zip-format files only), so large weights cost page cache.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (RuntimeError, OSError, ValueError, EOFError, IndexError, KeyError, TypeError, pickle.UnpicklingError) as exc:
+        # a file that is no pickle at all (a text file, say) breaks the unpickler in many ways
+        raise ModelError(f"{path} is not a PyTorch state dict ({exc})") from exc
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path} holds no state dict of tensors (nor a checkpoint with a 'state_dict')")
+    return state

@@ -1,0 +1,92 @@
+"""Generic output I/O: atomic writes, the one JSON normaliser, content digests and PNG files."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pathomics.errors import StoreError
+from pathomics.layout import PARTIAL_SUFFIX
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def json_ready(value: Any) -> Any:
+    """Plain JSON types: numpy scalars and arrays, tuples, paths and bytes to Python; NaN and infinities (undefined
+    metrics) to null; dict keys to strings. The one normaliser for JSON files, store attributes and HDF5 attributes."""
+    if isinstance(value, Mapping):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, (np.integer, np.bool_)):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    return value
+
+
+def digest(document: Any) -> str:
+    """SHA-256 of ``document`` as canonical JSON (sorted keys; other types by ``str``): a key of settings and inputs."""
+    return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_json(path: str | os.PathLike, document: Mapping[str, Any]) -> None:
+    """Write ``document`` as indented JSON, atomically, through ``json_ready``."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(json_ready(document), indent=2))
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    """The temporary name an output is built under before it is renamed into place."""
+    path = Path(path)
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary file path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; outputs get the usual permissions
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def write_png(path: str | os.PathLike, image_bgr: np.ndarray) -> Path:
+    """Encode an OpenCV (BGR) image as PNG and write it atomically."""
+    import cv2
+
+    ok, png = cv2.imencode(".png", image_bgr)
+    if not ok:
+        raise StoreError(f"{path}: could not encode a PNG of shape {image_bgr.shape}")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(png.tobytes())
+    return Path(path)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (provenance of weights and checkpoints)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
