@@ -50,7 +50,7 @@ def time_model(name: str, pool: list, bags: int, dim: int, config: MILConfig) ->
     objective = train.Classification(["neg", "pos"])
     model = build_aggregator(name, dim, objective.n_outputs, **config.aggregator_options())
     targets = train.Targets(label=np.arange(bags) % 2)
-    settings = train.TrainSettings(epochs=1, patience=1, min_epochs=1, batch_size=config.batch_size, lr=config.lr,
+    settings = train.TrainConfig(epochs=1, patience=1, min_epochs=1, batch_size=config.batch_size, lr=config.lr,
                                    weight_decay=config.weight_decay, max_patches=None, aux_weight=config.aux_weight, seed=0)
     cpu = torch.device("cpu")
 

@@ -33,8 +33,8 @@ def _patches(n: int = 3, size: int = 64, seed: int = 1) -> torch.Tensor:
 def test_registry_refuses_duplicate_names(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(backbones, "_REGISTRY", dict(backbones._REGISTRY))
     factory = register_backbone("tiny-shufflenet")(
-        lambda: backbones.torchvision_spec("shufflenet_v2_x0_5", name="tiny-shufflenet"))
-    assert backbones.get_backbone_spec("tiny-shufflenet").name == "tiny-shufflenet"
+        lambda: backbones.torchvision_config("shufflenet_v2_x0_5", name="tiny-shufflenet"))
+    assert backbones.get_backbone_config("tiny-shufflenet").name == "tiny-shufflenet"
     assert "tiny-shufflenet" in backbones.list_backbones()
     with pytest.raises(ValueError, match="already registered"):
         register_backbone("tiny-shufflenet")(factory)
@@ -45,7 +45,7 @@ def test_registry_refuses_duplicate_names(monkeypatch: pytest.MonkeyPatch) -> No
 @pytest.mark.parametrize(("name", "file_name"), [("resnet50-trunc", "resnet50-0676ba61.pth"),
                                                   ("shufflenet-v2", "shufflenetv2_x1-5666bf0f80.pth")])
 def test_builtin_specs(name: str, file_name: str) -> None:
-    spec = backbones.get_backbone_spec(name)
+    spec = backbones.get_backbone_config(name)
     assert (spec.input_size, spec.embedding_dim, spec.weights_file) == (224, 1024, file_name)
     assert spec.mean == (0.485, 0.456, 0.406) and spec.std == (0.229, 0.224, 0.225)
 

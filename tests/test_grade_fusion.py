@@ -10,11 +10,11 @@ from lifelines import CoxPHFitter
 
 from pathomics.cli.main import main
 from pathomics.errors import CohortError
-from pathomics.survival.grade_fusion import FusionSpec, fit_fusion, likelihood_ratio_test
+from pathomics.survival.grade_fusion import GradeFusionConfig, fit_fusion, likelihood_ratio_test
 from pathomics.survival.metrics import concordance
 from pathomics.synthetic.grade_cohort import MODIFIED, UNMODIFIED, simulate_grade_cohort
 
-SPEC = FusionSpec(("clinical", "pathology"), ("p_grade_high",))
+SPEC = GradeFusionConfig(("clinical", "pathology"), ("p_grade_high",))
 
 
 def held_out_gain(effect: dict[str, float]) -> tuple[float, dict[str, float], object]:

@@ -108,7 +108,7 @@ def test_early_stopping_stops_and_restores_the_best_epoch():
     objective = train.Classification(["neg", "pos"])
     torch.manual_seed(0)
     model = build_aggregator("abmil", 8, 2, hidden_dim=16)
-    settings = train.TrainSettings(epochs=60, patience=3, min_epochs=5, batch_size=4, lr=5e-3, weight_decay=0.0,
+    settings = train.TrainConfig(epochs=60, patience=3, min_epochs=5, batch_size=4, lr=5e-3, weight_decay=0.0,
                                    max_patches=20, aux_weight=0.0, seed=0)
     val = np.arange(16, 24)
     result = train.fit(model, objective, targets, bags.__getitem__, np.arange(16), val, settings, torch.device("cpu"))

@@ -13,11 +13,11 @@ from pathomics.mil import MILConfig, train
 from pathomics.mil.aggregators import build_aggregator
 
 
-def settings(**values) -> train.TrainSettings:
+def settings(**values) -> train.TrainConfig:
     base = {"epochs": 12, "patience": 12, "min_epochs": 1, "batch_size": 4, "lr": 1e-3, "weight_decay": 1e-2,
             "max_patches": None, "aux_weight": 0.0, "seed": 3, "warmup_epochs": 2, "schedule": "cosine",
             "instance_dropout": 0.3}
-    return train.TrainSettings(**{**base, **values})
+    return train.TrainConfig(**{**base, **values})
 
 
 def bags(n: int = 16, dim: int = 6, seed: int = 0) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:

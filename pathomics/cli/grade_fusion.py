@@ -32,13 +32,13 @@ def run(args: argparse.Namespace) -> int:
     from pathomics.errors import CohortError
     from pathomics.layout import OutputLayout
     from pathomics.io import write_json
-    from pathomics.survival.grade_fusion import FusionSpec, compare_fusion, grade_columns, modality_names
+    from pathomics.survival.grade_fusion import GradeFusionConfig, compare_fusion, grade_columns, modality_names
 
     try:
         table = pd.read_csv(args.table)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise CohortError(f"{args.table}: cannot read the table ({exc})") from exc
-    spec = FusionSpec(modality_names(args.modalities.split(",")),
+    spec = GradeFusionConfig(modality_names(args.modalities.split(",")),
                       grade_columns(table, args.grade_prefix, args.reference_grade),
                       args.time_col, args.event_col, args.penalizer)
     result = {"table": str(args.table), **compare_fusion(table, spec, args.folds, args.seed)}

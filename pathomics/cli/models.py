@@ -24,12 +24,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def model_rows() -> list[dict[str, str]]:
     """One row per registered backbone and foundation preset, as strings."""
-    from pathomics.encoders.backbones import get_backbone_spec, hub_checkpoint, registered_backbones
+    from pathomics.encoders.backbones import get_backbone_config, hub_checkpoint, registered_backbones
     from pathomics.encoders.foundation import foundation_table
 
     rows = []
     for name in registered_backbones():
-        spec = get_backbone_spec(name)
+        spec = get_backbone_config(name)
         cached = hub_checkpoint(spec.weights_file)
         rows.append({"model": name, "dim": spec.embedding_dim, "input": spec.input_size, "mpp": "-", "patch": "-",
                      "licence": "torchvision weights (ImageNet)", "weights": cached if cached.is_file() else "not found"})

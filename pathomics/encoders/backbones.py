@@ -30,7 +30,7 @@ TORCHSCRIPT_PREFIX = "torchscript:"
 
 
 @dataclass(frozen=True)
-class BackboneSpec:
+class BackboneConfig:
     """What a backbone is before loading: how to build it, where its weights live, what it expects."""
 
     name: str
@@ -43,13 +43,13 @@ class BackboneSpec:
     embedding_dim: int | None = None  # None: learnt from a probe forward pass
 
 
-_REGISTRY: dict[str, Callable[[], BackboneSpec]] = {}
+_REGISTRY: dict[str, Callable[[], BackboneConfig]] = {}
 
 
-def register_backbone(name: str) -> Callable[[Callable[[], BackboneSpec]], Callable[[], BackboneSpec]]:
-    """Register a zero-argument factory of a BackboneSpec under ``name``; a name can be taken once."""
+def register_backbone(name: str) -> Callable[[Callable[[], BackboneConfig]], Callable[[], BackboneConfig]]:
+    """Register a zero-argument factory of a BackboneConfig under ``name``; a name can be taken once."""
 
-    def register(factory: Callable[[], BackboneSpec]) -> Callable[[], BackboneSpec]:
+    def register(factory: Callable[[], BackboneConfig]) -> Callable[[], BackboneConfig]:
         if name in _REGISTRY:
             raise ConfigError(f"backbone {name!r} is already registered")
         _REGISTRY[name] = factory
@@ -70,18 +70,18 @@ def list_backbones() -> list[str]:
     return registered_backbones() + list(PRESETS)
 
 
-def get_backbone_spec(name: str) -> BackboneSpec:
+def get_backbone_config(name: str) -> BackboneConfig:
     """The spec of a registered backbone or of ``torchvision:<name>``."""
     if name.startswith(TORCHVISION_PREFIX):
-        return torchvision_spec(name.removeprefix(TORCHVISION_PREFIX), name=name)
+        return torchvision_config(name.removeprefix(TORCHVISION_PREFIX), name=name)
     if name not in _REGISTRY:
         raise ModelError(f"unknown model {name!r}; choose one of {', '.join(list_backbones())}, "
                          f"{TORCHVISION_PREFIX}<name>, {TORCHSCRIPT_PREFIX}<path>, timm:<arch> or hf:<folder>")
     return _REGISTRY[name]()
 
 
-def torchvision_spec(arch: str, name: str, trunk: Callable[[nn.Module], nn.Module] | None = None,
-                     weights_enum: str = "DEFAULT", embedding_dim: int | None = None) -> BackboneSpec:
+def torchvision_config(arch: str, name: str, trunk: Callable[[nn.Module], nn.Module] | None = None,
+                     weights_enum: str = "DEFAULT", embedding_dim: int | None = None) -> BackboneConfig:
     """A torchvision classifier as a backbone: its own input size, normalisation and checkpoint file name."""
     import torchvision
 
@@ -89,7 +89,7 @@ def torchvision_spec(arch: str, name: str, trunk: Callable[[nn.Module], nn.Modul
         raise ModelError(f"{arch!r} is not a torchvision classification model (see torchvision.models.list_models())")
     weights = torchvision.models.get_model_weights(arch)[weights_enum]
     preset = weights.transforms()
-    return BackboneSpec(
+    return BackboneConfig(
         name=name,
         build=lambda: torchvision.models.get_model(arch, weights=None),
         trunk=trunk or drop_classifier,
@@ -120,16 +120,16 @@ def resnet_to_layer3(model: nn.Module) -> nn.Module:
 
 
 @register_backbone("resnet50-trunc")
-def resnet50_trunc() -> BackboneSpec:
+def resnet50_trunc() -> BackboneConfig:
     """ResNet50 (ImageNet V1 weights, as CLAM and TRIDENT) truncated after layer3: 1024-d."""
-    return torchvision_spec("resnet50", name="resnet50-trunc", trunk=resnet_to_layer3,
+    return torchvision_config("resnet50", name="resnet50-trunc", trunk=resnet_to_layer3,
                             weights_enum="IMAGENET1K_V1", embedding_dim=1024)
 
 
 @register_backbone("shufflenet-v2")
-def shufflenet_v2() -> BackboneSpec:
+def shufflenet_v2() -> BackboneConfig:
     """ShuffleNetV2 x1.0 without its classifier: 1024-d (the soft-tissue-sarcoma study's backbone)."""
-    return torchvision_spec("shufflenet_v2_x1_0", name="shufflenet-v2", embedding_dim=1024)
+    return torchvision_config("shufflenet_v2_x1_0", name="shufflenet-v2", embedding_dim=1024)
 
 
 def hub_checkpoint(file_name: str) -> Path:
@@ -150,7 +150,7 @@ def load_backbone(name: str, weights: str | None = None, input_size: int | None 
         return foundation.load_foundation(name, weights, input_size, precision)
     if name.startswith(TORCHSCRIPT_PREFIX):
         return _load_torchscript(Path(name.removeprefix(TORCHSCRIPT_PREFIX)), name, weights, input_size)
-    spec = get_backbone_spec(name)
+    spec = get_backbone_config(name)
     path = _weights_path(spec, weights)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)
@@ -162,7 +162,7 @@ def load_backbone(name: str, weights: str | None = None, input_size: int | None 
     return Backbone(name, module, size, spec.mean, spec.std, dim, label, digest)
 
 
-def _weights_path(spec: BackboneSpec, weights: str | None) -> Path | None:
+def _weights_path(spec: BackboneConfig, weights: str | None) -> Path | None:
     """The weights file to load (None for random weights), or a ModelError saying how to provide one."""
     if weights == RANDOM:
         return None

@@ -142,7 +142,7 @@ def fit_model(cohort: LabelledBags, train_idx: np.ndarray, val_idx: np.ndarray, 
     device = resolve_device(config.device)
     seed = int(np.random.SeedSequence([config.seed, run]).generate_state(1)[0])
     objective = _make_objective(cohort, train_idx, config)
-    settings = train.TrainSettings(epochs, config.patience, config.min_epochs, config.batch_size, config.lr,
+    settings = train.TrainConfig(epochs, config.patience, config.min_epochs, config.batch_size, config.lr,
                                    config.weight_decay, config.max_patches, config.aux_weight, seed,
                                    config.warmup_epochs, config.schedule, config.instance_dropout)
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):

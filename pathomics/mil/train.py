@@ -223,7 +223,7 @@ def class_weights(labels: np.ndarray, n_classes: int) -> list[float]:
 
 
 @dataclass(frozen=True)
-class TrainSettings:
+class TrainConfig:
     """The optimisation knobs the epoch loop needs (a view of the stage config)."""
 
     epochs: int
@@ -264,7 +264,7 @@ def feature_statistics(load: BagLoader, index: Sequence[int]) -> tuple[Tensor, T
 
 
 def fit(model: MILAggregator, objective: Objective, targets: Targets, load: BagLoader,
-        train: np.ndarray, val: np.ndarray, settings: TrainSettings, device: torch.device) -> FitResult:
+        train: np.ndarray, val: np.ndarray, settings: TrainConfig, device: torch.device) -> FitResult:
     """Train ``model`` on bags ``train`` with AdamW; after ``min_epochs``, stop early once the loss on ``val``
     has not improved for ``patience`` epochs, and restore the best weights (with no ``val``, run all epochs).
 
@@ -295,7 +295,7 @@ def fit(model: MILAggregator, objective: Objective, targets: Targets, load: BagL
 MIN_LR_RATIO = 0.05  # the cosine schedule ends at this fraction of the peak learning rate
 
 
-def lr_factor(epoch: int, settings: TrainSettings) -> float:
+def lr_factor(epoch: int, settings: TrainConfig) -> float:
     """Multiplier of the peak learning rate in (0-based) ``epoch``: a linear warm-up over ``warmup_epochs``
     (Adam's early steps are large while its moment estimates settle), then constant or a cosine decay to
     ``MIN_LR_RATIO`` at the last epoch (large steps early to find the informative instances, small ones late)."""
@@ -309,7 +309,7 @@ def lr_factor(epoch: int, settings: TrainSettings) -> float:
 
 
 def _train_epoch(model: MILAggregator, objective: Objective, targets: Targets, load: BagLoader, order: np.ndarray,
-                 settings: TrainSettings, rng: np.random.Generator, optimizer: torch.optim.Optimizer,
+                 settings: TrainConfig, rng: np.random.Generator, optimizer: torch.optim.Optimizer,
                  device: torch.device) -> float:
     """One pass over ``order`` in batches of bags; returns the mean batch loss."""
     model.train()

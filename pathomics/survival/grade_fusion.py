@@ -34,7 +34,7 @@ from pathomics.survival.metrics import concordance
 
 
 @dataclass(frozen=True)
-class FusionSpec:
+class GradeFusionConfig:
     """Which columns are modality scores and which are grade probabilities (non-reference grades only)."""
 
     modalities: tuple[str, ...]
@@ -62,7 +62,7 @@ class FusionSpec:
 class FittedFusion:
     """A fitted plain or grade-guided fusion model."""
 
-    spec: FusionSpec
+    spec: GradeFusionConfig
     gated: bool
     cph: CoxPHFitter
 
@@ -87,7 +87,7 @@ class FittedFusion:
         return out
 
 
-def fit_fusion(table: pd.DataFrame, spec: FusionSpec, gated: bool) -> FittedFusion:
+def fit_fusion(table: pd.DataFrame, spec: GradeFusionConfig, gated: bool) -> FittedFusion:
     """Fit plain or grade-guided fusion on ``table`` (one row per patient)."""
     frame = spec.design(table, gated).assign(_time=table[spec.time].to_numpy(float),
                                              _event=table[spec.event].to_numpy(int))
@@ -104,7 +104,7 @@ def likelihood_ratio_test(gated: FittedFusion, plain: FittedFusion) -> dict[str,
     return {"statistic": float(statistic), "df": int(df), "p_value": float(chi2.sf(max(statistic, 0.0), df))}
 
 
-def compare_fusion(table: pd.DataFrame, spec: FusionSpec, folds: int = 5, seed: int = 0) -> dict[str, Any]:
+def compare_fusion(table: pd.DataFrame, spec: GradeFusionConfig, folds: int = 5, seed: int = 0) -> dict[str, Any]:
     """Plain vs grade-guided fusion: K-fold cross-validated Harrell C of each (folds stratified by event, the
     same folds for both) and their paired per-fold difference; on all patients, the LR test of the
     interactions, the coefficients and the modality weights per grade."""

@@ -39,7 +39,7 @@ from pathomics.survival import metrics as m
 from pathomics.survival.cohort import InputTable, TableSource, clinical_frame, signature_frame
 from pathomics.survival.config import SurvivalConfig
 from pathomics.survival.cox import CoxModel, Design
-from pathomics.survival.sequence import SequenceSettings, fit_sequence, predict_sequence
+from pathomics.survival.sequence import SequenceConfig, fit_sequence, predict_sequence
 
 log = logging.getLogger(__name__)
 SIGNATURE_KINDS = ("risk", "embedding")
@@ -356,7 +356,7 @@ def cross_validate_landmark(
         )
     folds = patient_folds(patients.index.to_numpy(), event, config.folds, config.seed)
     static = patients[list(signature_columns)].to_numpy(dtype=np.float64)
-    settings = SequenceSettings(config.hidden, config.epochs, config.lr, config.weight_decay, config.seed)
+    settings = SequenceConfig(config.hidden, config.epochs, config.lr, config.weight_decay, config.seed)
     risks = {name: np.empty(len(patients)) for name in ("sequence", *landmark.snapshots)}
     embedding = np.empty((len(patients), config.hidden))
     sets: dict[str, list[m.EvalSet]] = {name: [] for name in risks}

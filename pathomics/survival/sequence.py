@@ -21,7 +21,7 @@ from pathomics.losses import cox_partial_nll
 
 
 @dataclass(frozen=True)
-class SequenceSettings:
+class SequenceConfig:
     """Encoder size and the full-batch optimisation (Adam) of the Cox loss."""
 
     hidden: int
@@ -67,7 +67,7 @@ def fit_sequence(
     time: np.ndarray,
     event: np.ndarray,
     landmark: float,
-    settings: SequenceSettings,
+    settings: SequenceConfig,
 ) -> FittedSequence:
     """Train on ``histories`` (per patient: (visits, 1 + markers), time first, all at or before ``landmark``),
     ``static`` (patients, k) and the outcomes from the landmark; seeded, on the CPU, the global RNG untouched."""
