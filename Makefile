@@ -1,6 +1,8 @@
-# Two entry points, both creating or reusing .venv from nothing but Python 3:
-#   make demo   set up and run the demo
-#   make test   set up and run the whole test suite
+# Entry points, each creating or reusing .venv from nothing but Python 3:
+#   make demo        set up and run the demo
+#   make test        set up, run the whole test suite and build the docs site (strict)
+#   make test-fast   the tests not marked slow, for the edit loop
+#   make docs        build the docs site into site/
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
 PYTHON ?= python3
@@ -8,7 +10,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast docs clean
 
 setup: $(STAMP)
 
@@ -24,6 +26,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n auto
+	$(MAKE) --no-print-directory docs
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n auto -m "not slow"
+
+# offline: the CLI reference is generated from the parsers (docs/hooks.py), the API reference from docstrings
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
 
 clean:
-	rm -rf $(VENV) demo-out
+	rm -rf $(VENV) demo-out site

@@ -142,6 +142,7 @@ def _traced(module: torch.nn.Module, path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 @TORCHSCRIPT_DEPRECATED
 def test_torchscript_encoder(tmp_path: Path) -> None:
     reference = backbones.drop_classifier(torchvision.models.shufflenet_v2_x0_5()).eval()

@@ -75,6 +75,7 @@ def test_a_folder_without_slides_is_a_usage_error(tmp_path, capsys):
     assert "a folder without slide files" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_embed_refuses_a_text_file_as_weights(tmp_path, aperio_slide):
     assert main(["tile", str(aperio_slide.path), "--out", str(tmp_path), "--mpp", "2.0", "--patch-size", "64"]) == 0
     notes = tmp_path / "notes.txt"

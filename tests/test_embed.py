@@ -93,6 +93,7 @@ def test_stored_features_equal_the_backbone_in_fp32(tmp_path: Path, model: str, 
     assert error <= 1e-4 and error <= 1e-4 * np.abs(expected).max()
 
 
+@pytest.mark.slow
 def test_results_do_not_depend_on_batch_size_workers_or_order(tmp_path: Path, shufflenet: Backbone) -> None:
     images = random_patches(23)
     store = make_store(tmp_path, "s1", images)
@@ -109,6 +110,7 @@ def test_results_do_not_depend_on_batch_size_workers_or_order(tmp_path: Path, sh
     np.testing.assert_allclose(reversed_file.features, results[0][::-1], rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16 (AVX512-BF16 or AMX); auto uses fp32")
 @pytest.mark.parametrize("model", ["shufflenet-v2", "resnet50-trunc"])
 def test_bf16_features_match_fp32(tmp_path: Path, model: str) -> None:
@@ -266,6 +268,7 @@ def test_config_is_validated() -> None:
         CPU_FP32.batch_size = 3  # type: ignore[misc]
 
 
+@pytest.mark.slow
 def test_slide_to_tiles_to_features(tmp_path: Path, shufflenet: Backbone) -> None:
     from pathomics.synthetic import write_slide
     from pathomics.tiling import TileConfig, tile_slide

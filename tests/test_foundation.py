@@ -129,6 +129,7 @@ def test_every_preset_has_its_cards_dimension(name: str) -> None:
     assert recipe.repository and recipe.licence and recipe.mpp == 0.5 and recipe.patch_size in (224, 256)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_published_weights_load_from_a_folder_and_the_hf_cache_alike(
         name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -224,6 +225,7 @@ def test_gigapath_resize_and_crop_equal_the_model_cards_transform(
     assert json.loads(attrs["recipe"])["resize_size"] == 256 and attrs["input_size"] == 224
 
 
+@pytest.mark.slow
 def test_virchow2_embed_equals_the_model_cards_snippet(stores: dict[int, Path], tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Register tokens: class token + mean of patch tokens 5: (the card's output[:, 5:]), depth-reduced ViT-H/14."""

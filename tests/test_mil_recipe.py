@@ -43,6 +43,7 @@ def test_warm_up_rises_linearly_then_cosine_decays_to_the_floor():
     assert [train.lr_factor(e, settings(schedule="constant", warmup_epochs=0)) for e in range(4)] == [1.0] * 4
 
 
+@pytest.mark.slow
 def test_fit_applies_the_schedule_to_the_optimiser(monkeypatch):
     seen = []
     original = train._train_epoch
@@ -92,6 +93,7 @@ def test_instance_dropout_only_in_training(monkeypatch):
     assert [len(o.attention) for o in outputs] == [len(x) for x, _ in data]
 
 
+@pytest.mark.slow
 def test_the_recipe_is_deterministic_and_learns():
     data, labels = bags(32)
     objective, targets = train.Classification(["0", "1"]), train.Targets(label=labels)

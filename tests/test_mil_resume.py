@@ -10,7 +10,7 @@ import time
 
 import pandas as pd
 import pytest
-from mil_fixtures import witness_cohort
+from helpers.mil import witness_cohort
 
 from pathomics.layout import OutputLayout
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from mil_fixtures import PATCH, grid_coords, one_thread, witness_cohort, write_bag  # noqa: F401 - autouse fixture
+from helpers.mil import PATCH, grid_coords, one_thread, witness_cohort, write_bag  # noqa: F401 - autouse fixture
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
@@ -66,6 +66,7 @@ def instance_auc(run_dir: Path, witnesses: dict[str, np.ndarray]) -> float:
     return float(np.mean(aucs))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["abmil", "gated-abmil"])
 def test_attention_finds_rare_witnesses(model, known_answer_runs, witness_classification):
     run = known_answer_runs[model]
@@ -73,12 +74,14 @@ def test_attention_finds_rare_witnesses(model, known_answer_runs, witness_classi
     assert instance_auc(run.out_dir, witness_classification.witnesses) >= 0.9
 
 
+@pytest.mark.slow
 def test_mean_pooling_is_clearly_worse(known_answer_runs):
     mean = known_answer_runs["mean"].metrics["pooled_out_of_fold"]["auc"]
     assert mean <= 0.9
     assert mean <= min(known_answer_runs[m].metrics["pooled_out_of_fold"]["auc"] for m in ("abmil", "gated-abmil")) - 0.1
 
 
+@pytest.mark.slow
 def test_survival_from_witness_density(tmp_path):
     """Witness density sets the hazard; the Cox-trained ABMIL ranks held-out patients by it."""
     cohort = witness_cohort(tmp_path, task="survival", n_slides=160, shift=5.0)

@@ -82,6 +82,7 @@ def test_batch_assembly_equals_patch_by_patch_assembly_for_every_tile_offset(tmp
         reader.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_embedding_through_nvimgcodec_matches_the_cpu_workers(tmp_path, slide_240, device):
     store = coords_store(slide_240.path, tmp_path, 1.0, 64).path

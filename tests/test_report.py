@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from browser import CHROMIUM, SKIP_REASON, headless_flags
-from conftest_survival import SYNTHETIC_COVARIATES
+from helpers.survival import SYNTHETIC_COVARIATES
 
 from pathomics.survival import SurvivalConfig, survival_fit
 from pathomics.survival.figures import Section, html_report, image_html, table_html

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest_survival import (
+from helpers.survival import (
     GBSG2_COVARIATES,
     SYNTHETIC_COVARIATES,
     YEARS,
@@ -183,6 +183,7 @@ def planted(tmp_path_factory: pytest.TempPathFactory):
     return truth, results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fusion", ["features", "decision"])
 def test_planted_strengths_order_the_validated_c_indices(planted, fusion: str) -> None:
     truth, results = planted

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest_survival import SYNTHETIC_COVARIATES, fit_argv, run_ok
+from helpers.survival import SYNTHETIC_COVARIATES, fit_argv, run_ok
 
 from pathomics.cli.main import main
 from pathomics.errors import CohortError

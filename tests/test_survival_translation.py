@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest_survival import GBSG2_COVARIATES, SYNTHETIC_COVARIATES, fit_argv, gbsg2_frame, run_ok
+from helpers.survival import GBSG2_COVARIATES, SYNTHETIC_COVARIATES, fit_argv, gbsg2_frame, run_ok
 from lifelines import CoxPHFitter, KaplanMeierFitter
 
 from pathomics.survival import (

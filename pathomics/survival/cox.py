@@ -55,6 +55,7 @@ class Design(BaseEstimator):
         self.impute = impute
 
     def fit(self, data: pd.DataFrame) -> Design:
+        """Learn the categorical levels, the imputation means and the signature components from ``data``."""
         self.levels_ = {c: sorted(data[c].dropna().unique()) for c in self.categorical}
         self.fill_ = data[list(self.numeric)].mean()
         self.indicators_ = [c for c in self.numeric if self.impute and data[c].isna().any()]
@@ -116,6 +117,7 @@ class CoxModel(BaseEstimator):
         self.seed = seed
 
     def fit(self, data: pd.DataFrame) -> CoxModel:
+        """Fit on ``data`` (the covariate columns, ``time`` and ``event``); returns the fitted model."""
         grid = [float(p) for p in np.atleast_1d(self.penalizer)]
         self.inner_scores_ = {p: self._inner_score(data, p) for p in grid} if len(grid) > 1 else {}
         self.penalizer_ = max(self.inner_scores_, key=lambda p: (self.inner_scores_[p], p)) if self.inner_scores_ else grid[0]
@@ -206,6 +208,7 @@ class CoxModel(BaseEstimator):
         )
 
     def encoding(self) -> dict[str, dict[str, Any]]:
+        """Reference level and levels of each categorical covariate."""
         return self.design_.encoding()
 
 
@@ -223,27 +226,33 @@ class DecisionFusion(BaseEstimator):
         self.alpha = alpha
 
     def fit(self, data: pd.DataFrame) -> DecisionFusion:
+        """Fit the clinical model, then the second stage on its linear predictor and the scores; returns self."""
         self.clinical_ = clone(self.clinical).fit(data) if self.clinical is not None else None
         numeric = ((CLINICAL_LP,) if self.clinical_ is not None else ()) + self.scores
         self.stage_ = CoxModel(Design(numeric=numeric, impute=self.impute), alpha=self.alpha).fit(self.stage_inputs(data))
         return self
 
     def stage_inputs(self, data: pd.DataFrame) -> pd.DataFrame:
+        """The second stage's columns: ``time``, ``event``, the scores and the clinical linear predictor."""
         inputs = data[["time", "event", *self.scores]]
         if self.clinical_ is None:
             return inputs
         return inputs.assign(**{CLINICAL_LP: self.clinical_.predict_risk(data)})
 
     def predict_risk(self, data: pd.DataFrame) -> np.ndarray:
+        """The second stage's linear predictor: higher means earlier recurrence."""
         return self.stage_.predict_risk(self.stage_inputs(data))
 
     def predict_survival(self, data: pd.DataFrame, times: Sequence[float]) -> np.ndarray:
+        """Survival probabilities, shape (patients, times), from the second stage's Breslow baseline."""
         return self.stage_.predict_survival(self.stage_inputs(data), times)
 
     def coefficients(self) -> pd.DataFrame:
+        """The second stage's hazard ratios: per unit of the clinical linear predictor and of each score."""
         return self.stage_.coefficients()
 
     def encoding(self) -> dict[str, dict[str, Any]]:
+        """The clinical model's categorical encoding (empty without one)."""
         return self.clinical_.encoding() if self.clinical_ is not None else {}
 
 
