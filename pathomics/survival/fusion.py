@@ -38,6 +38,7 @@ class AvailableFusion(BaseEstimator):
         self.alpha = alpha
 
     def fit(self, data: pd.DataFrame) -> AvailableFusion:
+        """Fit one decision fusion per combination of modalities the training patients have; returns self."""
         # Every combination is fitted on a superset of the complete cases, so at their median event time each
         # combination's baseline cumulative hazard is positive and finite.
         complete = data[data[list(self.scores)].notna().all(axis=1)]
@@ -84,6 +85,7 @@ class AvailableFusion(BaseEstimator):
         return risk
 
     def predict_survival(self, data: pd.DataFrame, times: Sequence[float]) -> np.ndarray:
+        """Survival probabilities, shape (patients, times), each from the patient's own modality combination."""
         survival = np.empty((len(data), len(times)))
         for pattern, rows in self._groups(data).items():
             survival[rows] = self.fusions_[pattern].predict_survival(data.iloc[rows], times)

@@ -72,6 +72,7 @@ class Nomogram(BaseEstimator):
         self.max_points = max_points
 
     def fit(self, data: pd.DataFrame) -> Nomogram:
+        """Points per covariate value and the baseline at ``times``, from the model's fit on ``data``; returns self."""
         self.model_ = getattr(self.model, "complete_", self.model)
         encoded, weights, designs = linear_form(self.model_, data)
         complete = encoded.notna().all(axis=1).to_numpy()
