@@ -85,7 +85,14 @@ def test_readme_is_a_short_guide():
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) <= 250
     assert "make test" in readme  # CI runs the README's test command
-    assert not re.search(r"\b(S[0-9]|issue [0-9]+|session)\b", readme)
+
+
+@pytest.mark.parametrize("page", ["README.md", "benchmarks/README.md", *sorted(
+    str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.md"))])
+def test_pages_carry_no_internal_labels(page):
+    """Design labels ("S1", "seed S5", "issue 10") mean nothing to a reader."""
+    text = (ROOT / page).read_text()
+    assert not re.findall(r"(?<![\w-])(?:S[0-9]+|issue [0-9]+|sessions?)\b", text), page
 
 
 def test_licence_file_matches_the_package_metadata():
