@@ -58,6 +58,26 @@ def test_every_cli_option_is_in_the_reference():
                 assert re.search(rf"`[^`]*(?<![\w-]){re.escape(option)}(?![\w-])", by_command[name]), (name, option)
 
 
+def resolve(identifier: str) -> object:
+    """The object a ``::: dotted.name`` line of the API reference documents (module, then attributes)."""
+    parts = identifier.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for name in parts[cut:]:
+            obj = getattr(obj, name)
+        return obj
+    raise ModuleNotFoundError(identifier)
+
+
+@pytest.mark.parametrize("identifier", sorted({m for p in (ROOT / "docs").rglob("*.md")
+                                               for m in re.findall(r"(?m)^::: ([\w.]+)", p.read_text())}))
+def test_every_api_reference_entry_exists_and_has_a_docstring(identifier):
+    assert resolve(identifier).__doc__, identifier
+
+
 def test_reference_escapes_angle_brackets_outside_code():
     page = rendered_cli_page()
     assert "<slide_id>" not in re.sub(r"`[^`]*`", "", page)  # as text it would be swallowed as an HTML tag
