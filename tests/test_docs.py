@@ -8,7 +8,6 @@ import importlib.util
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -116,7 +115,6 @@ def test_pages_carry_no_internal_labels(page):
 
 
 def test_licence_file_matches_the_package_metadata():
-    licence = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"]
-    assert licence == "Apache-2.0"
+    assert re.search(r'(?m)^license = "Apache-2.0"$', (ROOT / "pyproject.toml").read_text())
     text = (ROOT / "LICENSE").read_text()
     assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
