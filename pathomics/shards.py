@@ -3,8 +3,8 @@
 zarr-python's sharded write costs about as much per patch as decoding it (it re-reads its own index,
 compares every chunk with the fill value and runs an event loop per call). A patch store is written
 once, whole shard by whole shard, so this module writes each shard file itself, in the format of the
-v3 ``sharding_indexed`` codec: the inner chunks, each encoded with the array's compressor, back to back,
-then an index of one (offset, nbytes) little-endian uint64 pair per chunk (``2**64-1`` twice for a
+v3 ``sharding_indexed`` codec: the inner chunks, each encoded with the array's compressor and followed by
+the CRC32C of its bytes (the ``crc32c`` codec, so a damaged chunk fails to decode), back to back, then an index of one (offset, nbytes) little-endian uint64 pair per chunk (``2**64-1`` twice for a
 chunk that is absent) and the CRC32C of that index. The file is written under a temporary name and
 renamed, so a killed run never leaves a half-written shard. zarr-python reads the result as usual.
 """
@@ -20,55 +20,63 @@ import numpy as np
 
 COMPRESSIONS = ("lz4", "zstd", "none")
 ABSENT = 2**64 - 1  # offset and size of a chunk the shard does not hold
-Buffer = bytes | memoryview  # an encoded chunk
+Buffer = bytes | np.ndarray  # a flat uint8 array for an uncompressed chunk
+Chunk = tuple[Buffer, bytes]  # an encoded chunk: its compressed bytes, then their CRC32C (little-endian)
 
 
 def zarr_compressors(name: str) -> tuple:
-    """The compressor codecs the array metadata names for ``name`` (what readers decode with)."""
+    """The compressor codecs the array metadata names for ``name`` (what readers decode with), each chunk checksummed."""
     import zarr
 
+    checksum = zarr.codecs.Crc32cCodec()
     if name == "lz4":
-        return (zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle", typesize=1),)
+        return (zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle", typesize=1), checksum)
     if name == "zstd":
-        return (zarr.codecs.ZstdCodec(level=1),)
+        return (zarr.codecs.ZstdCodec(level=1), checksum)
     if name == "none":
-        return ()
+        return (checksum,)
     raise ValueError(f"unknown compression {name!r}; choose one of {', '.join(COMPRESSIONS)}")
 
 
-def chunk_encoder(name: str) -> Callable[[np.ndarray], Buffer]:
+def chunk_encoder(name: str) -> Callable[[np.ndarray], Chunk]:
     """Encode one C-contiguous uint8 chunk exactly as ``zarr_compressors(name)`` decodes it (releases the GIL).
 
-    ``none`` returns a view of the chunk, not a copy: it is written out before the chunk's memory is reused.
+    ``none`` keeps a view of the chunk, not a copy: it is written out before the chunk's memory is reused.
     """
     import imagecodecs
 
     if name == "lz4":
-        return lambda chunk: imagecodecs.blosc_encode(chunk, level=5, compressor="lz4", shuffle=0, typesize=1, numthreads=1)
-    if name == "zstd":
-        return lambda chunk: imagecodecs.zstd_encode(chunk, level=1)
-    if name == "none":
-        return lambda chunk: memoryview(chunk).cast("B")
-    raise ValueError(f"unknown compression {name!r}; choose one of {', '.join(COMPRESSIONS)}")
+        compress = lambda chunk: imagecodecs.blosc_encode(chunk, level=5, compressor="lz4", shuffle=0, typesize=1, numthreads=1)  # noqa: E731
+    elif name == "zstd":
+        compress = lambda chunk: imagecodecs.zstd_encode(chunk, level=1)  # noqa: E731
+    elif name == "none":
+        compress = lambda chunk: chunk.reshape(-1)  # noqa: E731  (uint8: one element per byte)
+    else:
+        raise ValueError(f"unknown compression {name!r}; choose one of {', '.join(COMPRESSIONS)}")
+    return lambda chunk: with_crc32c(compress(chunk))
 
 
-def shard_parts(chunks: Sequence[Buffer | None]) -> list[Buffer]:
-    """A shard file as its parts: ``chunks`` (None = absent) back to back, then their (offset, nbytes) index and its CRC32C."""
+def with_crc32c(data: Buffer) -> Chunk:
+    """``data`` and its CRC32C, as the ``crc32c`` codec appends it."""
     import google_crc32c
 
+    return data, np.uint32(google_crc32c.value(data)).astype("<u4").tobytes()
+
+
+def shard_parts(chunks: Sequence[Chunk | None]) -> list[Buffer]:
+    """A shard file as its parts: ``chunks`` (None = absent) back to back, then their (offset, nbytes) index and its CRC32C."""
     index = np.full((len(chunks), 2), ABSENT, dtype="<u8")
     offset = 0
     for i, chunk in enumerate(chunks):
         if chunk is not None:
-            index[i] = offset, len(chunk)
-            offset += len(chunk)
-    raw = index.tobytes()
-    crc = np.uint32(google_crc32c.value(raw)).astype("<u4").tobytes()
-    return [*(c for c in chunks if c is not None), raw, crc]
+            size = sum(len(part) for part in chunk)
+            index[i] = offset, size
+            offset += size
+    return [*(part for chunk in chunks if chunk is not None for part in chunk), *with_crc32c(index.tobytes())]
 
 
 def write_shard(path: Path, images: np.ndarray, chunk: int, chunks_per_shard: int,
-                encode: Callable[[np.ndarray], Buffer], pool: Executor | None = None) -> None:
+                encode: Callable[[np.ndarray], Chunk], pool: Executor | None = None) -> None:
     """Write ``images`` (at most one shard, first axis) as the shard file ``path``, atomically.
 
     Chunks past the end of ``images`` are absent; a last, partial chunk is padded with zeros (the

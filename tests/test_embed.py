@@ -322,3 +322,19 @@ def test_a_store_with_a_missing_or_damaged_shard_fails_alone(tmp_path: Path, cap
     assert status["damaged"][0] == "failed" and "cannot be read" in status["damaged"][1]
     assert "\n" not in status["damaged"][1]
     assert sorted(p.stem for p in OutputLayout(tmp_path).features.glob("*.h5")) == ["good"]
+
+
+@pytest.mark.parametrize("compression", ["zstd", "lz4", "none"])
+def test_a_chunk_damaged_inside_a_shard_fails_its_slide(tmp_path: Path, aperio_slide, compression: str) -> None:
+    """Zeroed bytes inside a chunk used to decode into wrong patches; every chunk now carries a CRC32C."""
+    assert main(["tile", str(aperio_slide.path), "--out", str(tmp_path), "--mpp", "1.0", "--patch-size", "64",
+                 "--compression", compression]) == 0
+    store = OutputLayout(tmp_path).store(aperio_slide.path.stem)
+    shard = store / "images" / "c" / "0" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    start = min(1000, len(data) // 4)
+    data[start:start + 5000] = bytes(min(5000, len(data) // 2))
+    shard.write_bytes(bytes(data))
+    assert main(embed_argv(tmp_path)) == 1
+    state, error = read_status(tmp_path)[aperio_slide.path.stem]
+    assert state == FAILED and "re-run `pathomics tile`" in error and "\n" not in error
