@@ -82,10 +82,12 @@ class QCConfig:
     stain_min_slides: int = 3
 
     def __post_init__(self) -> None:
-        if self.min_focus < 0 or not 0 <= self.max_pen <= 1 or self.max_fold <= 0 or not 0 <= self.max_bubble <= 1:
-            raise ConfigError(f"QC thresholds out of range: {self}")
-        if self.pixel_stride < 1 or self.stain_min_slides < 2 or self.stain_io < 1:
-            raise ConfigError(f"QC sampling parameters out of range: {self}")
+        for name, allowed, ok in (("min_focus", ">= 0", self.min_focus >= 0), ("max_pen", "in 0-1", 0 <= self.max_pen <= 1),
+                                  ("max_fold", "> 0", self.max_fold > 0), ("max_bubble", "in 0-1", 0 <= self.max_bubble <= 1),
+                                  ("pixel_stride", ">= 1", self.pixel_stride >= 1),
+                                  ("stain_min_slides", ">= 2", self.stain_min_slides >= 2), ("stain_io", ">= 1", self.stain_io >= 1)):
+            if not ok:
+                raise ConfigError(f"QC setting {name}={getattr(self, name)} is out of range: {name} must be {allowed}")
 
     @classmethod
     def parse(cls, text: str) -> QCConfig:

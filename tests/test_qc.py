@@ -223,6 +223,7 @@ def test_run_and_tile_options_reach_the_configs(tmp_path: Path) -> None:
     tuned = build_parser().parse_args(["tile", "s.svs", "--out", str(tmp_path), "--qc-settings", "max_pen=0.2, min_focus=1"])
     assert tile_config(tuned).qc == QCConfig(max_pen=0.2, min_focus=1.0)
     for bad, message in (("smudge=1", "unknown QC setting 'smudge'"), ("pixel_stride=two", "pixel_stride takes a whole number"),
-                         ("max_pen=2", "out of range")):
+                         ("max_pen=2", "out of range"), ("max_pen=-5", r"^QC setting max_pen=-5.0 is out of range: max_pen must be in 0-1$"),
+                         ("stain_min_slides=1", r"^QC setting stain_min_slides=1 is out of range")):
         with pytest.raises(ConfigError, match=message):
             QCConfig.parse(bad)
