@@ -3,6 +3,7 @@ and every dropped row counted."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -178,3 +179,20 @@ def test_evaluate_needs_the_modalities_of_the_saved_model(tmp_path: Path, capsys
     )
     capsys.readouterr()
     assert "uses radiology data" in _evaluate_error(tmp_path / "fit", paths["clinical"], tmp_path / "ext", capsys)
+
+
+def test_evaluate_refuses_a_damaged_or_changed_model_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A truncated model.pkl was an UnpicklingError traceback; its SHA-256 recorded at fit time is now checked."""
+    paths = _write(_tables(), tmp_path)
+    run_ok(fit_argv(paths["clinical"], tmp_path / "fit", SYNTHETIC_COVARIATES, "--bootstrap", "0"))
+    model = tmp_path / "fit" / "survival" / "model.pkl"
+    intact = model.read_bytes()
+    model.write_bytes(intact[: len(intact) // 2])
+    capsys.readouterr()
+    error = _evaluate_error(tmp_path / "fit", paths["clinical"], tmp_path / "ext", capsys)
+    assert str(model) in error and "damaged" in error and "re-run 'pathomics survival fit'" in error
+    provenance = tmp_path / "fit" / "survival" / "model.json"
+    document = json.loads(provenance.read_text())
+    provenance.write_text(json.dumps({**document, "model_sha256": hashlib.sha256(model.read_bytes()).hexdigest()}))
+    error = _evaluate_error(tmp_path / "fit", paths["clinical"], tmp_path / "ext", capsys)  # the checksum agrees, unpickling fails
+    assert str(model) in error and "cannot be read as a saved survival model" in error

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import pickle
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from sklearn.model_selection import LeaveOneGroupOut
 from pathomics import __version__
 from pathomics.folds import row_splits
 from pathomics.errors import CohortError, ModelError, PathomicsError
-from pathomics.io import atomic_path, write_json
+from pathomics.io import atomic_path, sha256_file, write_json
 from pathomics.layout import OutputLayout, ResultFiles
 from pathomics.survival import metrics as m
 from pathomics.survival.calibration import calibration_intercept, calibration_slope, expected_events
@@ -379,9 +380,12 @@ def save_study(study: FittedStudy, directory: str | Path) -> None:
 
     directory = Path(directory)
     files = ResultFiles(directory)
-    with atomic_path(files.model) as tmp, open(tmp, "wb") as file:
-        pickle.dump(study, file, protocol=pickle.HIGHEST_PROTOCOL)
+    with atomic_path(files.model) as tmp:
+        with open(tmp, "wb") as file:
+            pickle.dump(study, file, protocol=pickle.HIGHEST_PROTOCOL)
+        model_sha256 = sha256_file(tmp)
     provenance = {
+        "model_sha256": model_sha256,
         "pathomics_version": __version__,
         "lifelines_version": lifelines.__version__,
         "sksurv_version": sksurv.__version__,
@@ -394,6 +398,14 @@ def save_study(study: FittedStudy, directory: str | Path) -> None:
     write_json(files.model_provenance, provenance)
 
 
+def _recorded_sha256(provenance: Path) -> str | None:
+    """The model file's SHA-256 that ``save_study`` recorded in ``model.json``."""
+    try:
+        return json.loads(provenance.read_text()).get("model_sha256")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise PathomicsError(f"{provenance} cannot be read ({exc}); re-run 'pathomics survival fit'") from exc
+
+
 def load_study(directory: str | Path) -> FittedStudy:
     """The model set saved by ``survival fit``; ``directory`` is its ``--out`` or the ``survival/`` folder in it.
 
@@ -403,8 +415,17 @@ def load_study(directory: str | Path) -> FittedStudy:
     path = next((p for p in (ResultFiles(directory).model, OutputLayout(directory).survival_files.model) if p.is_file()), None)
     if path is None:
         raise PathomicsError(f"no saved survival model in {directory}; pass the --out folder of 'pathomics survival fit'")
-    with open(path, "rb") as file:
-        study = pickle.load(file)
+    recorded = ResultFiles(path.parent).model_provenance
+    expected = _recorded_sha256(recorded) if recorded.is_file() else None  # folders saved before the hash was recorded
+    if expected is not None and sha256_file(path) != expected:
+        raise PathomicsError(f"{path} is damaged or was changed after it was saved (its SHA-256 differs from the one in "
+                             f"{recorded}); re-run 'pathomics survival fit'")
+    try:
+        with open(path, "rb") as file:
+            study = pickle.load(file)
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError, ValueError) as exc:
+        raise PathomicsError(f"{path} cannot be read as a saved survival model ({type(exc).__name__}: {exc}); "
+                             "re-run 'pathomics survival fit'") from exc
     if not isinstance(study, FittedStudy):
         raise PathomicsError(f"{path} is not a pathomics survival model; re-run 'pathomics survival fit'")
     return study
