@@ -338,3 +338,18 @@ def test_run_tiles_at_the_presets_training_resolution_unless_told(options: list[
                                       *options])
     config = tile_config(args)
     assert (config.target_mpp, config.patch_size) == (mpp, patch_size)
+
+
+def test_timm_state_dict_with_its_classifier_head_is_accepted_and_the_head_recorded(tmp_path: Path) -> None:
+    """``timm.create_model(ARCH).state_dict()`` holds ``head.*``, which the encoder (num_classes=0) drops."""
+    model = randomise(timm.create_model("vit_tiny_patch16_224"))
+    torch.save(model.state_dict(), tmp_path / "classifier.pth")
+    backbone = load_backbone("timm:vit_tiny_patch16_224", str(tmp_path / "classifier.pth"))
+    assert backbone.recipe["dropped_weight_keys"] == ["head.weight", "head.bias"]
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        torch.testing.assert_close(backbone.module(x), model.forward_head(model.forward_features(x), pre_logits=True))
+    state = {**model.state_dict(), "blocks.0.extra": torch.zeros(1)}  # other keys are still refused
+    torch.save(state, tmp_path / "odd.pth")
+    with pytest.raises(ModelError, match=r"1 unexpected \(first: blocks.0.extra\)"):
+        load_backbone("timm:vit_tiny_patch16_224", str(tmp_path / "odd.pth"))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -304,8 +304,9 @@ def load_foundation(name: str, weights: str | None, input_size: int | None, prec
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_SEED)
             vit = build_vit(recipe).to(dtype)
+        dropped: list[str] = []
     else:
-        _assign_weights(vit, path, recipe, dtype, name)
+        dropped = _assign_weights(vit, path, recipe, dtype, name)
     if dtype != torch.float32:
         log.info("%s: weights held in %s, as its card allows reduced-precision inference", name, dtype)
     module = pooled(recipe, vit).eval()
@@ -315,7 +316,8 @@ def load_foundation(name: str, weights: str | None, input_size: int | None, prec
     # it bf16) is learnt by a probe.
     dim = recipe.embedding_dim if name in PRESETS else probe_embedding_dim(module, size, recipe.embedding_dim, name)
     label, digest = (RANDOM, RANDOM) if path is None else (str(path), sha256_file(path))
-    attrs = {**recipe.attrs(), "name": name, "weights_dtype": str(dtype).removeprefix("torch.")}
+    attrs = {**recipe.attrs(), "name": name, "weights_dtype": str(dtype).removeprefix("torch."),
+             **({"dropped_weight_keys": dropped} if dropped else {})}
     return Backbone(name, module, size, tuple(recipe.mean), tuple(recipe.std), dim, label, digest,
                     resize_size=resize, interpolation=recipe.interpolation, recipe=attrs)
 
@@ -334,12 +336,19 @@ def _weights_path(name: str, recipe: Recipe, weights: str | None) -> Path | None
     return resolve_weights(name, recipe.repository, weights)
 
 
-def _assign_weights(vit: nn.Module, path: Path, recipe: Recipe, dtype: torch.dtype, name: str) -> None:
-    """Give a meta-device model the weights of ``path`` (cast to ``dtype``), refusing any key mismatch."""
+def _assign_weights(vit: nn.Module, path: Path, recipe: Recipe, dtype: torch.dtype, name: str) -> list[str]:
+    """Give a meta-device model the weights of ``path`` (cast to ``dtype``), refusing any key mismatch.
+
+    A classifier head the encoder drops (``num_classes=0``) may be in the file, as in the state dict of
+    ``timm.create_model(ARCH)``: its keys are left out and returned, to be recorded.
+    """
     state = read_weights(path, dtype)
     if recipe.layout == "hf-dinov2":
         state = dinov2_to_timm(state)
-    check_keys(vit.state_dict().keys(), state, path, name)
+    expected = vit.state_dict().keys()
+    dropped = classifier_keys(recipe.architecture, state, expected)
+    state = {k: v for k, v in state.items() if k not in set(dropped)}
+    check_keys(expected, state, path, name)
     try:
         vit.load_state_dict(state, assign=True)
     except RuntimeError as exc:  # shapes differ: another size of the same architecture
@@ -347,6 +356,19 @@ def _assign_weights(vit: nn.Module, path: Path, recipe: Recipe, dtype: torch.dty
         raise ModelError(f"{path} does not hold {name} weights: {first[0].strip()}") from exc
     if any(t.is_meta for t in (*vit.parameters(), *vit.buffers())):
         raise ModelError(f"{path} leaves part of {name} without weights")
+    return dropped
+
+
+def classifier_keys(architecture: str, state: Mapping[str, torch.Tensor], expected: Iterable[str]) -> list[str]:
+    """Keys of ``state`` that belong to the architecture's classifier head (timm's ``pretrained_cfg.classifier``)
+    and that the encoder does not have."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(architecture) if timm.models.is_model(architecture) else None
+    heads = getattr(cfg, "classifier", None) or ()
+    prefixes = tuple(f"{head}." for head in ([heads] if isinstance(heads, str) else heads))
+    wanted = set(expected)
+    return [k for k in state if k not in wanted and k.startswith(prefixes)] if prefixes else []
 
 
 def foundation_table() -> list[dict[str, Any]]:
