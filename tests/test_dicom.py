@@ -184,3 +184,13 @@ def test_cli_tiles_a_dicom_folder_and_names_a_bad_file(tmp_path, dicom_slide, ca
     assert code == 1
     assert open_patch_store(tmp_path / "out" / "tiles" / "aperio_dicom.zarr").attrs["mpp_source"] == "metadata"
     assert "scan.dcm: a DICOM file of class" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("size", [0, 132, 300])
+@pytest.mark.parametrize("given", ["folder", "level_1.dcm"])
+def test_a_level_0_file_cut_to_a_few_bytes_fails_the_slide(damaged, size, given):
+    """The unreadable level-0 file was skipped and the slide tiled from level 1, upsampled, with exit 0."""
+    data = (damaged / "level_0.dcm").read_bytes()
+    (damaged / "level_0.dcm").write_bytes(data[:size])
+    with pytest.raises(SlideReadError, match=rf"level_0\.dcm: not a readable DICOM file \({size} bytes\).*re-copy it"):
+        open_slide(damaged if given == "folder" else damaged / given)

@@ -96,8 +96,25 @@ def series_files(path: Path) -> list[Path]:
 
         raise SlideReadError(f"{path}: a DICOM file of class {pydicom.uid.UID(target.sop_class).name!r}, not a whole-slide "
                              "image (VL Whole Slide Microscopy Image); pass the .dcm files of a slide, or their folder")
+    _refuse_unreadable_neighbours(path.parent)
     members = [i for i in _headers(path.parent) if i.series == target.series and i.sop_class == WSI_SOP_CLASS]
     return [i.path for i in sorted(members, key=lambda i: (i.flavour != "VOLUME", -i.width, i.path.name))]
+
+
+def _refuse_unreadable_neighbours(folder: Path) -> None:
+    """Refuse a slide folder holding a ``.dcm`` file whose header cannot be read (a failed or empty copy).
+
+    Such a file may be a level of the series (level 0, say): left out, the slide would silently be tiled
+    from a coarser level, upsampled. Its series cannot be known, so any unreadable one fails the slide.
+    """
+    for file in sorted(folder.iterdir()):
+        if file.is_file() and (file.suffix.lower() == ".dcm" or is_dicom_file(file)):
+            try:
+                _checked_header(file)
+            except SlideReadError as exc:
+                raise SlideReadError(f"{file}: not a readable DICOM file ({file.stat().st_size} bytes), in the folder of "
+                                     "a DICOM slide whose level it may be; re-copy it from the archive, or move it out "
+                                     "of the folder") from exc
 
 
 def _headers(folder: Path) -> list[_Instance]:
