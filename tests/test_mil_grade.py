@@ -32,7 +32,7 @@ def graded_cohort(tmp_path):
 def test_grade_head_learns_the_grade_and_reaches_the_signatures(tmp_path):
     cohort, grades = graded_cohort(tmp_path)
     config = MILConfig(task="survival", grade_col="grade", folds=2, epochs=15, val_fraction=0.0, hidden_dim=32,
-                       lr=3e-3, batch_size=8)
+                       lr=3e-3, batch_size=8, ensemble=1)
     run = train_mil(cohort.features, cohort.labels, tmp_path / "run", config)
     table = run.signatures.set_index("slide_id").loc[cohort.table["slide_id"]]
     assert np.allclose(table[["grade_prob_high", "grade_prob_low"]].sum(axis=1), 1.0, atol=1e-5)

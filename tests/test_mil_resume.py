@@ -21,7 +21,8 @@ def train_argv(cohort, out) -> list[str]:
     # fixed-length training (no early stop), so each fold takes long enough to be killed between folds
     return [sys.executable, "-m", "pathomics.cli.main", "mil", "train", "--features", str(cohort.features),
             "--labels", str(cohort.labels), "--out", str(out), "--task", "survival", "--folds", str(FOLDS),
-            "--epochs", "12", "--min-epochs", "12", "--hidden-dim", "16", "--device", "cpu", "--no-refit"]
+            "--epochs", "12", "--min-epochs", "12", "--hidden-dim", "16", "--ensemble", "1", "--device", "cpu",
+            "--no-refit"]
 
 
 @pytest.mark.slow

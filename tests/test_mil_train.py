@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 from helpers.mil import PATCH, grid_coords, one_thread, witness_cohort, write_bag  # noqa: F401 - autouse fixture
 from PIL import Image
 from sklearn.metrics import roc_auc_score
@@ -20,6 +21,7 @@ from pathomics.errors import CohortError, ConfigError, StoreError
 from pathomics.layout import OutputLayout
 from pathomics.mil import (
     MILConfig,
+    MILEnsemble,
     draw_heatmap,
     export_signatures,
     load_bags,
@@ -34,8 +36,8 @@ from pathomics.batch import DONE, FAILED, SKIPPED
 from pathomics.store import STORE_ATTRS, PatchStoreWriter, read_feature_file
 
 KNOWN_ANSWER = MILConfig(folds=3, epochs=40, patience=8, min_epochs=20, lr=1e-3, batch_size=4, hidden_dim=128,
-                         dropout=0.1, refit=False)
-TINY = MILConfig(folds=3, epochs=3, batch_size=4, hidden_dim=8, model_options=(("attention_dim", 8),))
+                         dropout=0.1, refit=False, ensemble=1)
+TINY = MILConfig(folds=3, epochs=3, batch_size=4, hidden_dim=8, model_options=(("attention_dim", 8),), ensemble=1)
 TINY_OPTIONS = {"mean": (), "max": (), "transmil": (("heads", 2), ("landmarks", 16))}  # others: TINY's
 
 
@@ -86,7 +88,7 @@ def test_survival_from_witness_density(tmp_path):
     """Witness density sets the hazard; the Cox-trained ABMIL ranks held-out patients by it."""
     cohort = witness_cohort(tmp_path, task="survival", n_slides=160, shift=5.0)
     config = MILConfig(task="survival", folds=3, epochs=25, val_fraction=0.0, lr=2e-3, batch_size=8,
-                       hidden_dim=128, dropout=0.5, weight_decay=0.1, refit=False)
+                       hidden_dim=128, dropout=0.5, weight_decay=0.1, refit=False, ensemble=1)
     run = train_mil(cohort.features, cohort.labels, tmp_path / "run", config)
     assert run.metrics["pooled_out_of_fold"]["c_index"] >= 0.7
     assert run.metrics["summary"]["c_index"]["mean"] >= 0.7
@@ -191,6 +193,34 @@ def test_predict_reuses_finished_slides_and_isolates_failures(tiny, tmp_path):
 
 def test_predict_matches_the_fold_model_on_its_held_out_slides(tiny, tmp_path):
     run = train_mil(tiny.features, tiny.labels, tmp_path / "run", replace(TINY, refit=False))
+    held_out = run.signatures[run.signatures["fold"] == 0]
+    predict_mil(tmp_path / "run" / "mil_models" / "fold_0.pt", tiny.features, tmp_path / "pred",
+                slide_ids=list(held_out["slide_id"]), show_progress=False)
+    again = pd.read_parquet(tmp_path / "pred" / "signatures.parquet")
+    np.testing.assert_allclose(again["risk"], held_out["risk"], rtol=1e-5)
+
+
+def test_ensemble_size_follows_the_cohort_unless_set():
+    assert [MILConfig().ensemble_size(n) for n in (20, 52, 180, 493, 2000)] == [5, 5, 3, 1, 1]
+    assert MILConfig(ensemble=2).ensemble_size(2000) == 2
+    with pytest.raises(ConfigError, match="ensemble must be None or positive"):
+        MILConfig(ensemble=0)
+
+
+def test_an_ensemble_averages_seeded_members_and_survives_its_checkpoint(tiny, tmp_path):
+    run = train_mil(tiny.features, tiny.labels, tmp_path / "run", replace(TINY, ensemble=3, refit=False))
+    train_mil(tiny.features, tiny.labels, tmp_path / "single", replace(TINY, refit=False))
+    ensemble = load_trained(tmp_path / "run" / "mil_models" / "fold_0.pt").model
+    single = load_trained(tmp_path / "single" / "mil_models" / "fold_0.pt").model
+    assert isinstance(ensemble, MILEnsemble) and len(ensemble.members) == 3
+    first, second = (m.state_dict()["head.weight"] for m in ensemble.members[:2])
+    assert torch.equal(first, single.state_dict()["head.weight"])  # member 0: the single model's seed
+    assert not torch.equal(first, second)  # the others: seeds of their own
+    features, coords = (torch.from_numpy(a) for a in load_bags(tiny.features, tiny.labels, TINY).bags[0].load())
+    with torch.no_grad():
+        whole, parts = ensemble(features.float(), coords), [m(features.float(), coords) for m in ensemble.members]
+    torch.testing.assert_close(whole.scores, torch.stack([p.scores for p in parts]).mean(0))
+    assert float(whole.attention.sum()) == pytest.approx(1.0) and whole.embedding.shape == (3 * 8,)
     held_out = run.signatures[run.signatures["fold"] == 0]
     predict_mil(tmp_path / "run" / "mil_models" / "fold_0.pt", tiny.features, tmp_path / "pred",
                 slide_ids=list(held_out["slide_id"]), show_progress=False)

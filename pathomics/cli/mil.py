@@ -47,6 +47,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--grade-weight", type=float, help="weight of the grade head's loss (default 0.5)")
     train.add_argument("--val-fraction", type=float,
                        help="patients of each training fold held out for early stopping (default 0: the full schedule)")
+    train.add_argument("--ensemble", type=int, help="models per fold, trained with different seeds and averaged "
+                       "(default: up to 5, as many as keep the members at about 500 training bags in all)")
     train.add_argument("--no-class-weights", dest="class_weights", action="store_false")
     train.add_argument("--classes", help="class order, best to worst, comma-separated (default: sorted labels)")
     train.add_argument("--survival-loss", choices=("cox", "discrete"))

@@ -13,7 +13,7 @@ populated by the ``register_aggregator`` decorator, which refuses duplicate name
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from pathomics.errors import ModelError
 
 __all__ = [
-    "ABMIL", "CLAMSB", "GatedABMIL", "MaxPool", "MeanPool", "MILAggregator", "MILOutput", "TransMIL",
+    "ABMIL", "CLAMSB", "GatedABMIL", "MaxPool", "MeanPool", "MILAggregator", "MILEnsemble", "MILModel", "MILOutput",
+    "TransMIL",
     "build_aggregator", "list_aggregators", "nystrom_attention", "raster_order", "register_aggregator",
 ]
 
@@ -112,6 +113,28 @@ class MILAggregator(nn.Module):
     def auxiliary_loss(self, output: MILOutput, label: int | None) -> Tensor:
         """An extra training loss for a bag of class ``label`` (None for survival); zero unless overridden."""
         return output.scores.new_zeros(())
+
+
+class MILEnsemble(nn.Module):
+    """Aggregators of one kind trained apart (different seeds) and applied as one: the mean of their scores and
+    of their attention, their embeddings side by side. Averaging cancels the seed-to-seed spread of a model
+    trained on a small cohort, which is as large as the differences between recipes."""
+
+    def __init__(self, members: Sequence[MILAggregator]) -> None:
+        super().__init__()
+        if len({(m.name, m.in_dim, m.n_outputs) for m in members}) != 1:
+            raise ModelError("an ensemble needs one or more members of one aggregator, in_dim and n_outputs")
+        self.members = nn.ModuleList(members)
+        self.name, self.in_dim, self.n_outputs = members[0].name, members[0].in_dim, members[0].n_outputs
+        self.embed_dim = sum(m.embed_dim for m in members)
+
+    def forward(self, features: Tensor, coords: Tensor) -> MILOutput:
+        outputs = [member(features, coords) for member in self.members]
+        return MILOutput(torch.cat([o.embedding for o in outputs]), torch.stack([o.scores for o in outputs]).mean(0),
+                         torch.stack([o.attention for o in outputs]).mean(0), outputs[0].hidden)
+
+
+MILModel = MILAggregator | MILEnsemble  # what one training run yields
 
 
 @register_aggregator("mean")

@@ -18,7 +18,7 @@ from pathomics import __version__
 from pathomics.device import resolve_device
 from pathomics.errors import ModelError, StoreError
 from pathomics.layout import OutputLayout
-from pathomics.mil.aggregators import MILAggregator, build_aggregator
+from pathomics.mil.aggregators import MILEnsemble, MILModel, build_aggregator
 from pathomics.mil.config import MILConfig
 from pathomics.mil.train import Objective, objective_from_state
 from pathomics.io import atomic_path, sha256_file
@@ -46,13 +46,15 @@ def grade_dicts(objective: Objective, scores: torch.Tensor, n: int) -> list[dict
     return [dict(zip(objective.grades, map(float, row))) for row in probabilities.tolist()]
 
 
-def save_checkpoint(path: Path, model: MILAggregator, objective: Objective, config: MILConfig, fold: int,
+def save_checkpoint(path: Path, model: MILModel, objective: Objective, config: MILConfig, fold: int,
                     best_epoch: int, training_key: str = "") -> str:
     """Save weights + everything needed to rebuild the model; returns the file's SHA-256.
 
     ``training_key`` identifies the data and settings it was trained on, so a finished fold is not retrained.
     """
+    members = len(model.members) if isinstance(model, MILEnsemble) else 1
     checkpoint = {"aggregator": config.model, "in_dim": model.in_dim, "options": config.aggregator_options(),
+                  "members": members,
                   "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "objective": objective.state(),
                   "config": config.to_dict(), "fold": fold, "best_epoch": best_epoch, "training_key": training_key,
                   "pathomics_version": __version__}
@@ -65,7 +67,7 @@ def save_checkpoint(path: Path, model: MILAggregator, objective: Objective, conf
 class TrainedMIL:
     """A saved aggregator ready to apply: model (eval mode), objective, config, fold and checkpoint hash."""
 
-    model: MILAggregator
+    model: MILModel
     objective: Objective
     config: MILConfig
     fold: int
@@ -85,8 +87,9 @@ def load_trained(path: str | os.PathLike, device: str = "cpu") -> TrainedMIL:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         objective = objective_from_state(checkpoint["objective"])
-        model = build_aggregator(checkpoint["aggregator"], checkpoint["in_dim"], objective.n_outputs,
-                                 **checkpoint["options"])
+        members = [build_aggregator(checkpoint["aggregator"], checkpoint["in_dim"], objective.n_outputs,
+                                    **checkpoint["options"]) for _ in range(checkpoint.get("members", 1))]
+        model = members[0] if len(members) == 1 else MILEnsemble(members)
         model.load_state_dict(checkpoint["state_dict"])
     except (OSError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as exc:
         raise ModelError(f"{path}: not a pathomics MIL checkpoint ({exc})") from exc

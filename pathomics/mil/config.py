@@ -10,6 +10,8 @@ from pathomics.errors import ConfigError
 
 TASKS = ("classification", "survival")
 SCHEDULES = ("constant", "cosine")
+ENSEMBLE_BAGS = 500  # the automatic ensemble trains members until they have seen about this many bags in all
+MAX_ENSEMBLE = 5
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class MILConfig:
     schedule: str = "cosine"       # learning rate after warm-up: "constant" or "cosine" decay
     warmup_epochs: int = 3         # linear learning-rate warm-up
     val_fraction: float = 0.0      # patients of each training fold held out for early stopping (0: the full schedule)
+    ensemble: int | None = None    # models per fold, seeds apart, averaged; None: ensemble_size's rule for the cohort
     class_weights: bool = True
     classes: tuple[str, ...] | None = None  # class order, best to worst; default: sorted labels
     survival_loss: str = "cox"     # "cox" (partial likelihood) or "discrete" (discrete-time NLL)
@@ -69,6 +72,7 @@ class MILConfig:
             "instance_dropout must be in [0, 1)": 0 <= self.instance_dropout < 1,
             f"schedule must be one of {SCHEDULES}": self.schedule in SCHEDULES,
             "warmup_epochs must be non-negative": self.warmup_epochs >= 0,
+            "ensemble must be None or positive": self.ensemble is None or self.ensemble >= 1,
             "val_fraction must be in [0, 0.5]": 0 <= self.val_fraction <= 0.5,
             "survival_loss must be 'cox' or 'discrete'": self.survival_loss in ("cox", "discrete"),
             "ties must be 'efron' or 'breslow'": self.ties in ("efron", "breslow"),
@@ -93,6 +97,14 @@ class MILConfig:
         if values.get("classes") is not None:
             values["classes"] = tuple(values["classes"])
         return cls(**values)
+
+    def ensemble_size(self, n_train: int) -> int:
+        """Models to train on ``n_train`` bags: ``ensemble`` when set, else enough seeds that the members see
+        about ``ENSEMBLE_BAGS`` bags together (1 to ``MAX_ENSEMBLE``). Small cohorts gain most from averaging
+        (their seed-to-seed spread is largest) and cost least to train several times."""
+        if self.ensemble is not None:
+            return self.ensemble
+        return min(MAX_ENSEMBLE, max(1, round(ENSEMBLE_BAGS / max(n_train, 1))))
 
     def aggregator_options(self) -> dict[str, Any]:
         return {"hidden_dim": self.hidden_dim, "dropout": self.dropout, **dict(self.model_options)}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from pathomics.layout import FINAL_CHECKPOINT, OutputLayout
 from pathomics.folds import patient_folds, validation_split
 from pathomics.losses import time_bin_edges
 from pathomics.mil import train
-from pathomics.mil.aggregators import MILAggregator, build_aggregator
+from pathomics.mil.aggregators import MILEnsemble, MILModel, build_aggregator
 from pathomics.mil.artifacts import (
     SlideResult,
     TrainedMIL,
@@ -137,24 +137,32 @@ def training_key(cohort: LabelledBags, train_idx: np.ndarray, val_idx: np.ndarra
 
 
 def fit_model(cohort: LabelledBags, train_idx: np.ndarray, val_idx: np.ndarray, config: MILConfig, run: int,
-               epochs: int) -> tuple[MILAggregator, train.Objective, train.FitResult]:
-    """Build, seed and train one aggregator; returns (model, objective, FitResult)."""
+              epochs: int) -> tuple[MILModel, train.Objective, train.FitResult]:
+    """Build, seed and train one aggregator, or ``config.ensemble_size`` of them averaged as one ensemble;
+    returns (model, objective, FitResult of the first member with the members' median best epoch)."""
     device = resolve_device(config.device)
-    seed = int(np.random.SeedSequence([config.seed, run]).generate_state(1)[0])
     objective = _make_objective(cohort, train_idx, config)
-    settings = train.TrainConfig(epochs, config.patience, config.min_epochs, config.batch_size, config.lr,
-                                   config.weight_decay, config.max_patches, config.aux_weight, seed,
-                                   config.warmup_epochs, config.schedule, config.instance_dropout)
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        model = build_aggregator(config.model, cohort.in_dim, objective.n_outputs, **config.aggregator_options())
-        model.set_feature_scaling(*train.feature_statistics(lambda i: cohort.bags[i].load(), train_idx))
-        fitted = train.fit(model.to(device), objective, cohort.targets, lambda i: cohort.bags[i].load(),
-                           train_idx, val_idx, settings, device)
+    statistics = train.feature_statistics(lambda i: cohort.bags[i].load(), train_idx)
+    members, fits = [], []
+    for member in range(config.ensemble_size(len(train_idx))):
+        entropy = [config.seed, run] + ([member] if member else [])  # member 0: the seed of a single model
+        seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
+        settings = train.TrainConfig(epochs, config.patience, config.min_epochs, config.batch_size, config.lr,
+                                     config.weight_decay, config.max_patches, config.aux_weight, seed,
+                                     config.warmup_epochs, config.schedule, config.instance_dropout)
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            model = build_aggregator(config.model, cohort.in_dim, objective.n_outputs, **config.aggregator_options())
+            model.set_feature_scaling(*statistics)
+            fits.append(train.fit(model.to(device), objective, cohort.targets, lambda i: cohort.bags[i].load(),
+                                  train_idx, val_idx, settings, device))
+        members.append(model)
+    trained = members[0] if len(members) == 1 else MILEnsemble(members)
+    fitted = replace(fits[0], best_epoch=int(np.median([f.best_epoch for f in fits])))
     if isinstance(objective.primary(), train.CoxSurvival):
-        outputs = train.predict(model, lambda i: cohort.bags[i].load(), train_idx, device)
+        outputs = train.predict(trained, lambda i: cohort.bags[i].load(), train_idx, device)
         objective = objective.standardized(torch.stack([o.scores for o in outputs]).cpu())
-    return model, objective, fitted
+    return trained, objective, fitted
 
 
 def _make_objective(cohort: LabelledBags, train_idx: np.ndarray, config: MILConfig) -> train.Objective:
@@ -171,7 +179,7 @@ def _make_objective(cohort: LabelledBags, train_idx: np.ndarray, config: MILConf
     return train.WithGrade(objective, cohort.grades, config.grade_weight) if cohort.grades else objective
 
 
-def _apply(model: MILAggregator, objective: train.Objective, cohort: LabelledBags, index: np.ndarray, fold: int,
+def _apply(model: MILModel, objective: train.Objective, cohort: LabelledBags, index: np.ndarray, fold: int,
            config: MILConfig) -> tuple[list[SlideResult], np.ndarray]:
     """Slide results and predictions (class probabilities (n, C), or risks (n,)) of a model on bags ``index``."""
     outputs = train.predict(model, lambda i: cohort.bags[i].load(), index, resolve_device(config.device))

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from pathomics.errors import DataWarning, ModelError
 from pathomics.losses import cox_partial_nll, discrete_time_nll
-from pathomics.mil.aggregators import MILAggregator, MILOutput
+from pathomics.mil.aggregators import MILAggregator, MILModel, MILOutput
 
 log = logging.getLogger(__name__)
 
@@ -357,13 +357,13 @@ def _to_tensors(bag: tuple[np.ndarray, np.ndarray], device: torch.device) -> tup
     return torch.from_numpy(features).to(device), torch.from_numpy(coords).to(device)
 
 
-def _scores(model: MILAggregator, load: BagLoader, index: np.ndarray, device: torch.device) -> Tensor:
+def _scores(model: MILModel, load: BagLoader, index: np.ndarray, device: torch.device) -> Tensor:
     """Head scores (len(index), C) of whole bags in evaluation mode."""
     return torch.stack([o.scores for o in predict(model, load, index, device)])
 
 
 @torch.no_grad()
-def predict(model: MILAggregator, load: BagLoader, index: Sequence[int], device: torch.device) -> list[MILOutput]:
+def predict(model: MILModel, load: BagLoader, index: Sequence[int], device: torch.device) -> list[MILOutput]:
     """Evaluation-mode outputs of whole bags (no subsampling, no dropout)."""
     model.eval()
     return [model(*_to_tensors(load(i), device)) for i in index]
