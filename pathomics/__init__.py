@@ -45,6 +45,9 @@ _EXPORTS = {
     "survival_fit": "pathomics.survival",
     "survival_evaluate": "pathomics.survival",
     "CoxModel": "pathomics.survival",
+    # exports for QuPath and scverse
+    "export_qupath": "pathomics.export",
+    "export_anndata": "pathomics.export",
     # archives
     "RunConfig": "pathomics.runner.pipeline",
     "run_archive": "pathomics.runner.pipeline",

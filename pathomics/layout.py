@@ -79,6 +79,10 @@ class OutputLayout:
         """The CLAM/TRIDENT feature file ``features/<slide_id>.h5``."""
         return feature_file_in(self.features, slide_id)
 
+    def feature_ids(self) -> list[str]:
+        """Slide ids of every feature file under features/."""
+        return sorted(p.stem for p in self.features.glob("*.h5"))
+
     # MIL
     @property
     def attention(self) -> Path:
@@ -164,6 +168,24 @@ class OutputLayout:
     def stage_stamp(self, stage: str) -> Path:
         """``stages/<stage>.json``: the digest of the inputs and settings a cohort-level stage last finished on."""
         return self.root / "stages" / f"{stage}.json"
+
+    # exports for other tools
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+    def qupath_geojson(self, slide_id: str) -> Path:
+        """``export/qupath/<slide_id>.geojson``: the slide's patches as QuPath detection objects."""
+        return self.export / "qupath" / f"{slide_id}.geojson"
+
+    @property
+    def anndata_slides(self) -> Path:
+        """``export/anndata/slides.h5ad``: one row per slide, signatures in ``obsm``."""
+        return self.export / "anndata" / "slides.h5ad"
+
+    def anndata_patches(self, slide_id: str) -> Path:
+        """``export/anndata/<slide_id>.h5ad``: one row per embedded patch, features in ``obsm``."""
+        return self.export / "anndata" / f"{slide_id}.h5ad"
 
     @property
     def status(self) -> Path:

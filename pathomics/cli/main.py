@@ -15,7 +15,7 @@ import sys
 from pathomics import __version__
 from pathomics.errors import PathomicsError
 
-VERBS = ("tile", "embed", "mil", "survival", "run", "demo", "view", "models")
+VERBS = ("tile", "embed", "mil", "survival", "run", "demo", "view", "export", "models")
 
 
 def build_parser() -> argparse.ArgumentParser:
