@@ -31,7 +31,7 @@ from pathomics.tiling import TileConfig, tile_slide
 TILE = TileConfig(target_mpp=2.0, patch_size=64, threads=1, qc=QCConfig(max_fold=1.0))
 EMBED = EmbedConfig(model="shufflenet-v2", weights="random", precision="fp32", batch_size=64, num_workers=0, input_size=64)
 MIL = MILConfig(task="survival", folds=2, epochs=2, batch_size=4, hidden_dim=8, model_options=(("attention_dim", 8),),
-                refit=False, device="cpu")
+                refit=False, ensemble=1, device="cpu")
 
 COLOR = {"type": "array", "minItems": 3, "maxItems": 3, "items": {"type": "integer", "minimum": 0, "maximum": 255}}
 POSITION = {"type": "array", "minItems": 2, "maxItems": 2, "items": {"type": "number"}}
