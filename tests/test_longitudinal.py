@@ -354,3 +354,21 @@ def test_cli_refuses_a_bad_landmark_in_one_line(tables, tmp_path: Path, capsys) 
     assert main(_argv(clinical, markers, tmp_path / "out", "--landmark", "0")) == 2  # the last --landmark wins
     error = capsys.readouterr().err.strip()
     assert error == "pathomics survival: error: the landmark time must be positive, got 0.0", error
+
+
+def test_a_marker_constant_at_the_landmark_is_left_out_of_that_snapshot_and_the_time_varying_model_still_fits(tmp_path) -> None:
+    """Stanford heart transplants: ``transplant`` is 0 for everyone at the first visit, so the baseline snapshot
+    model cannot use it; it is dropped there (and named in the metrics) while the time-varying Cox keeps it."""
+    from lifelines.datasets import load_stanford_heart_transplants
+
+    visits = load_stanford_heart_transplants().rename(columns={"id": "patient_id"})
+    last = visits.groupby("patient_id").last()
+    clinical = pd.DataFrame({"patient_id": last.index, "time": last["stop"].to_numpy(), "event": last["event"].to_numpy()})
+    markers = visits[["patient_id", "start", "transplant", "surgery"]].rename(columns={"start": "time"})
+    assert (markers.groupby("patient_id")["transplant"].first() == 0).all()
+    config = LongitudinalConfig(landmark=20.0, **FAST)
+    result = longitudinal_fit(config, clinical, markers, out=tmp_path)
+    landmark = result.metrics["landmark"]
+    assert landmark["constant_markers"] == {"baseline": ["transplant"]}
+    assert set(result.coefficients["covariate"]) >= {"transplant", "surgery"}
+    assert np.isfinite(result.predictions["baseline_risk"]).all()

@@ -358,6 +358,9 @@ def cross_validate_landmark(
     static = patients[list(signature_columns)].to_numpy(dtype=np.float64)
     settings = SequenceConfig(config.hidden, config.epochs, config.lr, config.weight_decay, config.seed)
     risks = {name: np.empty(len(patients)) for name in ("sequence", *landmark.snapshots)}
+    # a marker that is the same for every patient in a snapshot (e.g. a treatment nobody has had yet at the
+    # first visit) carries no information there and would make the Cox fit singular: left out, and named
+    constant = {name: [c for c in marker_names if snapshot[c].nunique() < 2] for name, snapshot in landmark.snapshots.items()}
     embedding = np.empty((len(patients), config.hidden))
     sets: dict[str, list[m.EvalSet]] = {name: [] for name in risks}
     for fold in range(config.folds):
@@ -377,7 +380,11 @@ def cross_validate_landmark(
         )
         for name, snapshot in landmark.snapshots.items():
             frame = snapshot.join(patients)
-            cox = CoxModel(Design(numeric=marker_names + signature_columns), penalizer=config.penalizer)
+            covariates = tuple(c for c in marker_names if c not in constant[name]) + signature_columns
+            if not covariates:  # nothing varies at the landmark: every patient gets the same risk
+                risks[name][test] = 0.0
+                continue
+            cox = CoxModel(Design(numeric=covariates), penalizer=config.penalizer)
             risks[name][test] = cox.fit(frame.iloc[train]).predict_risk(frame.iloc[test])
         for name, values in risks.items():
             sets[name].append(_eval_set(time[train], event[train], time[test], event[test], values[test]))
@@ -400,6 +407,7 @@ def cross_validate_landmark(
         "excluded_event_or_censored_before": landmark.excluded_before,
         "excluded_no_measurement_before": landmark.excluded_no_history,
         "folds": config.folds,
+        "constant_markers": {name: markers for name, markers in constant.items() if markers},
         "models": {name: _concordance(s, config) for name, s in sets.items()},
         "sequence_gain": {name: _gain(sets["sequence"], sets[name], config) for name in landmark.snapshots},
     }
