@@ -147,6 +147,11 @@ def export_anndata(out_dir: str | os.PathLike, clinical: str | os.PathLike | Non
     if not layout.signatures.exists() and not layout.feature_ids():
         raise StoreError(f"{layout.root}: neither {layout.signatures.name} nor feature files under {layout.features}; "
                          "run `pathomics embed` (and `pathomics mil train`) or `pathomics run` first")
+    ids = _wanted(slide_ids, layout.feature_ids(), layout.features, "feature file", "run `pathomics embed` first") \
+        if layout.feature_ids() or slide_ids else []
+    if layout.anndata_slides in {layout.anndata_patches(s) for s in ids}:
+        raise ConfigError(f"a slide named {layout.anndata_slides.stem!r} would overwrite {layout.anndata_slides.name}; "
+                          "leave it out with --slide-id, or rename its feature file")
     paths, notes = [], []
     if layout.signatures.exists():
         slides, unmatched = slides_anndata(layout, clinical, patient_col, slide_ids)
@@ -155,8 +160,6 @@ def export_anndata(out_dir: str | os.PathLike, clinical: str | os.PathLike | Non
         notes += [f"{unmatched} slide(s) have no row in {Path(clinical).name}: their clinical columns are empty"] if unmatched else []
     else:
         notes.append(f"no {layout.signatures.name} (no MIL stage): {layout.anndata_slides.name} not written")
-    ids = _wanted(slide_ids, layout.feature_ids(), layout.features, "feature file", "run `pathomics embed` first") \
-        if layout.feature_ids() or slide_ids else []
     without_attention = []
     for slide_id in ids:
         adata = patches_anndata(layout, slide_id)

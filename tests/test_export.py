@@ -17,6 +17,7 @@ from shapely.geometry import box, shape
 
 from pathomics.cli.main import main
 from pathomics.embed import EmbedConfig, embed_slide
+from pathomics.errors import ConfigError
 from pathomics.export import export_anndata, export_qupath
 from pathomics.layout import OutputLayout
 from pathomics.manifest import read_manifest
@@ -215,3 +216,29 @@ def test_the_schema_check_rejects_what_qupath_would_not_read_as_detections():
                    {"objectType": "detection", "classification": {"name": "QC fold", "color": [300, 0, 0]}}):
         feature = {**good["features"][0], "properties": broken}
         assert violations({**good, "features": [feature]}, QUPATH_DETECTIONS), broken
+
+
+def test_clinical_rows_join_by_the_named_patient_column_and_a_wrong_name_is_one_clear_error(run_out, tmp_path, capsys):
+    shutil.copytree(run_out / "features", tmp_path / "features")
+    shutil.copy(OutputLayout(run_out).signatures, OutputLayout(tmp_path).signatures)
+    clinical = pd.read_csv(run_out.parent / "clinical.csv", dtype={"patient_id": str}).rename(columns={"patient_id": "case"})
+    clinical.iloc[1:].to_csv(tmp_path / "clinical.csv", index=False)  # the first patient has no clinical row
+
+    assert main(["export", "anndata", str(tmp_path), "--clinical", str(tmp_path / "clinical.csv")]) == 2
+    message = capsys.readouterr().err.strip()
+    assert "clinical.csv" in message and "--patient-col" in message and len(message.splitlines()) == 1
+
+    assert main(["export", "anndata", str(tmp_path), "--clinical", str(tmp_path / "clinical.csv"), "--patient-col", "case"]) == 0
+    assert "1 slide(s) have no row in clinical.csv" in capsys.readouterr().out
+    slides = anndata.read_h5ad(OutputLayout(tmp_path).anndata_slides)
+    assert slides.obs["age"].isna().sum() == 1 and "case" not in slides.obs
+
+
+def test_a_slide_named_like_the_slides_file_is_refused_before_anything_is_written(run_out, tmp_path):
+    layout = OutputLayout(tmp_path)
+    layout.features.mkdir()
+    shutil.copy(OutputLayout(run_out).feature_file(OutputLayout(run_out).feature_ids()[0]), layout.feature_file("slides"))
+    shutil.copy(OutputLayout(run_out).signatures, layout.signatures)
+    with pytest.raises(ConfigError, match="would overwrite slides.h5ad"):
+        export_anndata(tmp_path)
+    assert not layout.export.exists()
