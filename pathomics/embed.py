@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pathomics import __version__
 from pathomics.device import PRECISIONS, resolve_device, resolve_precision
-from pathomics.errors import ConfigError
+from pathomics.errors import ConfigError, StoreError
 from pathomics.layout import DONE, SKIPPED, OutputLayout
 from pathomics.encoders.backbones import load_backbone
 from pathomics.encoders.base import Backbone, check_embeddings
@@ -366,6 +366,9 @@ def embed_slide(store_path: str | os.PathLike, out_dir: str | os.PathLike, confi
     store = open_patch_store(Path(store_path))
     keep = qc_keep_mask(store, config.qc_exclude) if config.qc_exclude else None
     index = None if keep is None else np.flatnonzero(keep)
+    if index is not None and len(store) and not len(index):
+        raise StoreError(f"{store.path}: all {len(store)} patches carry a --qc-exclude flag ({', '.join(config.qc_exclude)}); "
+                         "nothing is left to embed: drop the flag or relax its threshold in --qc-settings and re-tile")
     if backbone is None:
         backbone = config_backbone(config)
     elif backbone.name != config.model:

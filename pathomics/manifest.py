@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pathomics.errors import InputError
@@ -63,6 +64,28 @@ def entries_from_paths(paths: Sequence[str | os.PathLike], mpp: float | None = N
     if not files:
         raise InputError("no slides given; name slide files or folders that hold them")
     return check_unique([SlideEntry(f, default_slide_id(f), None, mpp) for f in files], "the slide list")
+
+
+def patient_ids_from_names(entries: Sequence[SlideEntry], pattern: str) -> list[SlideEntry]:
+    """Entries without a patient id given one from their slide file name: ``pattern``'s first group, or its match.
+
+    ``pattern`` is a Python regular expression searched in the file name, e.g. ``^(TCGA-\\w\\w-\\w{4})`` or
+    ``^([^_]+)_`` (the text before the first underscore).
+    """
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise InputError(f"--patient-id-regex {pattern!r} is not a regular expression ({exc})") from None
+    named = []
+    for e in entries:
+        if e.patient_id is None:
+            match = regex.search(e.slide_path.name)
+            if not match or not (match.group(1) if regex.groups else match.group(0)):
+                raise InputError(f"{e.slide_path}: --patient-id-regex {pattern!r} finds no patient id in the file name; "
+                                 "adjust the pattern or give a manifest with a patient_id column")
+            e = replace(e, patient_id=match.group(1) if regex.groups else match.group(0))
+        named.append(e)
+    return named
 
 
 def _is_dicom_slide_folder(path: Path) -> bool:

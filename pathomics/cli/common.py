@@ -22,7 +22,7 @@ def add_slide_arguments(parser: argparse.ArgumentParser) -> None:
 
 def slide_entries(args: argparse.Namespace) -> list:
     """The slides named on the command line or in the manifest (not both)."""
-    from pathomics.manifest import entries_from_paths, read_manifest
+    from pathomics.manifest import entries_from_paths, patient_ids_from_names, read_manifest
 
     if bool(args.slides) == bool(args.manifest):
         raise InputError("give either slide paths or --manifest CSV (exactly one of them)")
@@ -32,8 +32,10 @@ def slide_entries(args: argparse.Namespace) -> list:
             from dataclasses import replace
 
             entries = [e if e.mpp is not None else replace(e, mpp=args.slide_mpp) for e in entries]
-        return entries
-    return entries_from_paths(args.slides, args.slide_mpp)
+    else:
+        entries = entries_from_paths(args.slides, args.slide_mpp)
+    pattern = getattr(args, "patient_id_regex", None)
+    return patient_ids_from_names(entries, pattern) if pattern else entries
 
 
 def writable_dir(path: Path) -> Path:

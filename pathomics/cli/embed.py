@@ -23,7 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def add_embed_options(parser: argparse.ArgumentParser) -> None:
     """The embedding options, shared with `pathomics run`."""
-    parser.add_argument("--model", help="resnet50-trunc (default), shufflenet-v2, a foundation preset (uni, uni2-h, virchow2, "
+    parser.add_argument("--encoder", "--model", dest="model", help="resnet50-trunc (default), shufflenet-v2, a foundation preset (uni, uni2-h, virchow2, "
                                         "gigapath, h-optimus-0, phikon-v2: see `pathomics models`), timm:<arch>, "
                                         "hf:<folder>, torchvision:<name> or torchscript:<path>")
     parser.add_argument("--weights", help="weights file or folder, or 'random' for an untrained backbone (default: "

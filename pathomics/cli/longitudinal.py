@@ -47,7 +47,7 @@ def add_action(actions: argparse._SubParsersAction) -> None:
         "--marker-time", dest="marker_time_col", metavar="COL", help="measurement time column (default time)"
     )
     parser.add_argument(
-        "--id-col", dest="id_col", metavar="COL", help="patient id column of every table (default patient_id)"
+        "--patient-col", dest="id_col", metavar="COL", help="patient id column of every table (default patient_id)"
     )
     parser.add_argument("--time", dest="time_col", metavar="COL", help="follow-up time column (default time)")
     parser.add_argument(

@@ -18,6 +18,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                    description="Tile and embed every slide (one Dask task per slide, finished outputs "
                                                "skipped), then train or apply a MIL model and fit the survival models.")
     add_slide_arguments(parser)
+    parser.add_argument("--patient-id-regex", metavar="PATTERN",
+                        help="take each slide's patient id from its file name: the first group of this Python regular "
+                             "expression, or its whole match (e.g. '^(TCGA-\\w\\w-\\w{4})'); for slides the manifest "
+                             "gives no patient_id (default: none, the manifest must)")
     parser.add_argument("--clinical", type=Path, required=True, metavar="CSV", help="clinical table (patient_id, time, event, covariates)")
     parser.add_argument("--radiology", type=Path, metavar="CSV", help="radiology table (patient_id, radiology_score)")
     parser.add_argument("--out", type=Path, required=True, help="output directory of every stage")

@@ -67,7 +67,7 @@ def add_survival_options(fit: argparse.ArgumentParser, fusion: str | None = None
     """The model options of `survival fit`, shared with `pathomics run` (which fuses at decision level by default)."""
     _option(fit, "--time", "time_col", "follow-up time column", metavar="COL")
     _option(fit, "--event", "event_col", "event column (1 recurrence, 0 censored)", metavar="COL")
-    _option(fit, "--id-col", "id_col", "patient id column of every table", metavar="COL")
+    _option(fit, "--patient-col", "id_col", "patient id column of every table", metavar="COL")
     fit.add_argument(
         "--covariates", dest="covariates", type=_names, required=True, metavar="A,B,C", help="clinical covariates ('' for none)"
     )

@@ -126,7 +126,9 @@ def read_state_dict(path: Path, mmap: bool = False) -> Mapping[str, torch.Tensor
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (RuntimeError, OSError, ValueError, EOFError, IndexError, KeyError, TypeError, pickle.UnpicklingError) as exc:
         # a file that is no pickle at all (a text file, say) breaks the unpickler in many ways
-        raise ModelError(f"{path} is not a PyTorch state dict ({exc})") from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path} is not a PyTorch state dict ({reason}); give a .pt/.pth/.safetensors weights file "
+                         "or a folder holding one") from exc
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):

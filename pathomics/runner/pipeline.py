@@ -27,13 +27,15 @@ import pandas as pd
 
 from pathomics.device import resolve_device
 from pathomics.embed import EmbedConfig, config_backbone
-from pathomics.errors import CohortError, ConfigError, InputError
+from pathomics.errors import CohortError, ConfigError, InputError, PathomicsError
 from pathomics.layout import DONE, SKIPPED, OutputLayout
 from pathomics.manifest import SlideEntry
 from pathomics.mil import MILConfig
 from pathomics.batch import FAILED, StatusRow, progress, run_one, update_status
 from pathomics.locks import exclusive_lock
 from pathomics.runner.jobs import embed_job, tile_job
+from pathomics.runner.preflight import (EncoderIdentity, check_duplicate_files, check_patient_ids, match_patients,
+                                       resolve_encoder)
 from pathomics.io import atomic_path, digest, write_json
 from pathomics.survival.config import RUN_FUSION, SurvivalConfig
 from pathomics.tiling import TileConfig
@@ -180,44 +182,68 @@ def check_run_inputs(entries: Sequence[SlideEntry], clinical: Path, radiology: P
     """Check every table the run will need before the first slide is touched; return the slides' labels.
 
     The clinical and radiology tables are validated as the survival stage will validate them (columns,
-    values, missing-data policy), every slide needs a patient id, and some slide must belong to a clinical
-    patient. Returns (slide_id, patient_id, time, event) for the slides of clinical patients.
+    values, missing-data policy), every slide needs a patient id, slides and clinical patients must match
+    both ways (``preflight.match_patients``), and no slide file may be listed twice. Returns (slide_id,
+    patient_id, time, event) for the slides of clinical patients.
     """
     from pathomics.survival import check_tables
 
     if not entries:
         raise InputError("no slides to process: give slide files or a manifest with at least one row")
-    missing = [e.slide_id for e in entries if not e.patient_id]
-    if missing:
-        raise CohortError(f"the manifest gives no patient_id for {len(missing)} slide(s) (e.g. {missing[0]}); "
-                          "add a patient_id column so slides can be joined with the clinical table")
+    check_patient_ids(entries)
+    check_duplicate_files(entries)
     if config.mil_model is not None and not Path(config.mil_model).exists():
         raise InputError(f"--mil-model {config.mil_model} does not exist; give a `pathomics mil train` output "
                          "directory or checkpoint, or leave it out to train one")
-    check_tables(config.survival, clinical, radiology)
+    patients = check_tables(config.survival, clinical, radiology)
+    kept = match_patients(entries, patients, clinical, config.survival)
     table = pd.read_csv(clinical, dtype={config.survival.id_col: str})
     columns = [config.survival.id_col, config.survival.time_col, config.survival.event_col]
     outcome = table[columns].set_axis(["patient_id", "time", "event"], axis=1)
-    slides = pd.DataFrame({"slide_id": [e.slide_id for e in entries], "patient_id": [e.patient_id for e in entries]})
-    labels = slides.merge(outcome, on="patient_id")
-    if labels.empty:
-        shown = ", ".join(slides.patient_id.head(3))
-        raise CohortError(f"{clinical}: none of the slides' patient ids ({shown}, ...) is in its "
-                          f"{config.survival.id_col!r} column; check the manifest's patient_id values")
-    return labels
+    slides = pd.DataFrame({"slide_id": [e.slide_id for e in kept], "patient_id": [e.patient_id for e in kept]})
+    return slides.merge(outcome, on="patient_id")
 
 
-def write_labels(labels: pd.DataFrame, out_dir: Path) -> Path:
-    """``<out>/labels.csv`` for the embedded slides; left untouched when its content would not change."""
+def write_labels(labels: pd.DataFrame, out_dir: Path, encoder: EncoderIdentity) -> tuple[Path, list[StatusRow]]:
+    """``<out>/labels.csv`` for the slides whose feature file this run's encoder computed from the current store.
+
+    A feature file of another model, weights or precision, or of an older store, is never put in a bag: it is
+    left out with a failed ``bag`` row saying why. The file is left untouched when its content would not change.
+    """
     layout = OutputLayout(out_dir)
-    embedded = labels[[layout.feature_file(s).exists() for s in labels.slide_id]]
+    reasons = {s: stale_features(layout, s, encoder) for s in labels.slide_id}
+    refused = [StatusRow(s, "bag", FAILED, 0.0, f"{layout.feature_file(s)}: {why}; not used (re-run to embed it again)")
+               for s, why in reasons.items() if why and layout.feature_file(s).exists()]
+    embedded = labels[[not reasons[s] for s in labels.slide_id]]
     if embedded.empty:
-        raise CohortError("no slide of a clinical patient was embedded; see status.csv for why each failed")
+        raise CohortError("no slide of a clinical patient was embedded by this run's encoder; nothing trained. "
+                          "See status.csv for why each slide failed")
     text = embedded.to_csv(index=False)
     if not (layout.labels.is_file() and layout.labels.read_text() == text):
         with atomic_path(layout.labels) as tmp:
             tmp.write_text(text)
-    return layout.labels
+    return layout.labels, refused
+
+
+def stale_features(layout: OutputLayout, slide_id: str, encoder: EncoderIdentity) -> str | None:
+    """Why a slide's feature file cannot go into this run's bags (None when it can)."""
+    import h5py
+
+    from pathomics.store import open_patch_store, store_fingerprint
+
+    path = layout.feature_file(slide_id)
+    try:
+        with h5py.File(path, "r") as h5:
+            attrs = dict(h5.attrs)
+        fingerprint = store_fingerprint(open_patch_store(layout.store(slide_id)))
+    except (OSError, PathomicsError) as exc:
+        return f"no readable feature file and patch store ({exc})"
+    why = encoder.mismatch(attrs)
+    if why is not None:
+        return f"computed with another encoder setting ({why})"
+    if attrs.get("store_fingerprint") != fingerprint:
+        return "computed from another version of the patch store"
+    return None
 
 
 def run_archive(entries: Sequence[SlideEntry], clinical: Path, out_dir: Path, config: RunConfig = RunConfig(),
@@ -226,10 +252,14 @@ def run_archive(entries: Sequence[SlideEntry], clinical: Path, out_dir: Path, co
     applied) → survival. A cohort stage whose inputs and config are unchanged since it last finished is skipped."""
     out_dir = Path(out_dir)
     labels = check_run_inputs(entries, clinical, radiology, config)
-    rows = run_slides(entries, out_dir, config)
+    embed, encoder = resolve_encoder(config.embed)
+    config = replace(config, embed=embed)
+    rows = run_slides([e for e in entries if e.slide_id in set(labels.slide_id)], out_dir, config)
     layout = OutputLayout(out_dir)
     with exclusive_lock(layout.lock(COHORT), wait=True):
-        labels_path = write_labels(labels, out_dir)
+        labels_path, refused = write_labels(labels, out_dir, encoder)
+        rows += refused
+        update_status(out_dir, refused)
         ids = pd.read_csv(labels_path, dtype={"slide_id": str, "patient_id": str})
         mil_inputs = [labels_path, *(layout.feature_file(s) for s in ids.slide_id)]
         if config.mil_model is not None:

@@ -104,7 +104,9 @@ def survival_evaluate(
 ) -> SurvivalResult:
     """Apply a saved model set to an external cohort; with ``out``, write ``<out>/survival/``."""
     study = load_study(model)
-    cohort = load_cohort(dataclasses.replace(study.config, split_by=None), clinical, radiology, signatures)
+    hint = (f"the model set at {model} was fitted on these columns; add them to this cohort's table (rename its "
+            "columns to match)")
+    cohort = load_cohort(dataclasses.replace(study.config, split_by=None), clinical, radiology, signatures, hint=hint)
     result = evaluate_external(study, cohort)
     if out is not None:
         write_results(result, Path(out) / "survival")

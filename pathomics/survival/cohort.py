@@ -7,6 +7,8 @@ clinical record, is counted in :attr:`Cohort.dropped` / :attr:`Cohort.unmatched`
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +19,8 @@ from pandas.api.types import is_numeric_dtype
 from pathomics.errors import CohortError
 from pathomics.survival.config import SurvivalConfig
 
-MISSING_LEVEL = "(missing)"
+log = logging.getLogger(__name__)
+COLUMNS_HINT = "name the columns with --patient-col, --time, --event, --covariates and --split-by"
 TableSource = str | Path | pd.DataFrame
 
 
@@ -120,10 +123,14 @@ def load_cohort(
     clinical: TableSource,
     radiology: TableSource | None = None,
     signatures: TableSource | None = None,
+    hint: str = COLUMNS_HINT,
 ) -> Cohort:
-    """Validate the tables and join them on the patient id (several slides per patient aggregated)."""
+    """Validate the tables and join them on the patient id (several slides per patient aggregated).
+
+    ``hint``: what to do about a missing clinical column (the options of the verb that reads the table).
+    """
     table = InputTable.read(clinical, "clinical", config.id_col)
-    data, categorical = clinical_frame(table, config)
+    data, categorical = clinical_frame(table, config, hint)
     clinical_ids = data.index
     dropped: dict[str, int] = {}
     unmatched: dict[str, int] = {}
@@ -153,7 +160,7 @@ def load_cohort(
     if not modalities:
         raise CohortError("nothing to model: give clinical covariates, a radiology table or slide signatures")
     if config.missing == "impute":
-        data[list(categorical)] = data[list(categorical)].fillna(MISSING_LEVEL)
+        impute_levels(data, categorical)
     if data["event"].sum() == 0:
         reason = f" after dropping {sum(dropped.values())} patient(s)" if dropped else ""
         raise CohortError(
@@ -189,13 +196,10 @@ def check_tables(config: SurvivalConfig, clinical: TableSource, radiology: Table
     return data.index
 
 
-def clinical_frame(table: InputTable, config: SurvivalConfig) -> tuple[pd.DataFrame, tuple[str, ...]]:
+def clinical_frame(table: InputTable, config: SurvivalConfig, hint: str = COLUMNS_HINT) -> tuple[pd.DataFrame, tuple[str, ...]]:
     """Id-indexed frame with float ``time``, int ``event``, the covariates and the split column."""
     extra = [config.split_by] if config.split_by else []
-    table.require(
-        [config.id_col, config.time_col, config.event_col, *config.covariates, *extra],
-        "name the columns with --id-col, --time, --event, --covariates and --split-by",
-    )
+    table.require([config.id_col, config.time_col, config.event_col, *config.covariates, *extra], hint)
     ids = table.unique_ids(config.id_col)
     time = table.numeric(config.time_col, config.id_col, allow_missing=False)
     if (time <= 0).any():
@@ -260,6 +264,21 @@ def signature_frame(source: TableSource, patients: pd.Index, config: SurvivalCon
     aggregated = values.groupby(level=0).agg(config.aggregate)
     aggregated.index.name = "patient_id"
     return aggregated, int((~ids.isin(patients)).sum())
+
+
+def impute_levels(data: pd.DataFrame, categorical: Sequence[str]) -> None:
+    """Fill blank categorical covariates in place with the column's most frequent level, and log which.
+
+    A level of its own would be unseen by the folds that trained without it; the most frequent one never is.
+    """
+    for column in categorical:
+        blank = data[column].isna()
+        if blank.all():
+            raise CohortError(f"covariate {column!r} is blank for every patient; nothing to impute it from: drop it from --covariates")
+        if blank.any():
+            level = data.loc[~blank, column].mode().sort_values().iloc[0]
+            data[column] = data[column].fillna(level)
+            log.warning("--missing impute: %d blank value(s) of %r set to its most frequent level %r", int(blank.sum()), column, level)
 
 
 def _covariate_policy(config: SurvivalConfig) -> str:
