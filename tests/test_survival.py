@@ -300,3 +300,21 @@ def test_a_covariate_that_separates_events_is_stabilised_and_flagged(tmp_path: P
     assert np.isfinite(table.loc["tumour_size[missing]", ["hr", "hr_low", "hr_high"]].astype(float)).all()
     assert pd.isna(table.loc["age", "flag"])
     assert np.isfinite(result.models["clinical"].metrics["c_index_harrell"]["estimate"])
+
+
+def test_non_negative_stacking_drops_a_modality_that_ranks_backwards() -> None:
+    """A score that, beside the others, gets a negative second-stage weight (here one planted to lower the hazard)
+    is dropped from a non-negative stacking, and the stage's penalty comes from its inner-CV grid."""
+    from pathomics.survival import DecisionFusion
+
+    clinical, radiology, signatures, _ = simulate_cohort_tables(200, seed=3)
+    data = clinical.merge(radiology, on="patient_id").merge(
+        signatures.groupby("patient_id", as_index=False)["risk"].mean(), on="patient_id")
+    data["protective"] = -data["risk"] + 0.5 * np.random.default_rng(0).standard_normal(len(data))
+    scores = ("radiology_score", "risk", "protective")
+    free = DecisionFusion(None, scores).fit(data)
+    assert free.coefficients().set_index("covariate").loc["protective", "coef"] < 0
+    stacked = DecisionFusion(None, scores, penalizer=(0.0, 1.0, 10.0), non_negative=True).fit(data)
+    weights = stacked.coefficients().set_index("covariate")["coef"]
+    assert list(weights.index) == ["radiology_score", "risk"] and (weights > 0).all()
+    assert stacked.penalizer_ in (0.0, 1.0, 10.0) and set(stacked.stage_.inner_scores_) == {0.0, 1.0, 10.0}

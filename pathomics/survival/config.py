@@ -16,6 +16,7 @@ RUN_FUSION = "decision"
 MISSING_POLICIES = ("error", "drop", "impute", "available")
 AGGREGATES = ("mean", "median", "max")
 RISK_GROUPINGS = ("median", "tertiles")
+FUSION_WEIGHTS = ("free", "non-negative")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,8 @@ class SurvivalConfig:
     event times, resolved at fit and written out). ``missing`` is the missing-modality policy: ``error``
     (default), ``drop`` the patient (counted), ``impute`` the training mean plus an indicator column, or
     ``available`` (decision fusion only): each patient is scored by the fusion of the modalities they have.
+    ``fusion_weights`` of decision fusion: ``free`` second-stage Cox weights, or ``non-negative`` (stacking:
+    an input whose weight comes out negative is dropped); the second stage takes the ``penalizer`` grid too.
     ``thresholds`` are the decision curves' threshold probabilities as ``(low, high, step)``.
     """
 
@@ -42,6 +45,7 @@ class SurvivalConfig:
     aggregate: str = "mean"
     missing: str = "error"
     fusion: str = "features"
+    fusion_weights: str = "free"
     n_components: int = 3
     folds: int = 5
     split_by: str | None = None
@@ -58,7 +62,8 @@ class SurvivalConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        choices = {"fusion": FUSIONS, "missing": MISSING_POLICIES, "aggregate": AGGREGATES, "risk_groups": RISK_GROUPINGS}
+        choices = {"fusion": FUSIONS, "missing": MISSING_POLICIES, "aggregate": AGGREGATES, "risk_groups": RISK_GROUPINGS,
+                   "fusion_weights": FUSION_WEIGHTS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")

@@ -216,20 +216,46 @@ class DecisionFusion(BaseEstimator):
     """Decision-level fusion: a second-stage Cox on the clinical linear predictor and the modality scores.
 
     ``clinical`` (optional) is fitted first on the training data; its in-sample linear predictor joins
-    the ``scores`` columns (radiology score, pathology risk) in an unpenalised second-stage Cox model.
+    the ``scores`` columns (radiology score, pathology risk) in a second-stage Cox model with ``penalizer``
+    (one value, or several chosen by inner cross-validation). With ``non_negative`` the second stage is a
+    stacking with non-negative weights: an input whose weight comes out negative (a modality that, given the
+    others, ranks patients backwards on the training data) is dropped and the stage refitted, so that a
+    noisy modality cannot pull the fusion below its best input.
     """
 
-    def __init__(self, clinical: CoxModel | None, scores: tuple[str, ...], impute: bool = False, alpha: float = 0.05) -> None:
+    def __init__(
+        self,
+        clinical: CoxModel | None,
+        scores: tuple[str, ...],
+        impute: bool = False,
+        alpha: float = 0.05,
+        penalizer: float | Sequence[float] = 0.0,
+        non_negative: bool = False,
+        inner_folds: int = 3,
+        seed: int = 0,
+    ) -> None:
         self.clinical = clinical
         self.scores = scores
         self.impute = impute
         self.alpha = alpha
+        self.penalizer = penalizer
+        self.non_negative = non_negative
+        self.inner_folds = inner_folds
+        self.seed = seed
 
     def fit(self, data: pd.DataFrame) -> DecisionFusion:
         """Fit the clinical model, then the second stage on its linear predictor and the scores; returns self."""
         self.clinical_ = clone(self.clinical).fit(data) if self.clinical is not None else None
-        numeric = ((CLINICAL_LP,) if self.clinical_ is not None else ()) + self.scores
-        self.stage_ = CoxModel(Design(numeric=numeric, impute=self.impute), alpha=self.alpha).fit(self.stage_inputs(data))
+        inputs = self.stage_inputs(data)
+        kept = [*((CLINICAL_LP,) if self.clinical_ is not None else ()), *self.scores]
+        while True:
+            self.stage_ = CoxModel(Design(numeric=tuple(kept), impute=self.impute), penalizer=self.penalizer,
+                                   inner_folds=self.inner_folds, alpha=self.alpha, seed=self.seed).fit(inputs)
+            weights = self.stage_.cph_.params_.reindex(kept)  # the inputs' weights, not imputation indicators'
+            if not self.non_negative or len(kept) == 1 or weights.min() >= 0:
+                break
+            kept.remove(str(weights.idxmin()))
+        self.penalizer_ = self.stage_.penalizer_
         return self
 
     def stage_inputs(self, data: pd.DataFrame) -> pd.DataFrame:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.base import BaseEstimator
+from sklearn.base import BaseEstimator, clone
 
 from pathomics.errors import CohortError
 from pathomics.survival.calibration import baseline_cumulative_hazard
@@ -27,15 +27,16 @@ from pathomics.survival.cox import CoxModel, DecisionFusion, Design, SurvivalMod
 
 
 class AvailableFusion(BaseEstimator):
-    """Decision fusion of the clinical model and the ``scores`` columns (named ``modalities``) each patient has."""
+    """Decision fusion of the clinical model and the ``scores`` columns (named ``modalities``) each patient has;
+    ``stage`` is the unfitted fusion whose second-stage settings every combination's fusion takes."""
 
     def __init__(
-        self, clinical: CoxModel | None, scores: tuple[str, ...], modalities: tuple[str, ...], alpha: float = 0.05
+        self, clinical: CoxModel | None, scores: tuple[str, ...], modalities: tuple[str, ...], stage: DecisionFusion
     ) -> None:
         self.clinical = clinical
         self.scores = scores
         self.modalities = modalities
-        self.alpha = alpha
+        self.stage = stage
 
     def fit(self, data: pd.DataFrame) -> AvailableFusion:
         """Fit one decision fusion per combination of modalities the training patients have; returns self."""
@@ -52,7 +53,7 @@ class AvailableFusion(BaseEstimator):
             rows = data[data[list(pattern)].notna().all(axis=1)]
             if rows.empty or not rows["event"].any():
                 continue
-            fusion = DecisionFusion(self.clinical, pattern, alpha=self.alpha).fit(rows)
+            fusion = clone(self.stage).set_params(clinical=self.clinical, scores=pattern).fit(rows)
             self.fusions_[pattern] = fusion
             reference = rows.iloc[[len(rows) // 2]]
             baseline = baseline_cumulative_hazard(fusion, reference, np.array([self.reference_time_]))
@@ -133,8 +134,9 @@ def build_models(config: SurvivalConfig, cohort: Cohort) -> dict[str, SurvivalMo
         features = {"signature_columns": cohort.signature_columns, "n_components": config.n_components}
         blocks["pathology"] = features if config.fusion == "features" else {"numeric": (config.risk_col,)}
 
+    penalizer = config.penalizer if len(config.penalizer) > 1 else config.penalizer[0]
+
     def cox(block: dict[str, Any]) -> CoxModel:
-        penalizer = config.penalizer if len(config.penalizer) > 1 else config.penalizer[0]
         return CoxModel(
             Design(**block, impute=impute),
             penalizer=penalizer,
@@ -156,9 +158,12 @@ def build_models(config: SurvivalConfig, cohort: Cohort) -> dict[str, SurvivalMo
     else:
         scores = tuple(block["numeric"][0] for name, block in blocks.items() if name != "clinical")
         clinical = models.get("clinical")
+        fusion = DecisionFusion(clinical, scores, impute=impute, alpha=1 - config.ci_level, penalizer=penalizer,
+                                non_negative=config.fusion_weights == "non-negative", inner_folds=config.inner_folds,
+                                seed=config.seed)
         if config.missing == "available":
             names = tuple(name for name in blocks if name != "clinical")
-            models["combined"] = AvailableFusion(clinical, scores, names, alpha=1 - config.ci_level)
+            models["combined"] = AvailableFusion(clinical, scores, names, fusion)
         else:
-            models["combined"] = DecisionFusion(clinical, scores, impute=impute, alpha=1 - config.ci_level)
+            models["combined"] = fusion
     return models
