@@ -2,13 +2,19 @@
 
 Every patch (at the target MPP) gets cheap, vectorised scores:
 
-- ``focus``: the variance of the Laplacian of the grey image at the target MPP (its mean square), per
-  tissue pixel, in each of the patch's 4 x 4 blocks that is at least half tissue; the patch scores its
-  least sharp block, so a patch half out of focus is caught and the amount of tissue does not matter.
+- ``focus``: in each of the patch's 4 x 4 blocks that is at least half tissue, the mean square of the grey
+  image's Laplacian at the target MPP over that of the image at half the resolution: fine detail against
+  coarse detail, so the measure does not depend on how much stain or how many nuclei a block holds; the
+  patch scores its least sharp block, so a patch half out of focus is caught. ``focus_rel`` is ``focus``
+  over the slide's 75th percentile (its sharp tissue, even where half the slide is out of focus): blur is
+  judged against the slide's own tissue, with absolute floors for a slide out of focus all over.
 - ``pen``: fraction of pixels of a marker hue (``pen_blue``, ``pen_green``, ``pen_black``). H&E has no
   green and its haematoxylin is purple, not blue; black ink is dark and grey, unlike any stain.
-- ``fold``: the patch's mean eosin concentration over the slide's median. A fold (or thick section)
-  stacks tissue on tissue, doubling the stroma's eosin; dense nuclei raise haematoxylin instead.
+- ``fold``: the share of the patch's tissue pixels whose optical density is that of the slide's lighter
+  tissue (its stroma: the median over patches of each patch's 25th percentile) doubled. A fold stacks
+  tissue on tissue, so its background between cells is twice as dense; a dense cellular lesion is dark
+  in its nuclei, which lie far above that band, and keeps a normal background. A fold is also denser
+  than the slide's median patch (``density``: the mean optical density over the slide's median).
 - ``bubble``: the share of the patch that looks blank (bright, colourless: a washed-out bubble interior,
   glare) beyond what its tissue polygon leaves blank.
 - stain: each slide's Macenko haematoxylin and eosin vectors (fitted on a fixed sample of tissue pixels
@@ -24,7 +30,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -35,11 +41,10 @@ from pathomics.errors import ConfigError, StoreError
 from pathomics.layout import OutputLayout
 from pathomics.store import store_fingerprint
 
-FLAGS = ("blur", "pen", "fold", "bubble")
-FLAG_COLORS = {"pen": (255, 0, 255), "blur": (255, 200, 0), "fold": (220, 0, 0), "bubble": (0, 200, 255)}  # RGB
 REFERENCE_STAINS = np.array([[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]])  # Macenko et al.'s H and E columns
 SAMPLE_GRID = 8  # pixels sampled per patch for the stain fit: an 8x8 grid
 FOCUS_BLOCKS = 4  # focus is scored on 4x4 blocks of each patch
+OD_BINS = np.geomspace(0.05, 20.0, 64)  # edges of the per-patch histogram of optical density (3 channels summed), 10% apart
 SCORE_CHUNK = 16  # patches scored together: 16 of 256 px (3 MB) keep each pass's output in cache for the next
 
 
@@ -52,19 +57,25 @@ class QCConfig:
     *tissue* otherwise; *blue ink* with hue in ``blue_hue`` and *green ink* with hue in ``green_hue``, both
     with saturation >= ``ink_saturation``; *black ink* with value < ``black_value`` and saturation <
     ``black_saturation`` (dark and grey). Flags (defaults calibrated on the synthetic slides of
-    ``synthetic.artefacts``; check them on your scanner's slides with the QC thumbnails): ``blur`` when
-    ``focus < min_focus`` (sharp synthetic tissue scores 1.8 or more, blurred at most 0.9); ``pen`` when the ink
-    fraction exceeds ``max_pen``; ``fold`` when the eosin concentration exceeds ``max_fold`` times the slide's
-    median; ``bubble`` when the blank share beyond the tissue polygon's exceeds ``max_bubble``.
+    ``synthetic.artefacts``, see docs/qc.md; check them on your scanner's slides with the QC thumbnails): ``blur``
+    when ``focus_rel < min_focus_rel`` (relative to the slide's 75th percentile), or ``focus < min_focus`` or ``detail <
+    min_detail`` (absolute floors, for a slide out of focus all over); ``pen`` when the ink fraction exceeds ``max_pen``;
+    ``fold`` when the share of tissue at ``fold_density`` times the slide's stroma density exceeds ``max_fold`` and
+    the patch's mean optical density is over ``min_fold_density`` times the slide's median (``density``);
+    ``bubble`` when the blank share beyond the tissue polygon's exceeds ``max_bubble``.
     Stain: optical density ``-ln((I + 1) / stain_io)``; Macenko's ``stain_beta`` (OD floor) and
     ``stain_alpha`` (angle percentile). A slide is a stain outlier when its H or E vector lies more than
     ``max(stain_outlier_degrees, stain_outlier_mads x 1.4826 x MAD)`` degrees from the batch's median
     vector, in a batch of at least ``stain_min_slides`` slides.
     """
 
-    min_focus: float = 1.2
+    min_focus: float = 0.10
+    min_focus_rel: float = 0.62
+    min_detail: float = 1.2
     max_pen: float = 0.10
-    max_fold: float = 1.5
+    max_fold: float = 0.25
+    fold_density: tuple[float, float] = (1.6, 2.5)
+    min_fold_density: float = 1.3
     max_bubble: float = 0.25
     blank_value: int = 215
     blank_saturation: int = 25
@@ -82,8 +93,10 @@ class QCConfig:
     stain_min_slides: int = 3
 
     def __post_init__(self) -> None:
-        for name, allowed, ok in (("min_focus", ">= 0", self.min_focus >= 0), ("max_pen", "in 0-1", 0 <= self.max_pen <= 1),
-                                  ("max_fold", "> 0", self.max_fold > 0), ("max_bubble", "in 0-1", 0 <= self.max_bubble <= 1),
+        for name, allowed, ok in (("min_focus", ">= 0", self.min_focus >= 0), ("min_focus_rel", ">= 0", self.min_focus_rel >= 0),
+                                  ("min_detail", ">= 0", self.min_detail >= 0), ("max_pen", "in 0-1", 0 <= self.max_pen <= 1),
+                                  ("max_fold", "in 0-1", 0 <= self.max_fold <= 1), ("min_fold_density", ">= 0", self.min_fold_density >= 0),
+                                  ("max_bubble", "in 0-1", 0 <= self.max_bubble <= 1),
                                   ("pixel_stride", ">= 1", self.pixel_stride >= 1),
                                   ("stain_min_slides", ">= 2", self.stain_min_slides >= 2), ("stain_io", ">= 1", self.stain_io >= 1)):
             if not ok:
@@ -111,9 +124,11 @@ class BatchScores:
     """Raw per-patch statistics of a batch, before the slide-level steps (stain fit, fold normalisation)."""
 
     focus: np.ndarray        # (n,) see _focus
+    detail: np.ndarray       # (n,) see _focus
     blank: np.ndarray        # (n,) fraction of blank pixels
     pen: np.ndarray          # (n, 3) fractions of blue, green and black ink pixels
     mean_od: np.ndarray      # (n, 3) mean optical density of the tissue pixels
+    od_hist: np.ndarray      # (n, len(OD_BINS) + 1) fractions of the tissue pixels per bin of summed optical density
     sample: np.ndarray       # (n, SAMPLE_GRID**2, 3) uint8 RGB pixels for the stain fit
 
 
@@ -135,7 +150,7 @@ def _score_chunk(images: np.ndarray, config: QCConfig) -> BatchScores:
 
     n, p = len(images), images.shape[1] if len(images) else 0
     if n == 0:
-        return BatchScores(*(np.zeros((0, *shape), np.float32) for shape in ((), (), (3,), (3,))),
+        return BatchScores(*(np.zeros((0, *shape), np.float32) for shape in ((), (), (), (3,), (3,), (len(OD_BINS) + 1,))),
                            np.zeros((0, SAMPLE_GRID * SAMPLE_GRID, 3), np.uint8))
     sub = np.ascontiguousarray(images[:, ::config.pixel_stride, ::config.pixel_stride])
     s = sub.shape[1]
@@ -145,10 +160,14 @@ def _score_chunk(images: np.ndarray, config: QCConfig) -> BatchScores:
     od = cv2.LUT(sub.reshape(n * s, s, 3), _od_table(config.stain_io).astype(np.float32))
     od_sum = patch_means(cv2.multiply(od, cv2.merge([tissue] * 3), scale=1 / 255, dtype=cv2.CV_32F), n)
     mean_od = od_sum / np.maximum(1.0 - blank, 1e-6)[:, None]
+    bins = np.searchsorted(OD_BINS, od.sum(axis=2)).reshape(n, s * s) + (np.arange(n) * (len(OD_BINS) + 1))[:, None]
+    weights = (tissue.reshape(n, s * s) > 0).astype(np.float32)
+    od_hist = np.bincount(bins.ravel(), weights.ravel(), n * (len(OD_BINS) + 1)).reshape(n, -1)
+    od_hist /= np.maximum(od_hist.sum(axis=1, keepdims=True), 1.0)
     step = max(1, p // SAMPLE_GRID)
     sample = images[:, step // 2::step, step // 2::step][:, :SAMPLE_GRID, :SAMPLE_GRID].reshape(n, -1, 3)
-    return BatchScores(_focus(images, config), blank, np.stack([blue, green, black], axis=1), mean_od.astype(np.float32),
-                       np.ascontiguousarray(sample))
+    return BatchScores(*_focus(images, config), blank, np.stack([blue, green, black], axis=1), mean_od.astype(np.float32),
+                       od_hist.astype(np.float32), np.ascontiguousarray(sample))
 
 
 def pixel_classes(rgb: np.ndarray, config: QCConfig) -> tuple[np.ndarray, ...]:
@@ -172,28 +191,39 @@ def patch_means(image: np.ndarray, n: int) -> np.ndarray:
     return means / 255.0 if image.dtype == np.uint8 else means
 
 
-def _focus(images: np.ndarray, config: QCConfig) -> np.ndarray:
-    """Per patch, the lowest mean squared Laplacian per tissue pixel among its FOCUS_BLOCKS² blocks with half or more tissue.
+def _focus(images: np.ndarray, config: QCConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per patch, the lowest ratio of fine to coarse detail among its FOCUS_BLOCKS² blocks with half or more tissue
+    (``focus``), and the lowest mean square Laplacian per tissue pixel (``detail``: it also falls where a slide's
+    finest scale holds nothing but noise, which the ratio then misses).
 
-    The grey image's 4-neighbour Laplacian at the target MPP, with the rows that touch a neighbouring patch of
-    the batch zeroed, so that a patch scores alike in any batch. Dividing by the tissue pixels normalises for
-    tissue content; taking the worst block catches a patch half out of focus. Inf when no block has enough tissue.
+    Per block, the mean square of the grey image's 4-neighbour Laplacian over that of the image at half the
+    resolution (``pyrDown``): defocus, motion or a tilted focal plane remove fine detail first, whatever the
+    block's contrast. Rows that touch a neighbouring patch of the batch are zeroed at both scales, so that a
+    patch scores alike in any batch; taking the worst block catches a patch half out of focus. Inf when no
+    block has enough tissue.
     """
     import cv2
 
     n, p = images.shape[:2]
     k, b = FOCUS_BLOCKS, p // FOCUS_BLOCKS
     grey = cv2.cvtColor(np.ascontiguousarray(images).reshape(n * p, p, 3), cv2.COLOR_RGB2GRAY)
-    lap = cv2.Laplacian(grey, cv2.CV_16S, ksize=1)
-    lap.reshape(n, p, p)[:, [0, -1]] = 0
+    fine = cv2.Laplacian(grey, cv2.CV_16S, ksize=1)
+    fine.reshape(n, p, p)[:, [0, -1]] = 0
+    coarse = cv2.Laplacian(cv2.pyrDown(grey), cv2.CV_16S, ksize=1)
+    q = coarse.shape[0] // n
+    coarse.reshape(n, q, -1)[:, [0, 1, -2, -1]] = 0  # pyrDown mixed these rows with the neighbouring patch
     tissue = cv2.compare(grey, config.blank_value, cv2.CMP_LT)
     if p != k * b:  # blocks cover the first k * b rows and columns
         tissue = np.ascontiguousarray(tissue.reshape(n, p, p)[:, :k * b, :k * b]).reshape(n * k * b, k * b)
     fraction = cv2.resize(tissue, (k, n * k), interpolation=cv2.INTER_AREA).reshape(n, k * k) / 255.0
-    energy = np.array([cv2.norm(lap[i * p + r * b:i * p + (r + 1) * b, c * b:(c + 1) * b], cv2.NORM_L2SQR)
-                       for i in range(n) for r in range(k) for c in range(k)], dtype=np.float64).reshape(n, k * k)
-    per_pixel = energy / np.maximum(fraction * (b * b), 1.0)
-    return np.where(fraction >= 0.5, per_pixel, np.inf).min(axis=1).astype(np.float32)
+    h = b // 2
+    energy = np.array([(cv2.norm(fine[i * p + r * b:i * p + (r + 1) * b, c * b:(c + 1) * b], cv2.NORM_L2SQR),
+                        cv2.norm(coarse[i * q + r * h:i * q + (r + 1) * h, c * h:(c + 1) * h], cv2.NORM_L2SQR))
+                       for i in range(n) for r in range(k) for c in range(k)], dtype=np.float64).reshape(n, k * k, 2)
+    ratio = (energy[..., 0] / (b * b)) / np.maximum(energy[..., 1] / (h * h), 1e-3)
+    detail = energy[..., 0] / np.maximum(fraction * (b * b), 1.0)
+    enough = fraction >= 0.5
+    return tuple(np.where(enough, x, np.inf).min(axis=1).astype(np.float32) for x in (ratio, detail))
 
 
 _OD_TABLES: dict[int, np.ndarray] = {}
@@ -229,6 +259,35 @@ def macenko_stains(rgb: np.ndarray, config: QCConfig) -> np.ndarray | None:
 
 
 @dataclass(frozen=True)
+class Artefact:
+    """A kind of per-patch artefact: its flag's name, the QC table column it is judged on, when it is raised
+    (from the table's scores and the config), its colour on the QC thumbnail (RGB), and a line of help."""
+
+    name: str
+    score: str
+    raised: Callable[[Any, QCConfig], Any]
+    color: tuple[int, int, int]
+    help: str
+
+
+# Every QC flag, in the order drawn on the thumbnail (the likelier cause on top: ink also looks out of focus).
+# Adding a flag: an entry here (its score computed in score_batch/slide_qc, its threshold in QCConfig).
+ARTEFACTS = (
+    Artefact("blur", "focus", lambda t, c: (t.focus_rel < c.min_focus_rel) | (t.focus < c.min_focus) | (t.detail < c.min_detail),
+             (255, 200, 0), "out of focus: focus_rel < min_focus_rel (against the slide's 75th percentile), or focus < min_focus "
+             "or detail < min_detail"),
+    Artefact("fold", "fold", lambda t, c: (t.fold > c.max_fold) & (t.density > c.min_fold_density), (220, 0, 0),
+             "tissue folded on itself: fold (share of doubled stroma density) > max_fold and density > min_fold_density"),
+    Artefact("bubble", "bubble", lambda t, c: t.bubble > c.max_bubble, (0, 200, 255),
+             "air bubble or glare: bubble (blank share beyond the tissue polygon's) > max_bubble"),
+    Artefact("pen", "pen", lambda t, c: t.pen > c.max_pen, (255, 0, 255),
+             "marker ink: pen (blue, green or black ink share) > max_pen"),
+)
+FLAGS = tuple(a.name for a in ARTEFACTS)
+FLAG_COLORS = {a.name: a.color for a in ARTEFACTS}
+
+
+@dataclass(frozen=True)
 class SlideQC:
     """A slide's QC: one row per patch (store order) and the per-slide summary."""
 
@@ -242,24 +301,23 @@ def slide_qc(batches: Sequence[BatchScores], coords: np.ndarray, tissue_fraction
     import pandas as pd
 
     raw = BatchScores(*(np.concatenate([getattr(b, f) for b in batches]) if batches else np.zeros((0, *shape), dtype)
-                        for f, shape, dtype in (("focus", (), np.float32), ("blank", (), np.float32), ("pen", (3,), np.float32),
-                                                ("mean_od", (3,), np.float32), ("sample", (SAMPLE_GRID ** 2, 3), np.uint8))))
+                        for f, shape, dtype in (("focus", (), np.float32), ("detail", (), np.float32), ("blank", (), np.float32), ("pen", (3,), np.float32),
+                                                ("mean_od", (3,), np.float32), ("od_hist", (len(OD_BINS) + 1,), np.float32),
+                                                ("sample", (SAMPLE_GRID ** 2, 3), np.uint8))))
     if len(raw.focus) != len(coords):
         raise StoreError(f"{slide_id}: QC scored {len(raw.focus)} patches of {len(coords)}")
     stains, fit = _slide_stains(raw.sample, config)
     conc = np.linalg.lstsq(stains, raw.mean_od.T.astype(np.float64), rcond=None)[0].T if len(coords) else np.zeros((0, 2))
-    eosin = float(np.median(conc[:, 1])) if len(coords) else 0.0
     table = pd.DataFrame({
         "x": coords[:, 0].astype(np.int64), "y": coords[:, 1].astype(np.int64), "focus": raw.focus,
+        "focus_rel": _relative(raw.focus, 75), "detail": raw.detail,
         "pen": raw.pen.sum(axis=1), "pen_blue": raw.pen[:, 0], "pen_green": raw.pen[:, 1], "pen_black": raw.pen[:, 2],
-        "fold": (conc[:, 1] / eosin if eosin > 0 else np.zeros(len(coords))).astype(np.float32),
+        "fold": doubled_share(raw.od_hist, config), "density": _relative(raw.mean_od.sum(axis=1), 50),
         "bubble": np.maximum(raw.blank - (1.0 - np.asarray(tissue_fraction, np.float32)), 0.0),
         "stain_h": conc[:, 0].astype(np.float32), "stain_e": conc[:, 1].astype(np.float32),
     })
-    table["flag_blur"] = table.focus < config.min_focus
-    table["flag_pen"] = table.pen > config.max_pen
-    table["flag_fold"] = table.fold > config.max_fold
-    table["flag_bubble"] = table.bubble > config.max_bubble
+    for artefact in ARTEFACTS:
+        table[f"flag_{artefact.name}"] = artefact.raised(table, config)
     table["qc_pass"] = ~table[[f"flag_{f}" for f in FLAGS]].any(axis=1)
     summary: dict[str, Any] = {"slide_id": slide_id, "patches": len(table)}
     summary.update({f"frac_{f}": _fraction(table[f"flag_{f}"]) for f in FLAGS})
@@ -267,6 +325,33 @@ def slide_qc(batches: Sequence[BatchScores], coords: np.ndarray, tissue_fraction
     summary.update({f"stain_{s}_{c}": round(float(stains[i, j]), 6) for j, s in enumerate("he") for i, c in enumerate("rgb")})
     summary["stain_fit"] = fit
     return SlideQC(table, summary)
+
+
+def _relative(score: np.ndarray, percentile: float) -> np.ndarray:
+    """``score`` over its ``percentile`` among the patches with enough tissue to be scored (finite)."""
+    finite = score[np.isfinite(score)]
+    reference = float(np.percentile(finite, percentile)) if len(finite) else 0.0
+    return (score / reference if reference > 0 else np.full(len(score), np.inf)).astype(np.float32)
+
+
+def doubled_share(od_hist: np.ndarray, config: QCConfig) -> np.ndarray:
+    """Per patch, the share of its tissue pixels at ``fold_density`` times the slide's stroma density (tissue on tissue).
+
+    The stroma density is the median over patches with tissue of each patch's 25th percentile of summed optical
+    density (from the ``od_hist`` histograms): the lighter quarter of nearly every patch is its background.
+    """
+    if len(od_hist) == 0:
+        return np.zeros(0, np.float32)
+    centres = np.sqrt(OD_BINS[:-1] * OD_BINS[1:])
+    centres = np.concatenate([[OD_BINS[0]], centres, [OD_BINS[-1]]])
+    has_tissue = od_hist.sum(axis=1) > 0
+    if not has_tissue.any():
+        return np.zeros(len(od_hist), np.float32)
+    quartile = np.argmax(np.cumsum(od_hist[has_tissue], axis=1) >= 0.25, axis=1)
+    stroma = float(np.median(centres[quartile]))
+    lo, hi = config.fold_density
+    band = (centres > lo * stroma) & (centres < hi * stroma)
+    return od_hist[:, band].sum(axis=1).astype(np.float32)
 
 
 def _fraction(flags: Any) -> float:
@@ -392,9 +477,9 @@ def write_thumbnail(out_dir: str | os.PathLike, store: Any, table: Any) -> Path 
     scale = 1.0 / float(store.attrs.get("thumbnail_downsample") or 1.0)
     size = max(1, round(int(store.attrs["patch_size_level0"]) * scale))
     overlay = image.copy()
-    for flag in ("blur", "fold", "bubble", "pen"):  # the likelier cause on top: ink also looks out of focus
-        rgb = FLAG_COLORS[flag]
-        for x, y in table.loc[table[f"flag_{flag}"], ["x", "y"]].to_numpy():
+    for artefact in ARTEFACTS:
+        rgb = artefact.color
+        for x, y in table.loc[table[f"flag_{artefact.name}"], ["x", "y"]].to_numpy():
             x0, y0 = round(x * scale), round(y * scale)
             cv2.rectangle(overlay, (x0, y0), (x0 + size - 1, y0 + size - 1), rgb[::-1], -1)
     return write_png(OutputLayout(out_dir).qc_thumbnail(store.slide_id), cv2.addWeighted(overlay, 0.6, image, 0.4, 0))

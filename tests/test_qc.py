@@ -167,7 +167,7 @@ def test_scores_do_not_depend_on_the_batch(planted) -> None:
     images = open_patch_store(out / "tiles" / "planted.zarr").read_images(0, 50)
     whole = score_batch(images, QCConfig())
     parts = [score_batch(images[i:i + 7], QCConfig()) for i in range(0, 50, 7)]
-    for field in ("focus", "blank", "pen", "mean_od", "sample"):
+    for field in ("focus", "detail", "blank", "pen", "mean_od", "od_hist", "sample"):
         np.testing.assert_array_equal(getattr(whole, field), np.concatenate([getattr(p, field) for p in parts]))
 
 
@@ -227,3 +227,38 @@ def test_run_and_tile_options_reach_the_configs(tmp_path: Path) -> None:
                          ("stain_min_slides=1", r"^QC setting stain_min_slides=1 is out of range")):
         with pytest.raises(ConfigError, match=message):
             QCConfig.parse(bad)
+
+
+def test_moderate_blur_is_caught_and_dense_lesions_are_no_folds(tmp_path: Path) -> None:
+    """A 1 µm defocus (obvious to the eye) is flagged, judged against the slide's own tissue; a dense high-grade
+    lesion, dark in its nuclei but with a normal background, raises no fold; a real fold still does."""
+    from pathomics.synthetic.artefacts import patch_coverage
+    from pathomics.synthetic.slides import Ellipse
+
+    tissue = Ellipse(1536, 1152, 1450, 1080)
+    blur, fold, lesion = Ellipse(900, 800, 520, 420), Ellipse(2250, 800, 480, 380, 20), Ellipse(1550, 1650, 560, 380)
+    artefacts = Artefacts(blur=(blur,), blur_sigma=4.0, folds=(fold,), fold_shift=(310, 170))  # sigma 1 µm at 0.25 µm/px
+    truth = write_artefact_slide(tmp_path / "moderate.svs", 3072, 2304, artefacts, mpp=0.25, shapes=(tissue,),
+                                 regions=(lesion,), atypia=1.0, seed=41)
+    write_geojson(truth.tissue(), tmp_path / "moderate.geojson")
+    tile_slide(truth.path, tmp_path / "out", TILE, tissue_geojson=tmp_path / "moderate.geojson")
+    table, _ = read_qc(OutputLayout(tmp_path / "out").qc_table("moderate"))
+    coords = table[["x", "y"]].to_numpy()
+    cover = {name: patch_coverage(region, coords, 256) for name, region in
+             (("blur", artefacts.regions()["blur"]), ("fold", artefacts.regions()["fold"]), ("lesion", truth.lesions()))}
+    clean = np.max(np.stack(list(cover.values())), axis=0) == 0
+    assert (cover["blur"] >= 0.5).sum() >= 8 and (cover["lesion"] >= 0.5).sum() >= 8 and clean.sum() >= 20
+    assert table.flag_blur[cover["blur"] >= 0.5].mean() >= 0.9
+    assert table.flag_fold[cover["fold"] >= 0.5].mean() >= 0.9
+    assert not table.flag_fold[cover["lesion"] >= 0.5].any() and not table.flag_blur[cover["lesion"] >= 0.5].any()
+    assert not (table.flag_fold | table.flag_blur)[clean].any()
+
+
+def test_every_flag_comes_from_one_artefact_entry() -> None:
+    from pathomics.cli.main import build_parser
+    from pathomics.qc import ARTEFACTS
+
+    assert FLAGS == tuple(a.name for a in ARTEFACTS) and set(FLAG_COLORS) == set(FLAGS)
+    embed_help = next(a.help for a in build_parser()._subparsers._group_actions[0].choices["embed"]._actions
+                      if a.dest == "qc_exclude")
+    assert all(flag in embed_help for flag in FLAGS)

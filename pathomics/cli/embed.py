@@ -8,6 +8,7 @@ from pathlib import Path
 from pathomics.cli.common import config_from_args, writable_dir
 from pathomics.errors import PathomicsError
 from pathomics.layout import OutputLayout
+from pathomics.qc import FLAGS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -37,7 +38,7 @@ def add_embed_options(parser: argparse.ArgumentParser) -> None:
                         help="who decodes a coords-only store's patches: auto (default: nvImageCodec on a GPU where "
                              "installed and the slide has JPEG TIFF tiles, else the CPU workers), workers, nvimgcodec")
     parser.add_argument("--qc-exclude", metavar="FLAGS", type=comma_list,
-                        help="leave out patches with these QC flags, comma-separated: blur, pen, fold, bubble "
+                        help=f"leave out patches with these QC flags, comma-separated: {', '.join(FLAGS)} "
                              "(needs the QC tables tiling wrote)")
 
 

@@ -4,7 +4,8 @@ Builds on ``synthetic.write_slide`` through its ``paint`` hook, which alters eve
 (so every pyramid level shows the artefacts, area-downsampled like the tissue):
 
 - pen strokes (blue, green, black marker): the ink's transmittance multiplies the tissue under it;
-- out-of-focus regions: the tissue rendered with a margin and Gaussian-blurred;
+- out-of-focus regions: the tissue rendered with a margin and blurred: a Gaussian (defocus), a line
+  (motion during the scan), or a Gaussian growing across the region (a tilted focal plane, sharper on one side);
 - folds: a second layer of tissue (the same texture, shifted) lies on the first, so optical densities add;
 - air bubbles: the tissue under the bubble washed out towards white, inside a dark refraction rim;
 - an off-stain scan: every optical density mapped by a 3x3 matrix that turns the synthetic haematoxylin
@@ -35,6 +36,7 @@ from pathomics.synthetic.slides import (
     write_slide,
 )
 
+BLUR_KINDS = ("gaussian", "motion", "tilt")
 INK_TRANSMITTANCE = {"blue": (0.22, 0.42, 0.92), "green": (0.30, 0.78, 0.45), "black": (0.12, 0.12, 0.13)}
 BUBBLE_WASH, BUBBLE_RIM, BUBBLE_RIM_COLOR = 0.9, 0.08, (90, 90, 95)  # washed-out fraction, rim width / radius
 
@@ -61,11 +63,16 @@ class Artefacts:
 
     strokes: tuple[Stroke, ...] = ()
     blur: tuple[Ellipse, ...] = ()
-    blur_sigma: float = 5.0  # level-0 pixels
+    blur_sigma: float = 5.0  # level-0 pixels: the Gaussian's sigma, or the motion line's / the tilt's mean standard deviation
+    blur_kind: str = "gaussian"  # one of BLUR_KINDS
     folds: tuple[Ellipse, ...] = ()
     fold_shift: tuple[int, int] = (300, 170)  # where the folded-over layer comes from, level-0 pixels
     bubbles: tuple[Ellipse, ...] = ()
     stain: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.blur_kind not in BLUR_KINDS:
+            raise ConfigError(f"unknown blur kind {self.blur_kind!r}; choose one of {', '.join(BLUR_KINDS)}")
 
     def regions(self) -> dict[str, MultiPolygon]:
         """Each planted artefact kind (``pen_blue``, ``pen_green``, ``pen_black``, ``blur``, ``fold``, ``bubble``) as polygons."""
@@ -87,7 +94,7 @@ class Artefacts:
                 return block
             out = block.astype(np.float32)
             for e in blur:
-                out = np.where(_ellipse_mask(e, x0, y0, size)[..., None], self._blurred(render, x0, y0, size), out)
+                out = np.where(_ellipse_mask(e, x0, y0, size)[..., None], self._blurred(e, render, x0, y0, size), out)
             for e in folds:
                 layer = render(x0 + self.fold_shift[0], y0 + self.fold_shift[1], size).astype(np.float32)
                 out = np.where(_ellipse_mask(e, x0, y0, size)[..., None], out * layer / np.float32(GLASS), out)
@@ -101,12 +108,36 @@ class Artefacts:
 
         return paint
 
-    def _blurred(self, render: Callable[[int, int, int], np.ndarray], x0: int, y0: int, size: int) -> np.ndarray:
+    def _blurred(self, e: Ellipse, render: Callable[[int, int, int], np.ndarray], x0: int, y0: int, size: int) -> np.ndarray:
+        """The block out of focus: Gaussian; motion, a line of the same standard deviation at 30 degrees; tilt, a
+        Gaussian whose sigma grows from 0.5 to 1.5 ``blur_sigma`` across the ellipse from left to right (4 bands)."""
         import cv2
 
-        m = math.ceil(4 * self.blur_sigma)
+        m = math.ceil(6 * self.blur_sigma)
         big = render(x0 - m, y0 - m, size + 2 * m).astype(np.float32)
-        return cv2.GaussianBlur(big, (0, 0), self.blur_sigma)[m:m + size, m:m + size]
+        if self.blur_kind == "motion":
+            return cv2.filter2D(big, -1, _line_kernel(self.blur_sigma * math.sqrt(12), 30.0))[m:m + size, m:m + size]
+        if self.blur_kind == "gaussian":
+            return cv2.GaussianBlur(big, (0, 0), self.blur_sigma)[m:m + size, m:m + size]
+        across = (x0 + np.arange(size) + 0.5 - (e.cx - e.rx)) / (2 * e.rx)  # 0 at the ellipse's left, 1 at its right
+        band = np.clip((across * 4).astype(int), 0, 3)
+        out = np.empty((size, size, 3), np.float32)
+        for k in range(4):
+            sigma = self.blur_sigma * (0.5 + (k + 0.5) / 4)
+            out[:, band == k] = cv2.GaussianBlur(big, (0, 0), sigma)[m:m + size, m:m + size][:, band == k]
+        return out
+
+
+def _line_kernel(length: float, angle: float) -> np.ndarray:
+    """A normalised line kernel ``length`` pixels long at ``angle`` degrees: uniform motion during exposure."""
+    import cv2
+
+    n = 2 * math.ceil(length / 2) + 1
+    kernel = np.zeros((n, n), np.float32)
+    dx, dy = length / 2 * math.cos(math.radians(angle)), length / 2 * math.sin(math.radians(angle))
+    c = n // 2
+    cv2.line(kernel, (round(c - dx), round(c - dy)), (round(c + dx), round(c + dy)), 1.0, 1, cv2.LINE_AA)
+    return kernel / kernel.sum()
 
 
 def write_artefact_slide(path: str | os.PathLike, width: int, height: int, artefacts: Artefacts, **kwargs) -> SlideTruth:
