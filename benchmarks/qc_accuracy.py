@@ -6,7 +6,7 @@ on it) and ``heldout`` (reported; never looked at while tuning). Each set has on
 (Gaussian of 0.5, 1 and 2 µm, motion and a one-sided tilt of 1 µm), each also with a planted fold and a dense
 high-grade lesion; a slide with dense lesions and nothing else; and a slide out of focus all over (1 µm).
 With ``--real PNG`` the held-out set also gets a real H&E crop at 0.25 µm/px (e.g. tiatoolbox's stain
-normalisation target, see docs/qc.md), mirror-tiled into a slide, clean and with Gaussian blur planted on
+normalisation target, see docs/guide/qc.md), mirror-tiled into a slide, clean and with Gaussian blur planted on
 its left half.
 
 Per row: patches inside the planted region (or, for ``lesion`` and ``clean``, patches of dense lesion or of

@@ -57,7 +57,7 @@ class QCConfig:
     *tissue* otherwise; *blue ink* with hue in ``blue_hue`` and *green ink* with hue in ``green_hue``, both
     with saturation >= ``ink_saturation``; *black ink* with value < ``black_value`` and saturation <
     ``black_saturation`` (dark and grey). Flags (defaults calibrated on the synthetic slides of
-    ``synthetic.artefacts``, see docs/qc.md; check them on your scanner's slides with the QC thumbnails): ``blur``
+    ``synthetic.artefacts``, see docs/guide/qc.md; check them on your scanner's slides with the QC thumbnails): ``blur``
     when ``focus_rel < min_focus_rel`` (relative to the slide's 75th percentile), or ``focus < min_focus`` or ``detail <
     min_detail`` (absolute floors, for a slide out of focus all over); ``pen`` when the ink fraction exceeds ``max_pen``;
     ``fold`` when the share of tissue at ``fold_density`` times the slide's stroma density exceeds ``max_fold`` and
@@ -431,8 +431,8 @@ def update_summary(out_dir: str | os.PathLike, row: dict[str, Any], config: QCCo
     """Merge a slide's row into ``<out>/qc_summary.csv`` and re-test every slide's stain against the batch (under a lock)."""
     import pandas as pd
 
-    from pathomics.locks import exclusive_lock
     from pathomics.io import atomic_path
+    from pathomics.locks import exclusive_lock
 
     layout = OutputLayout(out_dir)
     path = layout.qc_summary

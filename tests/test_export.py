@@ -28,8 +28,8 @@ from pathomics.store import open_patch_store, read_feature_file
 from pathomics.synthetic import write_cohort
 from pathomics.tiling import TileConfig, tile_slide
 
-# max_fold 1.0 flags the patches with more eosin than the slide's median: a real QC run with failures to classify
-TILE = TileConfig(target_mpp=2.0, patch_size=64, threads=1, qc=QCConfig(max_fold=1.0))
+# fold flags every patch denser than the slide's median with any tissue at doubled density: a real QC run with failures
+TILE = TileConfig(target_mpp=2.0, patch_size=64, threads=1, qc=QCConfig(max_fold=0.0, min_fold_density=1.0))
 EMBED = EmbedConfig(model="shufflenet-v2", weights="random", precision="fp32", batch_size=64, num_workers=0, input_size=64)
 MIL = MILConfig(task="survival", folds=2, epochs=2, batch_size=4, hidden_dim=8, model_options=(("attention_dim", 8),),
                 refit=False, ensemble=1, device="cpu")
