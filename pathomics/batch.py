@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -73,7 +74,7 @@ def one_line(exc: BaseException) -> str:
     """``Type: message`` on one line; of a multi-line message (a re-raised worker traceback) its last line."""
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     if len(lines) > 1:
-        return lines[-1]
+        return re.sub(r"^(?:\w+\.)+(?=\w+: )", "", lines[-1])  # "pathomics.errors.StoreError: ..." -> "StoreError: ..."
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 

@@ -35,11 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from pathomics import __version__
 from pathomics.device import PRECISIONS, resolve_device, resolve_precision
 from pathomics.errors import ConfigError, StoreError
+from pathomics.io import writing
 from pathomics.layout import DONE, SKIPPED, OutputLayout
 from pathomics.encoders.backbones import load_backbone
 from pathomics.encoders.base import Backbone, check_embeddings
@@ -225,7 +226,13 @@ class PatchBatches(Dataset):
         start, stop = int(index[0]), int(index[-1]) + 1
         patches = torch.from_numpy(read_patches(self.store, start, stop))
         patches = patches if stop - start == len(index) else patches[index - start]
-        return patches if self.transform is None else self.transform(patches)
+        batch = patches if self.transform is None else self.transform(patches)
+        if get_worker_info() is not None:
+            # In a loader worker, move the batch to shared memory here, where a failure (a full /dev/shm, a file
+            # size limit) is raised and sent back; done later by the queue's thread, it is lost and the loader hangs.
+            with writing("shared memory (/dev/shm) for a batch of patches"):
+                batch.share_memory_()
+        return batch
 
 
 def encode_store(store: PatchStore, encoder: Encoder, batch_size: int, num_workers: int,

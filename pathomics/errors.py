@@ -27,6 +27,10 @@ class SlideReadError(PathomicsError, OSError):
     """A slide cannot be opened or read (missing, truncated, not a slide, no MPP)."""
 
 
+class WriteError(PathomicsError, OSError):
+    """An output cannot be written (disk full, file size limit, permissions): names the path and what to do."""
+
+
 class StoreError(PathomicsError):
     """A patch store or feature file is missing, incomplete, foreign or inconsistent."""
 

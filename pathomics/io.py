@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -13,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pathomics.errors import StoreError
+from pathomics.errors import StoreError, WriteError
 from pathomics.layout import PARTIAL_SUFFIX
 
 _UMASK = os.umask(0o022)
@@ -55,20 +57,58 @@ def partial_path(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + PARTIAL_SUFFIX)
 
 
+_WRITE_ADVICE = {
+    errno.ENOSPC: "free space on that disk, or write elsewhere (--out)",
+    errno.EDQUOT: "free space within your disk quota",
+    errno.EFBIG: "raise the file size limit (`ulimit -f unlimited`) or write to a disk that allows larger files (--out)",
+    errno.EACCES: "make the folder writable for you",
+    errno.EPERM: "make the folder writable for you",
+    errno.EROFS: "the disk is read-only: write elsewhere",
+}
+
+
+def write_error(path: str | os.PathLike, exc: BaseException) -> WriteError:
+    """A one-line ``WriteError`` naming ``path``, the OS's reason and what to do about it."""
+    number = getattr(exc, "errno", None) or _errno_in(str(exc))
+    reason = os.strerror(number) if number else str(exc).strip().splitlines()[-1]
+    advice = _WRITE_ADVICE.get(number, "check that disk, or write elsewhere (--out)")
+    return WriteError(f"cannot write {path}: {reason} (errno {number}); {advice}")
+
+
+def _errno_in(message: str) -> int | None:
+    """The errno a library's RuntimeError quotes (h5py: ``errno = 27``; torch: ``File too large (27)``)."""
+    found = re.search(r"errno = (\d+)|\((\d+)\)\s*$", message.strip())
+    return int(found.group(1) or found.group(2)) if found else None
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn an OS error raised while writing ``path`` (or a library's RuntimeError quoting one) into a ``WriteError``."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except (OSError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and _errno_in(str(exc)) is None:
+            raise
+        raise write_error(path, exc) from exc
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path beside ``path``; rename it onto ``path`` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; outputs get the usual permissions
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; outputs get the usual permissions
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 def write_png(path: str | os.PathLike, image_bgr: np.ndarray) -> Path:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pathomics.io import writing
+
 COMPRESSIONS = ("lz4", "zstd", "none")
 ABSENT = 2**64 - 1  # offset and size of a chunk the shard does not hold
 Buffer = bytes | np.ndarray  # a flat uint8 array for an uncompressed chunk
@@ -90,9 +92,10 @@ def write_shard(path: Path, images: np.ndarray, chunk: int, chunks_per_shard: in
             piece = np.concatenate([piece, np.zeros((chunk - len(piece), *piece.shape[1:]), piece.dtype)])
         pieces.append(np.ascontiguousarray(piece))
     encoded = list(pool.map(encode, pieces)) if pool is not None else [encode(p) for p in pieces]
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        for part in shard_parts([*encoded, *[None] * (chunks_per_shard - len(encoded))]):
-            fh.write(part)  # a buffered file writes a large part straight from its memory
-    os.replace(tmp, path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            for part in shard_parts([*encoded, *[None] * (chunks_per_shard - len(encoded))]):
+                fh.write(part)  # a buffered file writes a large part straight from its memory
+        os.replace(tmp, path)

@@ -8,6 +8,7 @@ temporary file beside it and renamed. Readers refuse anything incomplete or fore
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from pathomics.errors import StoreError
-from pathomics.io import atomic_path, json_ready, partial_path
+from pathomics.io import atomic_path, json_ready, partial_path, writing
 from pathomics.shards import chunk_encoder, write_shard, zarr_compressors
 
 STORE_ATTRS = (
@@ -118,15 +119,17 @@ class PatchStoreWriter:
             write_shard(self.partial / "images" / key, shard, self.chunk, self.shard // self.chunk, self._encode, pool)
             stop = first + len(shard)
             if stop % self.shard == 0 or stop == self.n:
-                self.root.attrs["patches_written"] = stop
+                with writing(self.partial):
+                    self.root.attrs["patches_written"] = stop
                 self.patches_written = stop
 
     def publish(self) -> Path:
         """Mark the store complete and rename it into place, replacing any older store."""
         if self.patches_written != self.n:
             raise StoreError(f"{self.partial}: {self.patches_written} of {self.n} patches written; cannot publish")
-        self.root.attrs["complete"] = True
-        _replace_dir(self.partial, self.path)
+        with writing(self.path):
+            self.root.attrs["complete"] = True
+            _replace_dir(self.partial, self.path)
         return self.path
 
 
@@ -254,11 +257,15 @@ def write_feature_file(path: str | os.PathLike, features: np.ndarray, coords: np
     missing = [k for k in FEATURE_FILE_ATTRS if k not in attrs] + [k for k in FEATURE_COORDS_ATTRS if k not in coords_attrs]
     if missing:
         raise StoreError(f"{path}: feature file attributes missing: {', '.join(missing)}")
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+    # Built in memory, then written by Python: HDF5 failing to write a file (disk full, size limit) crashes the process.
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as h5:
         h5.create_dataset("features", data=features)
         dset = h5.create_dataset("coords", data=coords)
         dset.attrs.update(json_ready(coords_attrs))
         h5.attrs.update(json_ready(attrs))
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getbuffer())
     return Path(path)
 
 
