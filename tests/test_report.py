@@ -50,7 +50,7 @@ def test_html_helpers_escape_and_embed() -> None:
 def test_survival_report_is_self_contained(report: Path) -> None:
     page = report.read_text(encoding="utf-8")
     sources = re.findall(r'(?:src|href)="([^"]*)"', page)
-    assert len(sources) == 5 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert len(sources) == 6 and all(s.startswith("data:image/png;base64,") for s in sources)
     assert "http" not in page.replace("http-equiv", "")
     for heading in (
         "Cohort",
@@ -65,6 +65,31 @@ def test_survival_report_is_self_contained(report: Path) -> None:
     ):
         assert f"<h2>{heading}</h2>" in page
     assert "time unit: days" in page and "Follow-up time unit: days" in page
+    assert "<td>clinical+radiology+pathology</td><td>250</td>" in page.replace("\n", "").replace(" ", "")
+    assert 'alt="forest plot of hazard ratios"' in page and "Small-cohort warning" not in page
+
+
+def test_a_small_cohort_is_flagged_and_availability_counted(tmp_path: Path) -> None:
+    """24 patients, radiology for a third and no slides for five: the report warns before the cohort table, and
+    metrics.json counts patients per combination of modalities."""
+    import json
+    import warnings
+
+    from pathomics.errors import FitWarning
+
+    clinical, radiology, signatures, _ = simulate_cohort_tables(24, seed=2)
+    radiology = radiology.iloc[::3]
+    signatures = signatures[~signatures["patient_id"].isin(clinical["patient_id"].iloc[:5])]
+    config = SurvivalConfig(covariates=SYNTHETIC_COVARIATES, n_bootstrap=10, folds=3, missing="impute")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FitWarning)  # so few patients: some fits need the stabilising ridge
+        survival_fit(config, clinical, radiology, signatures, out=tmp_path)
+    availability = json.loads((tmp_path / "survival" / "metrics.json").read_text())["cohort"]["availability"]
+    assert availability == {"clinical+pathology": 13, "clinical+radiology+pathology": 6, "clinical": 3,
+                            "clinical+radiology": 2}
+    page = (tmp_path / "survival" / "report.html").read_text(encoding="utf-8")
+    assert page.index("<h2>Small-cohort warning</h2>") < page.index("<h2>Cohort</h2>")
+    assert "spans most of [0, 1]" in page or "two orders of magnitude" in page
     assert all(f"<td>{name}</td>" in page for name in ("clinical", "radiology", "pathology", "combined"))
 
 
@@ -84,4 +109,4 @@ def test_report_opens_in_headless_chromium(report: Path, tmp_path: Path) -> None
     widths = re.search(r"<pre id=\"probe\">widths=([-\d,]+)</pre>", done.stdout)
     assert widths, done.stdout[-2000:]
     decoded = [int(w) for w in widths.group(1).split(",")]
-    assert len(decoded) == 5 and all(w > 100 for w in decoded), decoded
+    assert len(decoded) == 6 and all(w > 100 for w in decoded), decoded

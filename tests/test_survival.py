@@ -111,6 +111,7 @@ def test_metrics_json_and_files_follow_the_contract(gbsg2) -> None:
         "km.png",
         "td_auc.png",
         "calibration.png",
+        "forest.png",
         "decision_curve.png",
         "nomogram.png",
         "nomogram.csv",
@@ -132,6 +133,7 @@ def test_metrics_json_and_files_follow_the_contract(gbsg2) -> None:
         "dropped_total": 0,
         "unmatched": {},
         "modalities": ["clinical"],
+        "availability": {"clinical": 686},
         "missing_policy": "error",
         "time_unit": "days",
     }

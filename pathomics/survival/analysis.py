@@ -338,6 +338,7 @@ def _cohort_summary(cohort: Cohort, config: SurvivalConfig) -> dict[str, Any]:
         "dropped_total": sum(cohort.dropped.values()),
         "unmatched": dict(cohort.unmatched),
         "modalities": list(cohort.modalities),
+        "availability": cohort.availability(config),
         "missing_policy": config.missing,
         "time_unit": config.time_unit,
     }

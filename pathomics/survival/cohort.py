@@ -44,6 +44,20 @@ class Cohort:
     def events(self) -> int:
         return int(self.data["event"].sum())
 
+    def availability(self, config: SurvivalConfig) -> dict[str, int]:
+        """Patients per combination of modalities they have ('clinical+pathology': 34, ...), most common first."""
+        columns = {
+            "clinical": list(config.covariates),
+            "radiology": [config.radiology_col],
+            "pathology": [config.risk_col, *self.signature_columns],
+        }
+        present = pd.DataFrame({
+            name: self.data[[c for c in columns[name] if c in self.data]].notna().any(axis=1)
+            for name in self.modalities
+        })
+        combinations = present.apply(lambda row: "+".join(row.index[row.to_numpy()]) or "none", axis=1)
+        return {str(k): int(v) for k, v in combinations.value_counts().items()}
+
 
 @dataclass(frozen=True)
 class InputTable:

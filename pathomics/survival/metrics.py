@@ -173,15 +173,30 @@ def calibration_table(
 ) -> pd.DataFrame:
     """Mean predicted vs observed event probability at time ``t`` in quantile groups of the prediction.
 
-    ``event_probability`` is 1 - S(t) from the model; the observed value is 1 - Kaplan–Meier(t) of the group.
+    ``event_probability`` is 1 - S(t) from the model; the observed value is 1 - Kaplan–Meier(t) of the group,
+    with its 95% log-log confidence interval (``observed_low``, ``observed_high``).
     """
     order = np.argsort(event_probability, kind="stable")
     groups = np.array_split(order, min(n_groups, len(order)))
+    observed = [_observed_with_ci(time[g], event[g], t) for g in groups]
     return pd.DataFrame(
         {
             "group": np.arange(1, len(groups) + 1),
             "n": [len(g) for g in groups],
             "predicted": [float(event_probability[g].mean()) for g in groups],
-            "observed": [1.0 - km_at(time[g], event[g], t) for g in groups],
+            "observed": [o[0] for o in observed],
+            "observed_low": [o[1] for o in observed],
+            "observed_high": [o[2] for o in observed],
         }
     )
+
+
+def _observed_with_ci(time: np.ndarray, event: np.ndarray, t: float) -> tuple[float, float, float]:
+    """1 - Kaplan–Meier at ``t`` and its 95% log-log interval (sksurv); the interval is NaN where undefined."""
+    with np.errstate(divide="ignore", invalid="ignore"):  # a group without events has no log-log interval
+        times, survival, ci = kaplan_meier_estimator(event.astype(bool), time, conf_type="log-log")
+    before = np.searchsorted(times, t, side="right")
+    if not before:
+        return 0.0, 0.0, 0.0
+    low, high = ci[:, before - 1]
+    return 1.0 - float(survival[before - 1]), 1.0 - float(high), 1.0 - float(low)

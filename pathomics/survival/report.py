@@ -21,14 +21,18 @@ if TYPE_CHECKING:
     from pathomics.survival import SurvivalResult
 
 def plot_km(groups: Mapping[str, pd.DataFrame], logrank: Mapping[str, float], path: Path, time_unit: str) -> Path:
-    """Kaplan–Meier curves of the risk groups, one panel per model, with the log-rank p-value."""
-    from sksurv.nonparametric import kaplan_meier_estimator
+    """Kaplan–Meier curves of the risk groups, one panel per model, with censoring ticks, the numbers at risk
+    below each panel (lifelines' ``add_at_risk_counts``) and the log-rank p-value."""
+    from lifelines import KaplanMeierFitter
+    from lifelines.plotting import add_at_risk_counts
 
-    figure, axes = panels(len(groups))
+    figure, axes = panels(len(groups), height=4.6)
     for ax, (name, frame) in zip(axes, groups.items(), strict=True):
+        fitters = []
         for label, members in frame.groupby("group", observed=True):
-            x, y = kaplan_meier_estimator(members["event"].astype(bool).to_numpy(), members["time"].to_numpy())
-            ax.step(np.r_[0.0, x], np.r_[1.0, y], where="post", label=f"{label} (n={len(members)})")
+            fitter = KaplanMeierFitter(label=f"{label} (n={len(members)})").fit(members["time"], members["event"])
+            fitter.plot_survival_function(ax=ax, ci_show=False, show_censors=True, censor_styles={"ms": 5, "marker": "|"})
+            fitters.append(fitter)
         ax.set(
             title=f"{name}: log-rank p = {logrank[name]:.2g}",
             xlabel=f"time ({time_unit})",
@@ -36,7 +40,35 @@ def plot_km(groups: Mapping[str, pd.DataFrame], logrank: Mapping[str, float], pa
             ylim=(0, 1.02),
         )
         ax.legend(fontsize="small")
+        add_at_risk_counts(*fitters, ax=ax, rows_to_show=["At risk"], fig=figure)
     return save_figure(figure, path)
+
+
+def plot_forest(coefficients: pd.DataFrame, path: Path) -> Path:
+    """Hazard ratios with their confidence intervals, one row per model and covariate, on a log axis."""
+    rows = coefficients[np.isfinite(coefficients[["hr", "hr_low", "hr_high"]]).all(axis=1)].iloc[::-1]
+    figure, (ax,) = panels(1, width=6.5, height=0.8 + 0.3 * len(rows))
+    y = np.arange(len(rows))
+    ax.errorbar(rows["hr"], y, xerr=[rows["hr"] - rows["hr_low"], rows["hr_high"] - rows["hr"]], fmt="o", capsize=3)
+    ax.axvline(1.0, color="grey", linestyle=":", linewidth=1)
+    ax.set_yticks(y, [f"{m}: {c}" for m, c in zip(rows["model"], rows["covariate"], strict=True)], fontsize="small")
+    ax.set(xscale="log", xlabel="hazard ratio per unit (log scale)")
+    return save_figure(figure, path)
+
+
+def small_cohort_warnings(result: SurvivalResult, coefficients: pd.DataFrame) -> list[str]:
+    """Lines for estimates too uncertain to read: a C-index CI spanning over half of [0, 1], or a hazard ratio
+    whose CI spans two orders of magnitude."""
+    lines = []
+    for name, model in result.models.items():
+        c = model.metrics["c_index_harrell"]
+        if np.isfinite([c["ci_low"], c["ci_high"]]).all() and c["ci_high"] - c["ci_low"] > 0.5:
+            lines.append(f"{name}: the Harrell C interval [{c['ci_low']:.2f}, {c['ci_high']:.2f}] spans most of [0, 1]")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        wide = coefficients[(coefficients["hr_high"] / coefficients["hr_low"]) >= 100]
+    lines += [f"{r.model}: the hazard ratio of {r.covariate} has an interval [{r.hr_low:.3g}, {r.hr_high:.3g}] "
+              "spanning two orders of magnitude or more" for r in wide.itertuples()]
+    return lines
 
 
 def plot_td_auc(curves: Mapping[str, pd.Series], path: Path, time_unit: str) -> Path:
@@ -54,9 +86,11 @@ def plot_calibration(tables: Mapping[str, pd.DataFrame], time: float, path: Path
     """Predicted vs Kaplan–Meier observed event probability at ``time``, by quantile group of predicted risk."""
     figure, (ax,) = panels(1, width=5.0, height=4.6)
     for name, table in tables.items():
-        ax.plot(table["predicted"], table["observed"], marker="o", label=name)
+        error = [table["observed"] - table["observed_low"], table["observed_high"] - table["observed"]]
+        ax.errorbar(table["predicted"], table["observed"], yerr=np.nan_to_num(error), marker="o", capsize=3, label=name)
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-    ax.set(xlabel=f"predicted event probability at {time:g} {time_unit}", ylabel="observed (Kaplan–Meier)")
+    ax.set(xlabel=f"predicted event probability at {time:g} {time_unit}",
+           ylabel="observed (Kaplan–Meier, 95% CI)")
     ax.set(xlim=(0, 1), ylim=(0, 1))
     ax.legend(fontsize="small")
     return save_figure(figure, path)
@@ -88,6 +122,8 @@ def _cohort_section(result: SurvivalResult) -> Section:
         f"Missing-modality policy: {cohort['missing_policy']}. Validation: {result.validation}."
     )
     body += table_html(pd.DataFrame(counts, columns=["patients or rows", "count"]))
+    availability = pd.DataFrame(list(cohort["availability"].items()), columns=["modalities available", "patients"])
+    body += paragraph("Patients by the modalities they have:") + table_html(availability)
     if result.encoding:
         reference = pd.DataFrame(
             [(c, e["reference"], ", ".join(e["levels"])) for c, e in result.encoding.items()],
@@ -125,7 +161,14 @@ def survival_sections(result: SurvivalResult, directory: Path) -> list[Section]:
         {n: r.calibration for n, r in result.models.items()}, config.calibration_time, files.figure("calibration"), unit
     )
     settings = pd.DataFrame([(k, str(v)) for k, v in config.to_dict().items()], columns=["setting", "value"])
+    coefficients = coefficients_table(result)
+    forest = plot_forest(coefficients, files.figure("forest"))
+    warnings = small_cohort_warnings(result, coefficients)
+    caution = [Section("Small-cohort warning", paragraph(
+        "These estimates are too uncertain to read on their own; a larger cohort is needed:")
+        + "".join(paragraph(line) for line in warnings))] if warnings else []
     return [
+        *caution,
         _cohort_section(result),
         Section(
             "Model comparison",
@@ -146,7 +189,8 @@ def survival_sections(result: SurvivalResult, directory: Path) -> list[Section]:
         Section(
             "Hazard ratios",
             paragraph("Per unit of each covariate (models fitted on all patients).")
-            + table_html(coefficients_table(result), digits=4),
+            + image_html(forest, "forest plot of hazard ratios")
+            + table_html(coefficients, digits=4),
         ),
         Section("Configuration", table_html(settings)),
     ]
