@@ -46,14 +46,26 @@ class SlideJob:
 
 
 def run_jobs(stage: str, jobs: Sequence[SlideJob], out_dir: str | os.PathLike, show_progress: bool = True) -> list[StatusRow]:
-    """Run ``jobs`` one after another, isolating failures; record every outcome in ``status.csv``."""
+    """Run ``jobs`` one after another, isolating failures; record every outcome in ``status.csv``.
+
+    Each slide is taken under its lock (the one ``run`` holds): a slide another process holds is left to the
+    end and waited for, so two runs on one output directory never work on one slide at once nor twice.
+    """
+    layout = OutputLayout(out_dir)
     rows: list[StatusRow] = []
     with progress(stage, len(jobs), show_progress) as advance:
-        for job in jobs:
-            row = run_one(stage, job)
-            rows.append(row)
-            update_status(out_dir, [row])
-            advance(job.slide_id, row.state, row.patches if row.state == DONE else 0)
+        def run_locked(job: SlideJob, wait: bool) -> bool:
+            with exclusive_lock(layout.lock(job.slide_id), wait) as locked:
+                if locked:
+                    row = run_one(stage, job)
+                    rows.append(row)
+                    update_status(out_dir, [row])
+                    advance(job.slide_id, row.state, row.patches if row.state == DONE else 0)
+                return locked
+
+        held_elsewhere = [job for job in jobs if not run_locked(job, wait=False)]
+        for job in held_elsewhere:
+            run_locked(job, wait=True)
     return rows
 
 

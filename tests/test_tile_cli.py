@@ -113,3 +113,22 @@ def test_sigkill_mid_slide_then_rerun_resumes_to_identical_arrays(tmp_path, big_
     assert not partial_path(final).exists()
     np.testing.assert_array_equal(resumed.coords, clean.coords)
     np.testing.assert_array_equal(resumed.read_images(0, len(resumed)), clean.read_images(0, len(clean)))
+
+
+def test_two_runs_on_one_output_directory_share_the_slides(tmp_path, aperio_slide, generic_slide):
+    """Two `tile` (then two `embed`) runs at once: each slide taken under its lock, done once, no traceback."""
+    slides = [str(aperio_slide.path), str(generic_slide.path)]
+    commands = {
+        "tile": ["tile", *slides, "--out", str(tmp_path), "--mpp", "2.0", "--patch-size", "64"],
+        "embed": ["embed", "--out", str(tmp_path), "--model", "shufflenet-v2", "--weights", "random", "--device", "cpu",
+                  "--precision", "fp32", "--batch-size", "8", "--num-workers", "0", "--input-size", "64"],
+    }
+    for stage, argv in commands.items():
+        runs = [subprocess.Popen([sys.executable, "-m", "pathomics.cli.main", *argv], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        outputs = [run.communicate(timeout=300) for run in runs]
+        assert [run.returncode for run in runs] == [0, 0], outputs
+        assert not any("Traceback" in err for _, err in outputs), outputs
+        done = sum(int(next(line for line in out.splitlines() if line.startswith(f"{stage}:")).split()[1]) for out, _ in outputs)
+        assert done == 2, outputs  # each slide done by one run, skipped by the other
+        assert {row["state"] for row in status(tmp_path).values()} == {"done"}
