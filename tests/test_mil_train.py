@@ -262,6 +262,11 @@ def test_heatmaps_of_a_run_over_patch_store_thumbnails(tiny, tmp_path):
     assert (tmp_path / "run" / "heatmaps" / f"{slide_id}.png").is_file()
     again = render_heatmaps(tmp_path / "run", tiles, [slide_id], show_progress=False)
     assert [r.state for r in again] == [SKIPPED]
+    (tmp_path / "run" / "heatmaps" / f"{slide_id}.png").unlink()
+    assert main(["mil", "heatmap", "--run", str(tmp_path / "run"), "--tiles", str(tiles), "--slides", slide_id,
+                 "--size", "800"]) == 0
+    with Image.open(tmp_path / "run" / "heatmaps" / f"{slide_id}.png") as image:  # the 64 × 16 thumbnail resampled
+        assert image.size == (800, 200) and json.loads(image.text["pathomics"])["size"] == 800
 
 
 # --- bad input: one clear error or warning each ---

@@ -55,8 +55,9 @@ def _paint(values: np.ndarray, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y
 
 
 def render_heatmap(attention_path: str | os.PathLike, tiles_out: str | os.PathLike, out_png: str | os.PathLike,
-                   alpha: float = 0.5) -> Path:
-    """Draw one slide's attention file over its patch store's thumbnail (``<tiles_out>/tiles/<id>.thumb.png``)."""
+                   alpha: float = 0.5, size: int | None = None) -> Path:
+    """Draw one slide's attention file over its patch store's thumbnail (``<tiles_out>/tiles/<id>.thumb.png``),
+    resampled to ``size`` pixels wide when given (thumbnails are small; a heatmap to read wants ~800 px)."""
     from PIL import Image, PngImagePlugin
 
     result = read_attention(attention_path)
@@ -67,19 +68,21 @@ def render_heatmap(attention_path: str | os.PathLike, tiles_out: str | os.PathLi
     if missing or not thumb_path.is_file():
         raise StoreError(f"{store.path}: no thumbnail or slide size ({', '.join(missing) or thumb_path.name}); "
                          "re-run `pathomics tile`")
-    with Image.open(thumb_path) as thumb:
+    with Image.open(thumb_path) as opened:
+        thumb = opened if size is None else opened.resize((size, max(1, round(opened.height * size / opened.width))),
+                                                          Image.Resampling.LANCZOS)
         image = draw_heatmap(thumb, (int(store.attrs["slide_width"]), int(store.attrs["slide_height"])),
                              result.coords, int(store.attrs["patch_size_level0"]), result.attention, alpha)
     info = PngImagePlugin.PngInfo()
     info.add_text("pathomics", json.dumps({"slide_id": result.slide_id, "attention": str(attention_path),
-                                           "alpha": alpha, "pathomics_version": __version__}))
+                                           "alpha": alpha, "size": size, "pathomics_version": __version__}))
     with atomic_path(out_png) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
     return Path(out_png)
 
 
 def render_heatmaps(run_dir: str | os.PathLike, tiles_out: str | os.PathLike, slide_ids: Sequence[str] | None = None,
-                    alpha: float = 0.5, show_progress: bool = True) -> list[StatusRow]:
+                    alpha: float = 0.5, show_progress: bool = True, size: int | None = None) -> list[StatusRow]:
     """``<run_dir>/heatmaps/<slide_id>.png`` for each attention file of a run; failures isolated in status.csv.
 
     A heatmap newer than its attention file is skipped.
@@ -95,7 +98,7 @@ def render_heatmaps(run_dir: str | os.PathLike, tiles_out: str | os.PathLike, sl
             attention, png = layout.attention_file(slide_id), layout.heatmap(slide_id)
             if png.exists() and attention.exists() and png.stat().st_mtime >= attention.stat().st_mtime:
                 return SKIPPED, 0
-            render_heatmap(attention, tiles_out, png, alpha)
+            render_heatmap(attention, tiles_out, png, alpha, size)
             return DONE, 0
 
         return SlideJob(slide_id, run)

@@ -21,6 +21,7 @@ from pathomics.runner.pipeline import RUN_FUSION, RunConfig, RunResult, run_arch
 from pathomics.survival.config import SurvivalConfig
 
 FUSION_PENALIZERS = (0.0, 0.3, 3.0, 30.0)
+HEATMAP_WIDTH = 800  # pixels: thumbnails are too small to read attention on
 from pathomics.synthetic import SlideTruth, read_cohort_truth, write_cohort
 from pathomics.tiling import TileConfig
 
@@ -97,7 +98,7 @@ def write_demo_report(out_dir: Path, result: RunResult, truth: dict[str, SlideTr
     layout = OutputLayout(out_dir)
     panels = ""
     for item in highest:
-        heatmap = render_heatmap(layout.attention_file(item.slide_id), out_dir, layout.heatmap(item.slide_id))
+        heatmap = render_heatmap(layout.attention_file(item.slide_id), out_dir, layout.heatmap(item.slide_id), size=HEATMAP_WIDTH)
         planted = _planted_png(out_dir, truth[item.slide_id], layout.planted_heatmap(item.slide_id))
         panels += paragraph(f"{item.slide_id}: risk {item.risk:.3f}; {item.attention_on_planted:.0%} of attention on planted "
                             f"patches, which are {item.planted_patch_share:.0%} of its patches")
