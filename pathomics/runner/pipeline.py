@@ -16,6 +16,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -92,10 +93,13 @@ def process_slide(entry: SlideEntry, out_dir: Path, tile: TileConfig, embed: Emb
         if not locked:
             return [StatusRow(entry.slide_id, "tile", BUSY, 0.0, "another run holds this slide's lock")]
         tiled = run_one("tile", tile_job(entry, out_dir, tile))
+        update_status(out_dir, [tiled])  # recorded here, so a slide finished before a Ctrl-C of the run is `done`
         if tiled.state == FAILED:
             return [tiled]
         job = embed_job(OutputLayout(out_dir).store(entry.slide_id), out_dir, _worker_embed_config(embed), worker_backbone(embed))
-        return [tiled, run_one("embed", job)]
+        embedded = run_one("embed", job)
+        update_status(out_dir, [embedded])
+        return [tiled, embedded]
 
 
 def _worker_embed_config(config: EmbedConfig) -> EmbedConfig:
@@ -168,13 +172,25 @@ def dask_client(config: RunConfig) -> Iterator[object]:
             yield client
         return
     threads = str(config.worker_threads)
-    with dask.config.set({"distributed.worker.daemon": False, "distributed.logging.distributed": "warning"}), \
-            LocalCluster(n_workers=config.workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                         # the scheduler's HTTP server always starts: on a free local port, never a taken 8787
-                         dashboard_address="127.0.0.1:0",
-                         env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}) as cluster, \
-            Client(cluster) as client:
-        yield client
+    with dask.config.set({"distributed.worker.daemon": False, "distributed.logging.distributed": "warning"}):
+        with _workers_ignore_ctrl_c():  # the processes start here
+            cluster = LocalCluster(n_workers=config.workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                   # the scheduler's HTTP server always starts: on a free local port, never a taken 8787
+                                   dashboard_address="127.0.0.1:0",
+                                   env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
+        with cluster, Client(cluster) as client:
+            yield client
+
+
+@contextlib.contextmanager
+def _workers_ignore_ctrl_c() -> Iterator[None]:
+    """Start the local cluster's processes with SIGINT ignored (an ignored signal stays ignored in a child), then
+    restore it: Ctrl-C reaches only this process, which stops the cluster, and no worker prints a traceback."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def check_run_inputs(entries: Sequence[SlideEntry], clinical: Path, radiology: Path | None,
