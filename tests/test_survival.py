@@ -320,3 +320,20 @@ def test_non_negative_stacking_drops_a_modality_that_ranks_backwards() -> None:
     weights = stacked.coefficients().set_index("covariate")["coef"]
     assert list(weights.index) == ["radiology_score", "risk"] and (weights > 0).all()
     assert stacked.penalizer_ in (0.0, 1.0, 10.0) and set(stacked.stage_.inner_scores_) == {0.0, 1.0, 10.0}
+
+
+def test_a_metric_added_to_the_registry_reaches_metrics_json_and_the_report(tmp_path: Path, monkeypatch) -> None:
+    """One FoldMetric entry is the whole wiring: validated block with CI, each fold, in-sample, report column."""
+    from pathomics.survival import metrics as m
+
+    negated = m.FoldMetric("c_index_reversed", "Reversed C", lambda s: 1.0 - m.harrell_c(s))
+    monkeypatch.setattr(m, "FOLD_METRICS", (*m.FOLD_METRICS, negated))
+    clinical, _, _, _ = simulate_cohort_tables(120, seed=4)
+    survival_fit(SurvivalConfig(covariates=SYNTHETIC_COVARIATES, n_bootstrap=10, folds=3), clinical, out=tmp_path)
+    model = json.loads((tmp_path / "survival" / "metrics.json").read_text())["models"]["clinical"]
+    harrell, reversed_c = model["c_index_harrell"], model["c_index_reversed"]
+    assert reversed_c["estimate"] == pytest.approx(1 - harrell["estimate"])
+    assert reversed_c["ci_low"] == pytest.approx(1 - harrell["ci_high"])
+    assert all(f["c_index_reversed"] == pytest.approx(1 - f["c_index_harrell"]) for f in model["folds"])
+    assert model["train"]["c_index_reversed"]["estimate"] == pytest.approx(1 - model["train"]["c_index_harrell"]["estimate"])
+    assert "<th>Reversed C</th>" in (tmp_path / "survival" / "report.html").read_text(encoding="utf-8")

@@ -21,24 +21,29 @@ from sklearn.base import clone
 from sklearn.model_selection import LeaveOneGroupOut
 
 from pathomics import __version__
-from pathomics.folds import row_splits
 from pathomics.errors import CohortError, ModelError, PathomicsError
+from pathomics.folds import row_splits
 from pathomics.io import atomic_path, sha256_file, write_json
 from pathomics.layout import OutputLayout, ResultFiles
 from pathomics.survival import metrics as m
 from pathomics.survival.calibration import calibration_intercept, calibration_slope, expected_events
 from pathomics.survival.cohort import Cohort, TableSource, load_cohort
 from pathomics.survival.config import SurvivalConfig
-from pathomics.survival.decision import decision_curve, thresholds_grid
 from pathomics.survival.cox import SurvivalModel
+from pathomics.survival.decision import decision_curve, thresholds_grid
 from pathomics.survival.fusion import build_models, modalities_used, usable_rows
 from pathomics.survival.nomogram import Nomogram
 from pathomics.survival.report import coefficients_table, write_survival_report
 
 log = logging.getLogger(__name__)
 GRID_POINTS = 50
-CORE_METRICS = ("c_index_harrell", "c_index_uno", "td_auc", "ibs", "n", "events", "calibration_slope", "calibration_intercept")
-TRAINING_METRICS = (*CORE_METRICS, "decision_curve")
+CORE_METRICS = ("td_auc", "ibs", "n", "events", "calibration_slope", "calibration_intercept")  # and m.FOLD_METRICS
+
+
+def _core(metrics: dict[str, Any], extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The in-sample block: the registered fold metrics, ``CORE_METRICS`` and ``extra``."""
+    keys = {*(f.key for f in m.FOLD_METRICS), *CORE_METRICS, *extra}
+    return {k: v for k, v in metrics.items() if k in keys}
 
 
 @dataclass(frozen=True)
@@ -139,8 +144,8 @@ def cross_validate(cohort: Cohort, config: SurvivalConfig) -> SurvivalResult:
         in_sample = _assess([in_sample_set], fitted[name], config, grid)
         folds = [_fold_summary(label, s) for label, s in scored]
         validated = _assess(sets, fitted[name], config, grid)
-        training[name] = {k: v for k, v in in_sample.metrics.items() if k in TRAINING_METRICS}
-        train_block = {k: v for k, v in training[name].items() if k in CORE_METRICS}
+        training[name] = _core(in_sample.metrics, ("decision_curve",))
+        train_block = _core(training[name])
         results[name] = dataclasses.replace(validated, metrics={**validated.metrics, "folds": folds, "train": train_block})
     study = FittedStudy(
         config, fitted, data["time"].to_numpy(), data["event"].to_numpy(), cut_points, _nomogram(fitted, data, config), training
@@ -163,8 +168,7 @@ def _fold_summary(label: str | int, s: m.EvalSet) -> dict[str, Any]:
         "fold": label,
         "n": len(s.time),
         "events": int(s.event.sum()),
-        "c_index_harrell": m.harrell_c(s),
-        "c_index_uno": m.uno_c(s),
+        **{metric.key: metric.score(s) for metric in m.FOLD_METRICS},
     }
 
 
@@ -180,7 +184,7 @@ def evaluate_external(study: FittedStudy, cohort: Cohort) -> SurvivalResult:
         rows = usable_rows(model, cohort.data)
         predicted = _predict(model, train, study.cut_points[name], rows, config, grid, _modalities(name, cohort.modalities))
         assessed = _assess([predicted], model, config, grid)
-        train_block = {k: v for k, v in study.training.get(name, {}).items() if k in CORE_METRICS}
+        train_block = _core(study.training.get(name, {}))
         results[name] = dataclasses.replace(assessed, metrics={**assessed.metrics, "train": train_block})
     validation = f"external cohort ({cohort.n} patients), models fitted on {len(study.train_time)} patients"
     return SurvivalResult(config, validation, _cohort_summary(cohort, config), _encoding(study.models), results, study)
@@ -278,14 +282,7 @@ def _predict(
 
 def _assess(sets: Sequence[m.EvalSet], model: SurvivalModel, config: SurvivalConfig, grid: np.ndarray) -> ModelResult:
     """Fold-mean metrics with bootstrap CIs, and risk groups and calibration on the pooled test predictions."""
-    seed, level, n_boot = config.seed, config.ci_level, config.n_bootstrap
-    concordance = {
-        key: {
-            "estimate": m.fold_mean([metric(s) for s in sets]),
-            **dict(zip(("ci_low", "ci_high"), m.bootstrap_ci(metric, sets, n_boot, level, seed), strict=True)),
-        }
-        for key, metric in (("c_index_harrell", m.harrell_c), ("c_index_uno", m.uno_c))
-    }
+    concordance = m.fold_metric_blocks(sets, config.n_bootstrap, config.ci_level, config.seed)
     auc = np.array([m.td_auc(s, config.times) for s in sets])
     curve = np.array([m.td_auc(s, grid) for s in sets])
     pooled = m.EvalSet(sets[0].train_time, sets[0].train_event, **{

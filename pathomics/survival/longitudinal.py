@@ -32,9 +32,9 @@ from lifelines import CoxTimeVaryingFitter
 
 from pathomics import __version__
 from pathomics.errors import CohortError, ConfigError
-from pathomics.layout import OutputLayout, ResultFiles
 from pathomics.folds import patient_folds
 from pathomics.io import atomic_path, write_json
+from pathomics.layout import OutputLayout, ResultFiles
 from pathomics.survival import metrics as m
 from pathomics.survival.cohort import InputTable, TableSource, clinical_frame, signature_frame
 from pathomics.survival.config import SurvivalConfig
@@ -437,11 +437,8 @@ def _eval_set(
 
 
 def _concordance(sets: list[m.EvalSet], config: LongitudinalConfig) -> dict[str, Any]:
-    """Fold-mean Harrell and Uno C with percentile bootstrap CIs, and the per-fold values."""
-    result: dict[str, Any] = {}
-    for key, metric in (("c_index_harrell", m.harrell_c), ("c_index_uno", m.uno_c)):
-        low, high = m.bootstrap_ci(metric, sets, config.n_bootstrap, config.ci_level, config.seed)
-        result[key] = {"estimate": m.fold_mean([metric(s) for s in sets]), "ci_low": low, "ci_high": high}
+    """Fold means of the registered metrics with percentile bootstrap CIs, and the per-fold Harrell C."""
+    result: dict[str, Any] = m.fold_metric_blocks(sets, config.n_bootstrap, config.ci_level, config.seed)
     result["folds"] = [m.harrell_c(s) for s in sets]
     return result
 

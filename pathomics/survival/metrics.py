@@ -80,6 +80,29 @@ def uno_c(s: EvalSet) -> float:
         return float("nan")
 
 
+@dataclass(frozen=True)
+class FoldMetric:
+    """A metric of one evaluation set, reported as the fold mean with a bootstrap CI: its ``metrics.json`` key,
+    its report label and the function. Adding one to ``FOLD_METRICS`` puts it in metrics.json (validated,
+    in-sample, per fold, external, longitudinal) and in every report table."""
+
+    key: str
+    label: str
+    score: Callable[[EvalSet], float]
+
+
+FOLD_METRICS = (FoldMetric("c_index_harrell", "Harrell C", harrell_c), FoldMetric("c_index_uno", "Uno C", uno_c))
+
+
+def fold_metric_blocks(sets: Sequence[EvalSet], n_bootstrap: int, level: float, seed: int) -> dict[str, dict[str, float]]:
+    """``{key: {"estimate", "ci_low", "ci_high"}}`` of every registered metric: fold mean and bootstrap CI."""
+    blocks = {}
+    for metric in FOLD_METRICS:
+        low, high = bootstrap_ci(metric.score, sets, n_bootstrap, level, seed)
+        blocks[metric.key] = {"estimate": fold_mean([metric.score(s) for s in sets]), "ci_low": low, "ci_high": high}
+    return blocks
+
+
 def td_auc(s: EvalSet, times: Sequence[float]) -> np.ndarray:
     """Cumulative/dynamic AUC at each time (sksurv ``cumulative_dynamic_auc``); NaN where not estimable."""
     times = np.asarray(times, dtype=float)

@@ -12,8 +12,16 @@ import numpy as np
 import pandas as pd
 
 from pathomics.layout import ResultFiles
+from pathomics.survival import metrics as m
 from pathomics.survival.figures import (
-    Section, format_ci, image_html, panels, paragraph, save_figure, table_html, write_report,
+    Section,
+    format_ci,
+    image_html,
+    panels,
+    paragraph,
+    save_figure,
+    table_html,
+    write_report,
 )
 from pathomics.survival.sections import translation_sections
 
@@ -51,7 +59,7 @@ def plot_forest(coefficients: pd.DataFrame, path: Path) -> Path:
     y = np.arange(len(rows))
     ax.errorbar(rows["hr"], y, xerr=[rows["hr"] - rows["hr_low"], rows["hr_high"] - rows["hr"]], fmt="o", capsize=3)
     ax.axvline(1.0, color="grey", linestyle=":", linewidth=1)
-    ax.set_yticks(y, [f"{m}: {c}" for m, c in zip(rows["model"], rows["covariate"], strict=True)], fontsize="small")
+    ax.set_yticks(y, [f"{model}: {c}" for model, c in zip(rows["model"], rows["covariate"], strict=True)], fontsize="small")
     ax.set(xscale="log", xlabel="hazard ratio per unit (log scale)")
     return save_figure(figure, path)
 
@@ -102,7 +110,7 @@ def _comparison(result: SurvivalResult) -> pd.DataFrame:
     for name, model in result.models.items():
         metrics = model.metrics
         row: dict[str, Any] = {"model": name, "n": metrics["n"], "events": metrics["events"]}
-        row.update({"Harrell C": format_ci(metrics["c_index_harrell"]), "Uno C": format_ci(metrics["c_index_uno"])})
+        row.update({metric.label: format_ci(metrics[metric.key]) for metric in m.FOLD_METRICS})
         row.update({f"AUC@{t}": v for t, v in metrics["td_auc"].items()})
         row.update({"IBS": metrics["ibs"], "log-rank p": metrics["risk_groups"]["logrank_p"]})
         if "train" in metrics:

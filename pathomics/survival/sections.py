@@ -9,15 +9,14 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from pathomics.layout import ResultFiles
+from pathomics.survival import metrics as m
 from pathomics.survival.decision import plot_decision_curves
 from pathomics.survival.figures import Section, image_html, paragraph, table_html
 
 if TYPE_CHECKING:
     from pathomics.survival import SurvivalResult
 
-SIDE_BY_SIDE = (
-    ("Harrell C", lambda b: b["c_index_harrell"]["estimate"]),
-    ("Uno C", lambda b: b["c_index_uno"]["estimate"]),
+SIDE_BY_SIDE = (  # after the registered fold metrics (survival.metrics.FOLD_METRICS)
     ("calibration slope", lambda b: b["calibration_slope"]),
     ("calibration intercept", lambda b: b["calibration_intercept"]),
     ("integrated Brier score", lambda b: b["ibs"]),
@@ -90,7 +89,8 @@ def translation_sections(result: SurvivalResult, directory: Path) -> list[Sectio
 def _side_by_side(result: SurvivalResult) -> str:
     """A table of the frozen models' in-sample training metrics beside their values on this cohort."""
     rows: list[dict[str, Any]] = []
-    for label, get in SIDE_BY_SIDE:
+    registered = tuple((f.label, lambda b, key=f.key: b[key]["estimate"]) for f in m.FOLD_METRICS)
+    for label, get in (*registered, *SIDE_BY_SIDE):
         row: dict[str, Any] = {"metric": label}
         for name, r in result.models.items():
             training = r.metrics.get("train") or {}
