@@ -187,6 +187,8 @@ def held_out_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
                     "default": auc["abmil"], SINGLE: auc.get(SINGLE, np.nan), PLAIN: auc[PLAIN],
                     "default - plain": auc["abmil"] - auc[PLAIN],
                     "members (training cost / single)": members_per_fold(name)})
+    if not out:  # no set ran both the default and the plain script (a tuning run with --no-plain)
+        return pd.DataFrame(columns=["tuned on it"]).rename_axis("set")
     per_set = pd.DataFrame(out).set_index("set")
     groups = {"mean: sets ensembling was tuned on": per_set["tuned on it"] == "ensembling",
               "mean: sets held out from it": per_set["tuned on it"] != "ensembling",
