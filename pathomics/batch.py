@@ -166,7 +166,9 @@ class progress:
 
     @property
     def rate(self) -> str:
-        """Patches per second so far, as shown."""
+        """Patches per second so far, as shown (nothing for a stage that counts no patches)."""
+        if not self.patches:
+            return ""
         return f"{self.patches / max(time.perf_counter() - self.start, 1e-9):.0f} patches/s"
 
     def advance(self, slide_id: str, state: str, patches: int = 0) -> None:
@@ -175,7 +177,8 @@ class progress:
         if self.bar is not None:
             self.bar.update(self.task, advance=1, rate=self.rate, last=f"{slide_id}: {state}")
         elif self.enabled:
-            log.info("%s [%d/%d] %s: %s (%s)", self.stage, self.done, self.total, slide_id, state, self.rate)
+            log.info("%s [%d/%d] %s: %s%s", self.stage, self.done, self.total, slide_id, state,
+                     f" ({self.rate})" if self.rate else "")
 
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:

@@ -131,3 +131,18 @@ def test_a_rerun_keeps_the_record_of_who_did_the_work(tmp_path):
     assert rows["s1"].state == "done" and rows["s1"].patches == 300 and rows["s2"].state == "skipped"
     update_status(tmp_path, [StatusRow("s1", "tile", "failed", 0.2, "gone")])
     assert {r.slide_id: r.state for r in read_status(tmp_path)}["s1"] == "failed"
+
+
+def test_terminal_lines_carry_no_empty_rate_and_warnings_no_source_line(caplog) -> None:
+    """`mil heatmap` printed "(0 patches/s)" per slide; warnings were printed with the source line that raised them."""
+    import logging
+
+    from pathomics.batch import progress
+    from pathomics.cli.main import one_line_warning
+    from pathomics.errors import FitWarning
+
+    with caplog.at_level(logging.INFO, logger="pathomics"), progress("mil-heatmap", 1, True) as advance:
+        advance("s1", "done", 0)
+    assert caplog.messages == ["mil-heatmap [1/1] s1: done"]
+    line = one_line_warning(FitWarning("the Cox fit did not converge"), FitWarning, "analysis.py", 242, "model.fit(train)")
+    assert line == "FitWarning: the Cox fit did not converge\n"

@@ -192,6 +192,8 @@ def test_run_lists_failed_slides_and_exits_1(tmp_path, cohort, truncated_slide):
     assert "FAILED broken" in result.stdout and "truncated.svs" in result.stdout
     # a line per slide and stage, not Dask's INFO chatter or a warning per bootstrap resample (once ~590 lines for 6 slides)
     assert len(result.stderr.splitlines()) <= 2 * 15 + 20, result.stderr
+    assert "INFO distributed" not in result.stderr, result.stderr
+    assert not re.search(r"\.py:\d+: \w+Warning", result.stderr), result.stderr  # warnings without their source lines
     assert "tile: 14 done, 0 skipped (already complete), 1 failed" in result.stdout
     assert "embed: 14 done, 0 skipped (already complete), 0 failed" in result.stdout
     assert (tmp_path / "out" / "survival" / "metrics.json").exists()  # the other slides went all the way

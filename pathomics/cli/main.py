@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 
 from pathomics import __version__
 from pathomics.errors import PathomicsError
@@ -28,12 +29,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                     line: str | None = None) -> str:
+    """A warning as ``Category: message``, without the source file and line (shown with -v)."""
+    return f"{category.__name__}: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # pathomics logs at INFO (DEBUG with -v); libraries (Dask, ...) only at WARNING, so a run's output stays readable
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pathomics").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if not args.verbose:
+        warnings.formatwarning = one_line_warning
     try:
         return int(args.run(args))
     except PathomicsError as exc:
