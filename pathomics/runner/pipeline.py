@@ -172,12 +172,15 @@ def dask_client(config: RunConfig) -> Iterator[object]:
             yield client
         return
     threads = str(config.worker_threads)
-    with dask.config.set({"distributed.worker.daemon": False, "distributed.logging.distributed": "warning"}):
+    quiet = "warning" if log.getEffectiveLevel() > logging.DEBUG else "info"  # Dask's INFO lines with -v only
+    logging.getLogger("distributed").setLevel(quiet.upper())  # set when distributed was imported, before our config
+    with dask.config.set({"distributed.worker.daemon": False, "distributed.logging.distributed": quiet}):
         with _workers_ignore_ctrl_c():  # the processes start here
             cluster = LocalCluster(n_workers=config.workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                                    # the scheduler's HTTP server always starts: on a free local port, never a taken 8787
                                    dashboard_address="127.0.0.1:0",
-                                   env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
+                                   env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+                                        "DASK_LOGGING__DISTRIBUTED": quiet})
         with cluster, Client(cluster) as client:
             yield client
 
