@@ -120,7 +120,7 @@ def test_a_programming_error_is_not_recorded_as_a_failed_slide():
 def test_a_worker_traceback_becomes_one_line():
     message = ("Caught StoreError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
                '  File "x.py", line 1, in <module>\npathomics.errors.StoreError: s1.zarr: 2 chunk file(s) missing\n')
-    assert one_line(RuntimeError(message)) == "pathomics.errors.StoreError: s1.zarr: 2 chunk file(s) missing"
+    assert one_line(RuntimeError(message)) == "StoreError: s1.zarr: 2 chunk file(s) missing"
     assert one_line(PathomicsError("one line")) == "PathomicsError: one line"
 
 
