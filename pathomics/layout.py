@@ -169,6 +169,11 @@ class OutputLayout:
         """``stages/<stage>.json``: the digest of the inputs and settings a cohort-level stage last finished on."""
         return self.root / "stages" / f"{stage}.json"
 
+    def slide_stamp(self, slide_id: str) -> Path:
+        """``stages/slides/<slide_id>.json``: the digest of the inputs, settings and outputs a slide last finished
+        tile + embed with, so that an unchanged re-run skips it without opening the slide."""
+        return self.root / "stages" / "slides" / f"{slide_id}.json"
+
     # exports for other tools
     @property
     def export(self) -> Path:

@@ -57,6 +57,21 @@ def test_bad_slides_fail_alone_and_a_rerun_skips_finished_ones(tmp_path, cohort,
     assert {(r.slide_id, r.stage): r.patches for r in read_status(tmp_path)}.items() >= patches.items()
 
 
+def test_an_unchanged_rerun_skips_its_slides_without_a_cluster_and_a_changed_output_brings_it_back(tmp_path, cohort):
+    import dask
+
+    entries = read_manifest(cohort.manifest)[:2]
+    first = run_slides(entries, tmp_path, RunConfig(tile=TILE, embed=EMBED, workers=1), show_progress=False)
+    nowhere = RunConfig(tile=TILE, embed=EMBED, scheduler="tcp://127.0.0.1:9")  # nothing listens there
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        again = run_slides(entries, tmp_path, nowhere, show_progress=False)
+        assert {(r.slide_id, r.stage, r.state, r.patches) for r in again} == \
+            {(r.slide_id, r.stage, "skipped", r.patches) for r in first}
+        OutputLayout(tmp_path).feature_file(entries[0].slide_id).unlink()
+        with pytest.raises(OSError):  # the slide needs its embedding again: only a cluster can give it
+            run_slides(entries, tmp_path, nowhere, show_progress=False)
+
+
 def output_files(out: Path) -> dict[str, str]:
     """Every file of a run's output (locks aside) with the SHA-256 of its content."""
     return {str(p.relative_to(out)): sha256_file(p) for p in sorted(out.rglob("*")) if p.is_file() and "locks" not in p.parts}

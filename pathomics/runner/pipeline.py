@@ -19,7 +19,7 @@ import pickle
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,6 +39,7 @@ from pathomics.runner.preflight import (EncoderIdentity, check_duplicate_files, 
                                        resolve_encoder)
 from pathomics.io import atomic_path, digest, write_json
 from pathomics.survival.config import RUN_FUSION, SurvivalConfig
+from pathomics.slide import source_stat
 from pathomics.tiling import TileConfig
 
 if TYPE_CHECKING:
@@ -99,7 +100,41 @@ def process_slide(entry: SlideEntry, out_dir: Path, tile: TileConfig, embed: Emb
         job = embed_job(OutputLayout(out_dir).store(entry.slide_id), out_dir, _worker_embed_config(embed), worker_backbone(embed))
         embedded = run_one("embed", job)
         update_status(out_dir, [embedded])
+        if embedded.state != FAILED:
+            write_json(OutputLayout(out_dir).slide_stamp(entry.slide_id),
+                       {"key": slide_key(entry, out_dir, tile, embed), "patches": embedded.patches})
         return [tiled, embedded]
+
+
+def slide_key(entry: SlideEntry, out_dir: Path, tile: TileConfig, embed: EmbedConfig) -> str:
+    """A digest of everything a slide's tile + embed depend on and produced: the entry, the settings (less the
+    thread and reader counts, which change no output) and the identity of the slide, its tissue annotation, the
+    weights file, the store and the feature file. Computed from ``stat`` calls alone, so it costs microseconds."""
+    layout = OutputLayout(out_dir)
+    try:
+        source = source_stat(Path(entry.slide_path))
+    except OSError:
+        source = None
+    settings = {"entry": [str(entry.slide_path), entry.slide_id, entry.mpp, source],
+                "tile": {k: v for k, v in asdict(tile).items() if k != "threads"},
+                "embed": {k: v for k, v in asdict(embed).items() if k != "num_workers"}}
+    store = layout.store(entry.slide_id)
+    paths = [store, store / "zarr.json", layout.feature_file(entry.slide_id)]
+    paths += [Path(p) for p in (entry.tissue_geojson, embed.weights) if p and p != "random"]
+    return inputs_key(settings, paths)
+
+
+def _unchanged_rows(entry: SlideEntry, out_dir: Path, tile: TileConfig, embed: EmbedConfig) -> list[StatusRow] | None:
+    """Skipped tile and embed rows when the slide's stamp says it finished with the same inputs and settings, else None."""
+    start = time.perf_counter()
+    try:
+        stamp = json.loads(OutputLayout(out_dir).slide_stamp(entry.slide_id).read_text())
+    except (OSError, ValueError):
+        return None
+    if stamp.get("key") != slide_key(entry, out_dir, tile, embed):
+        return None
+    seconds = round(time.perf_counter() - start, 3)
+    return [StatusRow(entry.slide_id, stage, SKIPPED, seconds, patches=int(stamp.get("patches", 0))) for stage in ("tile", "embed")]
 
 
 def _worker_embed_config(config: EmbedConfig) -> EmbedConfig:
@@ -130,6 +165,14 @@ def run_slides(entries: Sequence[SlideEntry], out_dir: Path, config: RunConfig, 
 
     tile = config.tile if config.scheduler else replace(config.tile, threads=config.worker_threads)
     rows: list[StatusRow] = []
+    unchanged = {e.slide_id: r for e in entries if (r := _unchanged_rows(e, out_dir, tile, config.embed))}
+    if unchanged:  # no slide opened and, when nothing else is left, no cluster started
+        rows += [r for slide_rows in unchanged.values() for r in slide_rows]
+        update_status(out_dir, rows)
+        log.info("tile + embed: %d slide(s) unchanged since they finished; skipped", len(unchanged))
+    entries = [e for e in entries if e.slide_id not in unchanged]
+    if not entries:
+        return rows
     with contextlib.nullcontext(client) if client is not None else dask_client(config) as client, \
             progress("tile + embed", len(entries), show_progress) as advance:
 
