@@ -5,7 +5,7 @@ writers interleaved, median of 5; the ratio is with / without.
 
     python benchmarks/chunk_checksum.py
 """
-import statistics, sys, tempfile, time
+import statistics, tempfile, time
 from pathlib import Path
 import numpy as np
 from pathomics.shards import chunk_encoder, write_shard

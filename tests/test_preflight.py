@@ -11,7 +11,7 @@ from pathomics.cli.main import main
 from pathomics.embed import EmbedConfig, embed_slide
 from pathomics.errors import CohortError, StoreError
 from pathomics.layout import OutputLayout
-from pathomics.manifest import SlideEntry, entries_from_paths, patient_ids_from_names, read_manifest
+from pathomics.manifest import SlideEntry, patient_ids_from_names, read_manifest
 from pathomics.qc import QCConfig
 from pathomics.runner.pipeline import write_labels
 from pathomics.runner.preflight import resolve_encoder
