@@ -1,8 +1,8 @@
 """Cohort join: clinical, radiology and slide-signature tables validated and joined on the patient id.
 
-Every rejected input raises :class:`~pathomics.errors.CohortError` naming the table, column and row;
+Every rejected input raises `CohortError` naming the table, column and row;
 every patient left out under the ``drop`` policy, and every radiology or signature row that matches no
-clinical record, is counted in :attr:`Cohort.dropped` / :attr:`Cohort.unmatched` for the report.
+clinical record, is counted in `Cohort.dropped` / `Cohort.unmatched` for the report.
 """
 
 from __future__ import annotations

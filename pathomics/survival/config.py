@@ -98,5 +98,5 @@ class SurvivalConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SurvivalConfig:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of `to_dict`."""
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})

@@ -93,7 +93,7 @@ class Design(BaseEstimator):
 
 
 class CoxModel(BaseEstimator):
-    """Cox proportional-hazards model on a :class:`Design`, standardised on the training data.
+    """Cox proportional-hazards model on a `Design`, standardised on the training data.
 
     ``penalizer`` is one value or a sequence; with several, the value with the best mean Harrell C over
     ``inner_folds`` inner folds of the training data is chosen (ties: the larger penalty). Reported

@@ -1,7 +1,7 @@
 """The model set (``build_models``: one Cox model per modality and the combined model) and decision-level
 fusion over the modalities each patient has (``--missing available``).
 
-One :class:`~pathomics.survival.cox.DecisionFusion` is fitted per combination of modalities, on every
+One `DecisionFusion` is fitted per combination of modalities, on every
 training patient who has at least those (available-case fitting), and each patient is scored by the model
 of the modalities they have. So a patient without a radiology score or a slide still gets a prediction,
 patients with all modalities get the all-modality model, and the modalities used are recorded per patient.

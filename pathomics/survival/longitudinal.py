@@ -7,7 +7,7 @@ A long table (``patient_id, time, marker...``, one row per measurement) joins th
   first measurement is after time 0 enters the risk set then (delayed entry).
 - **landmark sequence model**: for the patients still at risk at the landmark time (follow-up beyond it), a
   GRU encodes the measurements made at or before the landmark, optionally fused with the slide signature,
-  and is trained with the Cox loss on the time from the landmark (:mod:`pathomics.survival.sequence`).
+  and is trained with the Cox loss on the time from the landmark (`pathomics.survival.sequence`).
   Patient-level cross-validation compares it with Cox models on the baseline (first) measurements and on the
   last measurements before the landmark (the classic landmark model).
   Nothing measured after the landmark reaches the landmark models, in training or prediction.

@@ -1,7 +1,7 @@
 """A GRU that encodes each patient's marker history up to a landmark, fused with static (slide) features,
 trained with the Cox partial likelihood on the time from the landmark.
 
-The encoder sees only what it is given: :func:`pathomics.survival.longitudinal.landmark_set` cuts every history
+The encoder sees only what it is given: `pathomics.survival.longitudinal.landmark_set` cuts every history
 at the landmark, and the standardisation is fitted on the training patients' histories, so no value measured
 after the landmark (nor any test patient) shapes a prediction.
 """
