@@ -306,10 +306,13 @@ def feature_attributes(store: PatchStore, backbone: Backbone, config: EmbedConfi
 
 
 def coords_attributes(store: PatchStore) -> dict[str, Any]:
-    """The attributes CLAM and TRIDENT readers expect on ``coords``."""
+    """The attributes TRIDENT readers expect on ``coords``: ``patch_size`` px embedded at ``target_mpp``, each covering
+    ``patch_size_level0`` level-0 px from its coordinate. No ``patch_level``: paired with ``patch_size``, CLAM's
+    ``read_region(coord, patch_level, patch_size)`` reads a fraction of the patch whenever the read level is finer
+    than ``target_mpp``."""
     a = store.attrs
-    return {"patch_size": a["patch_size"], "patch_level": a["read_level"], "patch_size_level0": a["patch_size_level0"],
-            "target_mpp": a["target_mpp"]}
+    return {"patch_size": a["patch_size"], "patch_size_level0": a["patch_size_level0"], "target_mpp": a["target_mpp"],
+            "mpp_level0": a["mpp_level0"], "overlap": a["overlap"]}
 
 
 def is_current(path: Path, attrs: dict[str, Any], n: int) -> bool:

@@ -30,7 +30,7 @@ STORE_ATTRS = (
     "tissue_method", "pathomics_version", "complete",
 )
 FEATURE_FILE_ATTRS = ("model", "weights", "weights_sha256", "embedding_dim", "precision", "slide_id", "pathomics_version")
-FEATURE_COORDS_ATTRS = ("patch_size", "patch_level", "patch_size_level0", "target_mpp")
+FEATURE_COORDS_ATTRS = ("patch_size", "patch_size_level0", "target_mpp")
 CHUNK_BYTES = 1 << 20   # one compressed unit (4 patches of 256 px): reading one patch decodes little
 SHARD_BYTES = 32 << 20  # one file (128 patches of 256 px): a batch of a few hundred is a few reads
 

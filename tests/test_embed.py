@@ -140,7 +140,8 @@ def test_feature_file_opens_with_plain_h5py(tmp_path: Path, shufflenet: Backbone
         np.testing.assert_array_equal(h5["coords"][:], open_patch_store(store).coords)
         assert set(FEATURE_FILE_ATTRS) <= set(h5.attrs) and set(FEATURE_COORDS_ATTRS) <= set(h5["coords"].attrs)
         attrs, coords_attrs = dict(h5.attrs), dict(h5["coords"].attrs)
-    assert (coords_attrs["patch_size"], coords_attrs["patch_level"], coords_attrs["patch_size_level0"]) == (64, 0, 128)
+    assert (coords_attrs["patch_size"], coords_attrs["patch_size_level0"], coords_attrs["target_mpp"]) == (64, 128, 0.5)
+    assert "patch_level" not in coords_attrs  # with patch_size, a CLAM reader would read a quarter of the patch
     assert (attrs["model"], attrs["weights"], attrs["weights_sha256"]) == ("shufflenet-v2", "random", "random")
     assert (attrs["embedding_dim"], attrs["precision"], attrs["slide_id"]) == (1024, "fp32", "slide-7")
     config_values = {f.name: attrs[f.name] for f in dataclasses.fields(EmbedConfig)}
@@ -284,6 +285,28 @@ def test_slide_to_tiles_to_features(tmp_path: Path, shufflenet: Backbone) -> Non
     np.testing.assert_array_equal(from_slide.coords, from_pixels.coords)
     np.testing.assert_allclose(from_slide.features, from_pixels.features, rtol=1e-5, atol=1e-9)
     assert from_pixels.coords_attrs["target_mpp"] == 0.5 and from_pixels.coords_attrs["patch_size"] == 64
+
+
+@pytest.mark.slow
+def test_coords_attributes_give_each_patch_its_level0_footprint(tmp_path: Path, aperio_rgb, shufflenet: Backbone) -> None:
+    """A 0.5 µm/px run on a 0.25 µm/px slide: 64 px embedded, each 128 level-0 px wide. The file said
+    ``patch_size=64, patch_level=0``, so ``read_region(coord, 0, patch_size)`` read a quarter of the field."""
+    import cv2
+
+    from pathomics.slide import open_slide
+    from pathomics.tiling import TileConfig, tile_slide
+
+    store = tile_slide(aperio_rgb.path, tmp_path, TileConfig(target_mpp=0.5, patch_size=64, resample="exact")).path
+    features = read_feature_file(embed_store(store, tmp_path, CPU_FP32, backbone=shufflenet))
+    a = features.coords_attrs
+    assert (a["patch_size"], a["patch_size_level0"], a["target_mpp"], a["mpp_level0"]) == (64, 128, 0.5, 0.25)
+    patches = open_patch_store(store).read_images(0, 3)
+    with open_slide(aperio_rgb.path) as slide:
+        for (x, y), patch in zip(features.coords[:3], patches):
+            size0 = int(a["patch_size_level0"])
+            field = slide.read_region((int(x), int(y)), 0, (size0, size0))
+            read = cv2.resize(field, (a["patch_size"],) * 2, interpolation=cv2.INTER_AREA)
+            assert np.abs(read.astype(int) - patch).mean() < 1.0
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

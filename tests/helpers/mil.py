@@ -16,7 +16,7 @@ from pathomics.store import write_feature_file
 PATCH = 256
 FEATURE_ATTRS = {"model": "synthetic", "weights": "random", "weights_sha256": "", "precision": "fp32",
                  "pathomics_version": "test"}
-COORDS_ATTRS = {"patch_size": PATCH, "patch_level": 0, "patch_size_level0": PATCH, "target_mpp": 0.5}
+COORDS_ATTRS = {"patch_size": PATCH, "patch_size_level0": PATCH, "target_mpp": 0.5}
 
 
 @pytest.fixture(autouse=True, scope="module")
