@@ -50,7 +50,12 @@ class OutputLayout:
         return self.tiles / f"{slide_id}.tissue.geojson"
 
     def thumbnail(self, slide_id: str) -> Path:
+        """``tiles/<slide_id>.thumb.png``: the thumbnail with the tissue outline and the kept patches drawn on it."""
         return self.tiles / f"{slide_id}.thumb.png"
+
+    def plain_thumbnail(self, slide_id: str) -> Path:
+        """``tiles/<slide_id>.plain.png``: the same thumbnail with nothing drawn on it, for heatmaps and reports."""
+        return self.tiles / f"{slide_id}.plain.png"
 
     def store_ids(self) -> list[str]:
         """Slide ids of every patch store under tiles/, complete or still ``.partial``."""
@@ -147,7 +152,7 @@ class OutputLayout:
 
     @property
     def report(self) -> Path:
-        """The demo's report, at the top of its output directory."""
+        """The run's (and the demo's) report, at the top of its output directory."""
         return self.root / "report.html"
 
     @property

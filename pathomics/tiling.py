@@ -271,12 +271,13 @@ def _stream_patches(slide: SlideReader, grid: Grid, config: TileConfig, writer: 
 
 
 def _write_outlines(tissue: Tissue, grid: Grid, layout: OutputLayout, slide_id: str) -> None:
-    """Save the tissue polygons as GeoJSON, and the thumbnail with the tissue outline (green) and the kept
-    patches (blue) drawn on it."""
+    """Save the tissue polygons as GeoJSON, the plain thumbnail, and the thumbnail with the tissue outline (green)
+    and the kept patches (blue) drawn on it."""
     import cv2
 
     write_geojson(tissue.polygons, layout.tissue_geojson(slide_id))
     image = cv2.cvtColor(tissue.thumbnail, cv2.COLOR_RGB2BGR)
+    write_png(layout.plain_thumbnail(slide_id), image)
     scale = 1.0 / tissue.thumbnail_downsample
     size = max(1, int(grid.patch_size_level0 * scale))
     for x, y in grid.coords:

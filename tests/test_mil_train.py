@@ -253,8 +253,8 @@ def test_heatmaps_of_a_run_over_patch_store_thumbnails(tiny, tmp_path):
     slide_id = "s000_0"
     write_store(tiles, slide_id, grid_coords(len(tiny.witnesses[slide_id])), 16 * PATCH, 4 * PATCH)
     png = render_heatmap(tmp_path / "run" / "attention" / f"{slide_id}.h5", tiles, tmp_path / "h.png")
-    with Image.open(png) as image:
-        assert image.size == (64, 16) and json.loads(image.text["pathomics"])["slide_id"] == slide_id
+    with Image.open(png) as image:  # the 64 × 16 thumbnail above its colour bar
+        assert image.size[0] == 64 and image.size[1] > 16 and json.loads(image.text["pathomics"])["slide_id"] == slide_id
     assert main(["mil", "heatmap", "--run", str(tmp_path / "run"), "--tiles", str(tiles)]) == 1  # other slides lack stores
     status = pd.read_csv(tmp_path / "run" / "status.csv")
     assert status.set_index("slide_id").loc[slide_id, "state"] == DONE
@@ -266,7 +266,44 @@ def test_heatmaps_of_a_run_over_patch_store_thumbnails(tiny, tmp_path):
     assert main(["mil", "heatmap", "--run", str(tmp_path / "run"), "--tiles", str(tiles), "--slides", slide_id,
                  "--size", "800"]) == 0
     with Image.open(tmp_path / "run" / "heatmaps" / f"{slide_id}.png") as image:  # the 64 × 16 thumbnail resampled
-        assert image.size == (800, 200) and json.loads(image.text["pathomics"])["size"] == 800
+        assert image.size[0] == 800 and json.loads(image.text["pathomics"])["size"] == 800
+    assert [r.state for r in render_heatmaps(tmp_path / "run", tiles, [slide_id], show_progress=False, size=800)] == [SKIPPED]
+    assert [r.state for r in render_heatmaps(tmp_path / "run", tiles, [slide_id], show_progress=False, size=800,
+                                             beside=True)] == [DONE]  # drawn again: other settings
+
+
+def test_a_heatmap_over_a_tiled_slide_has_no_patch_grid_and_a_colour_bar_of_attention(aperio_slide, tmp_path):
+    """Drawn over the tiling thumbnail, the heatmap showed the blue patch grid tiling draws there; it is drawn
+    over the plain thumbnail, beside it on request, above a colour bar labelled with attention weights."""
+    from matplotlib import colormaps
+
+    from pathomics.mil.artifacts import SlideResult, write_attention
+    from pathomics.store import open_patch_store
+    from pathomics.tiling import TileConfig, tile_slide
+
+    store = open_patch_store(tile_slide(aperio_slide.path, tmp_path, TileConfig(target_mpp=2.0, patch_size=64)).path)
+    layout = OutputLayout(tmp_path)
+    n = len(store)
+    attention = np.full(n, 1.0 / n)  # one colour everywhere: what is left over is the thumbnail underneath
+    write_attention(layout.attention_file(store.slide_id), SlideResult(store.slide_id, "p1", 0, 0.0, np.zeros(4), attention,
+                                                                      store.coords), "abmil", {})
+    png = render_heatmap(layout.attention_file(store.slide_id), tmp_path, tmp_path / "h.png", alpha=0.5, size=800, beside=True)
+    with Image.open(layout.plain_thumbnail(store.slide_id)) as plain:
+        thumb = np.asarray(plain.convert("RGB").resize((800, round(plain.height * 800 / plain.width)), Image.Resampling.LANCZOS),
+                           dtype=float)
+    with Image.open(png) as opened:
+        image, meta = np.asarray(opened.convert("RGB"), dtype=float), json.loads(opened.text["pathomics"])
+    h = thumb.shape[0]
+    assert image.shape[1] == 2 * 800 + 12 and image.shape[0] > h + 30
+    np.testing.assert_array_equal(image[:h, :800], thumb.round())  # the thumbnail, left, as it is
+    heat = image[:h, 812:]
+    covered = np.abs(heat - thumb).sum(axis=2) > 3
+    colour = (2 * heat - thumb)[covered]  # heat = thumb / 2 + colour / 2 where a patch lies
+    assert covered.mean() > 0.1 and np.abs(colour - colour.mean(axis=0)).max() <= 3  # no grid: one colour on every patch
+    assert meta["colour_bar"] == {f"{q:g}": pytest.approx(1.0 / n) for q in (0, 0.25, 0.5, 0.75, 1)}
+    bar = image[h + 8 + 8, 812 + 8 + 52: -8 - 52]  # the middle row of the bar under the heatmap
+    expected = colormaps["inferno"](np.linspace(0, 1, len(bar)))[:, :3] * 255
+    assert np.abs(bar - expected).max() <= 2
 
 
 # --- bad input: one clear error or warning each ---

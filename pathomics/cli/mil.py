@@ -85,6 +85,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     heatmap.add_argument("--slides", nargs="+", help="only these slide ids (default: every attention file)")
     heatmap.add_argument("--alpha", type=float, default=0.5, help="opacity of the attention colours")
     heatmap.add_argument("--size", type=int, metavar="PX", help="width of each heatmap in pixels (default: the thumbnail's)")
+    heatmap.add_argument("--beside", action="store_true", help="draw the plain thumbnail to the left of the heatmap")
     parser.set_defaults(run=run)
 
 
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "export":
         print(mil.export_signatures(args.run_dir, args.out, args.per_patient))
         return 0
-    rows = mil.render_heatmaps(args.run_dir, args.tiles, args.slides, args.alpha, size=args.size)
+    rows = mil.render_heatmaps(args.run_dir, args.tiles, args.slides, args.alpha, size=args.size, beside=args.beside)
     print(summarize("mil heatmap", rows), file=sys.stderr)
     return exit_code(rows)
 

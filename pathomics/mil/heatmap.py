@@ -6,6 +6,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -17,6 +18,9 @@ from pathomics.mil.artifacts import read_attention
 from pathomics.batch import DONE, SKIPPED, Outcome, SlideJob, StatusRow, run_jobs
 from pathomics.io import atomic_path
 from pathomics.store import open_patch_store
+
+BESIDE_GAP = 12  # pixels between the thumbnail and the heatmap drawn beside it
+COLOUR_BAR_TICKS = (0.0, 0.25, 0.5, 0.75, 1.0)  # rank percentiles labelled with the attention weight found there
 
 
 def draw_heatmap(thumbnail: Image.Image, slide_size: tuple[int, int], coords: np.ndarray, patch_size_level0: int,
@@ -54,38 +58,100 @@ def _paint(values: np.ndarray, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y
     return diff.cumsum(0).cumsum(1)[:-1, :-1]
 
 
+def colour_bar_ticks(attention: np.ndarray) -> dict[str, float]:
+    """The attention weight at each labelled rank percentile of the colour bar (``"0.25"`` -> weight)."""
+    return {f"{q:g}": float(np.quantile(attention, q)) for q in COLOUR_BAR_TICKS}
+
+
+def add_colour_bar(image: Image.Image, ticks: dict[str, float], start: int = 0, cmap: str = "inferno") -> Image.Image:
+    """``image`` above a horizontal colour bar of the colours' rank scale under its pixels from ``start`` on, each
+    tick labelled with the attention weight at that rank percentile."""
+    from matplotlib import colormaps, font_manager
+    from PIL import Image, ImageDraw, ImageFont  # noqa: F811 - the runtime import of the name typed above
+
+    bar_h, pad, font_px = 16, 8, 13
+    font = ImageFont.truetype(font_manager.findfont("DejaVu Sans"), font_px)
+    out = Image.new("RGB", (image.width, image.height + pad + bar_h + 2 * font_px + 3 * pad), "white")
+    out.paste(image, (0, 0))
+    left, right = start + pad + 4 * font_px, image.width - pad - 4 * font_px  # room for the end labels
+    gradient = colormaps[cmap](np.linspace(0, 1, max(right - left, 2)))[:, :3] * 255
+    top = image.height + pad
+    out.paste(Image.fromarray(np.repeat(gradient[None].round().astype(np.uint8), bar_h, axis=0)), (left, top))
+    draw = ImageDraw.Draw(out)
+    for q, weight in ticks.items():
+        x = left + float(q) * (right - left - 1)
+        draw.line([(x, top + bar_h), (x, top + bar_h + 4)], fill="black")
+        draw.text((x, top + bar_h + 5), f"{weight:.2g}", fill="black", font=font, anchor="ma")
+    caption = "attention weight (colour: rank within the slide, low to high)"
+    draw.text(((left + right) / 2, top + bar_h + font_px + 2 * pad), caption, fill="black", font=font, anchor="ma")
+    return out
+
+
 def render_heatmap(attention_path: str | os.PathLike, tiles_out: str | os.PathLike, out_png: str | os.PathLike,
-                   alpha: float = 0.5, size: int | None = None) -> Path:
-    """Draw one slide's attention file over its patch store's thumbnail (``<tiles_out>/tiles/<id>.thumb.png``),
-    resampled to ``size`` pixels wide when given (thumbnails are small; a heatmap to read wants ~800 px)."""
+                   alpha: float = 0.5, size: int | None = None, beside: bool = False) -> Path:
+    """Draw one slide's attention file over its patch store's plain thumbnail, above a colour bar of attention weights.
+
+    ``size``: each panel's width in pixels (thumbnails are small; a heatmap to read wants ~800 px).
+    ``beside``: the plain thumbnail on the left, the heatmap on the right. Stores tiled before plain thumbnails
+    were written fall back to the thumbnail with the tissue outline and patch grid drawn on it.
+    """
     from PIL import Image, PngImagePlugin
 
     result = read_attention(attention_path)
     tiles = OutputLayout(tiles_out)
     store = open_patch_store(tiles.store(result.slide_id))
-    thumb_path = tiles.thumbnail(result.slide_id)
+    thumb_path = next((p for p in (tiles.plain_thumbnail(result.slide_id), tiles.thumbnail(result.slide_id)) if p.is_file()),
+                      tiles.thumbnail(result.slide_id))
     missing = [k for k in ("slide_width", "slide_height") if k not in store.attrs]
     if missing or not thumb_path.is_file():
         raise StoreError(f"{store.path}: no thumbnail or slide size ({', '.join(missing) or thumb_path.name}); "
                          "re-run `pathomics tile`")
     with Image.open(thumb_path) as opened:
-        thumb = opened if size is None else opened.resize((size, max(1, round(opened.height * size / opened.width))),
-                                                          Image.Resampling.LANCZOS)
-        image = draw_heatmap(thumb, (int(store.attrs["slide_width"]), int(store.attrs["slide_height"])),
-                             result.coords, int(store.attrs["patch_size_level0"]), result.attention, alpha)
+        thumb = opened.convert("RGB") if size is None else opened.convert("RGB").resize(
+            (size, max(1, round(opened.height * size / opened.width))), Image.Resampling.LANCZOS)
+    image = draw_heatmap(thumb, (int(store.attrs["slide_width"]), int(store.attrs["slide_height"])),
+                         result.coords, int(store.attrs["patch_size_level0"]), result.attention, alpha)
+    start = image.width + BESIDE_GAP if beside else 0
+    if beside:
+        pair = Image.new("RGB", (start + image.width, image.height), "white")
+        pair.paste(thumb, (0, 0))
+        pair.paste(image, (start, 0))
+        image = pair
+    ticks = colour_bar_ticks(result.attention)
     info = PngImagePlugin.PngInfo()
     info.add_text("pathomics", json.dumps({"slide_id": result.slide_id, "attention": str(attention_path),
-                                           "alpha": alpha, "size": size, "pathomics_version": __version__}))
+                                           **_drawing(alpha, size, beside), "colour_bar": ticks,
+                                           "pathomics_version": __version__}))
     with atomic_path(out_png) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
+        add_colour_bar(image, ticks, start).save(tmp, format="PNG", pnginfo=info)
     return Path(out_png)
 
 
+def _drawing(alpha: float, size: int | None, beside: bool) -> dict[str, Any]:
+    """The settings a heatmap was drawn with, as its PNG records them."""
+    return {"alpha": alpha, "size": size, "beside": beside}
+
+
+def _is_current(png: Path, attention: Path, drawing: dict[str, Any]) -> bool:
+    """Whether ``png`` is newer than ``attention`` and was drawn with these settings."""
+    from PIL import Image
+
+    if not (png.exists() and attention.exists() and png.stat().st_mtime >= attention.stat().st_mtime):
+        return False
+    try:
+        with Image.open(png) as image:
+            recorded = json.loads(image.text.get("pathomics", "{}"))
+    except (OSError, ValueError):
+        return False
+    return all(recorded.get(k) == v for k, v in drawing.items())
+
+
 def render_heatmaps(run_dir: str | os.PathLike, tiles_out: str | os.PathLike, slide_ids: Sequence[str] | None = None,
-                    alpha: float = 0.5, show_progress: bool = True, size: int | None = None) -> list[StatusRow]:
+                    alpha: float = 0.5, show_progress: bool = True, size: int | None = None,
+                    beside: bool = False) -> list[StatusRow]:
     """``<run_dir>/heatmaps/<slide_id>.png`` for each attention file of a run; failures isolated in status.csv.
 
-    A heatmap newer than its attention file is skipped.
+    A heatmap newer than its attention file and drawn with the same settings is skipped.
     """
     run_dir = Path(run_dir)
     layout = OutputLayout(run_dir)
@@ -96,9 +162,9 @@ def render_heatmaps(run_dir: str | os.PathLike, tiles_out: str | os.PathLike, sl
     def job(slide_id: str) -> SlideJob:
         def run() -> Outcome:
             attention, png = layout.attention_file(slide_id), layout.heatmap(slide_id)
-            if png.exists() and attention.exists() and png.stat().st_mtime >= attention.stat().st_mtime:
+            if _is_current(png, attention, _drawing(alpha, size, beside)):
                 return SKIPPED, 0
-            render_heatmap(attention, tiles_out, png, alpha, size)
+            render_heatmap(attention, tiles_out, png, alpha, size, beside)
             return DONE, 0
 
         return SlideJob(slide_id, run)
