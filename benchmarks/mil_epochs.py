@@ -40,28 +40,28 @@ def random_pool(n_pool: int, patches: int, dim: int, seed: int = 0) -> list[tupl
     return [(rng.standard_normal((patches, dim), dtype=np.float32), coords) for _ in range(n_pool)]
 
 
-def time_model(name: str, pool: list, bags: int, dim: int, config: MILConfig) -> dict[str, float]:
-    """Seconds for one training epoch and one evaluation pass over ``bags`` bags, batch by batch.
+def time_model(name: str, pool: list, bags: int, dim: int, config: MILConfig,
+               device: torch.device = torch.device("cpu")) -> dict[str, float]:
+    """Seconds for one training epoch and one evaluation pass over ``bags`` bags on ``device``, batch by batch.
 
     Besides the measured totals, ``*_median_s`` is the median batch time × the number of batches: on a
     shared machine it discounts batches slowed by other processes.
     """
     torch.manual_seed(0)
     objective = train.Classification(["neg", "pos"])
-    model = build_aggregator(name, dim, objective.n_outputs, **config.aggregator_options())
+    model = build_aggregator(name, dim, objective.n_outputs, **config.aggregator_options()).to(device)
     targets = train.Targets(label=np.arange(bags) % 2)
     settings = train.TrainConfig(epochs=1, patience=1, min_epochs=1, batch_size=config.batch_size, lr=config.lr,
                                    weight_decay=config.weight_decay, max_patches=None, aux_weight=config.aux_weight, seed=0)
-    cpu = torch.device("cpu")
 
     def load(i: int) -> tuple[np.ndarray, np.ndarray]:
         return pool[i % len(pool)]
 
     batches = [np.arange(start, min(start + config.batch_size, bags)) for start in range(0, bags, config.batch_size)]
-    train.fit(model, objective, targets, load, batches[0], np.arange(0), settings, cpu)  # warm-up
-    train_times = [_seconds(partial(train.fit, model, objective, targets, load, b, np.arange(0), settings, cpu))
+    train.fit(model, objective, targets, load, batches[0], np.arange(0), settings, device)  # warm-up
+    train_times = [_seconds(partial(train.fit, model, objective, targets, load, b, np.arange(0), settings, device))
                    for b in batches]
-    predict_times = [_seconds(partial(train.predict, model, load, b, cpu)) for b in batches]
+    predict_times = [_seconds(partial(train.predict, model, load, b, device)) for b in batches]
     return {"model": name, "train_s_per_epoch": round(sum(train_times), 2),
             "train_median_s": round(float(np.median(train_times)) * len(batches), 2),
             "predict_s_per_epoch": round(sum(predict_times), 2),
