@@ -23,7 +23,7 @@ from pathomics.runner.pipeline import RunConfig, check_run_inputs, run_archive, 
 from pathomics.io import sha256_file
 from pathomics.store import open_patch_store, read_feature_file
 from pathomics.survival.config import RUN_FUSION, SurvivalConfig
-from pathomics.synthetic import write_cohort
+from pathomics.synthetic import write_cohort, write_slide
 from pathomics.tiling import TileConfig
 
 TILE = TileConfig(target_mpp=2.0, patch_size=64, threads=1)
@@ -192,6 +192,50 @@ def test_run_against_an_existing_dask_scheduler(tmp_path, cohort):
         for proc in reversed(procs):
             proc.terminate()
             proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_an_external_scheduler_with_one_gpu_per_worker_runs_each_slide_once_one_at_a_time_per_worker(tmp_path):
+    """Two `dask worker --resources GPU=1` with their own --local-directory and two threads each, one output dir:
+    the slide tasks ask for the GPU, so each worker runs one slide at a time (its card), and both take slides."""
+    from distributed import Client, get_task_stream
+
+    dask = Path(sys.executable).with_name("dask")
+    scheduler_file = tmp_path / "scheduler.json"
+    procs = [subprocess.Popen([str(dask), "scheduler", "--scheduler-file", str(scheduler_file), "--no-dashboard", "--host", "127.0.0.1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for name in ("gpu0", "gpu1"):
+            procs.append(subprocess.Popen([str(dask), "worker", "--scheduler-file", str(scheduler_file), "--name", name,
+                                           "--nthreads", "2", "--resources", "GPU=1", "--local-directory", str(tmp_path / name), "--no-nanny",
+                                           "--no-dashboard", "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        entries = [SlideEntry(write_slide(tmp_path / f"s{i}.svs", 2048, 1536, seed=i).path, f"s{i}", f"P{i}") for i in range(4)]
+        with Client(scheduler_file=str(scheduler_file)) as client:
+            client.wait_for_workers(2, timeout=120)
+            config = RunConfig(tile=TILE, embed=EMBED, scheduler=client.scheduler.address)
+            with get_task_stream(client) as stream:
+                rows = run_slides(entries, tmp_path / "out", config, client=client, show_progress=False)
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            proc.wait(timeout=30)
+    assert sorted((r.slide_id, r.stage, r.state) for r in rows) == sorted(
+        (e.slide_id, stage, "done") for e in entries for stage in ("tile", "embed"))
+    assert sorted(feature_mtimes(tmp_path / "out")) == sorted(e.slide_id for e in entries)
+    tasks = [t for t in stream.data if str(t["key"]).startswith("slide-")]
+    assert len(tasks) == len(entries)
+    by_worker: dict[str, list[tuple[float, float]]] = {}
+    for task in tasks:
+        by_worker.setdefault(task["worker"], []).extend(
+            (s["start"], s["stop"]) for s in task["startstops"] if s["action"] == "compute")
+    assert len(by_worker) == 2  # both cards took slides
+    for spans in by_worker.values():  # ... one at a time each, though each worker has two threads
+        spans.sort()
+        assert all(stop <= next_start for (_, stop), (next_start, _) in zip(spans, spans[1:])), spans
+    assert (tmp_path / "gpu0").is_dir() and (tmp_path / "gpu1").is_dir()  # each worker's own scratch space
 
 
 @pytest.mark.slow

@@ -176,8 +176,10 @@ def run_slides(entries: Sequence[SlideEntry], out_dir: Path, config: RunConfig, 
     with contextlib.nullcontext(client) if client is not None else dask_client(config) as client, \
             progress("tile + embed", len(entries), show_progress) as advance:
 
+        resources = task_resources(client)
+
         def submit(batch: Sequence[SlideEntry], wait: bool) -> dict:
-            return {client.submit(process_slide, e, out_dir, tile, config.embed, wait,
+            return {client.submit(process_slide, e, out_dir, tile, config.embed, wait, resources=resources,
                                   key=f"slide-{e.slide_id}-{time.time_ns()}", pure=False): e for e in batch}
 
         pending, busy = submit(entries, wait=False), []
@@ -194,6 +196,15 @@ def run_slides(entries: Sequence[SlideEntry], out_dir: Path, config: RunConfig, 
                         max((r.patches for r in slide_rows if r.state == DONE), default=0))
             pending, busy = submit(busy, wait=True), []
     return rows
+
+
+def task_resources(client) -> dict[str, float] | None:  # noqa: ANN001 - a distributed.Client
+    """``{"GPU": 1}`` when the cluster's workers advertise a ``GPU`` resource (``dask worker --resources GPU=1``),
+    else None: each slide task then holds one card while it runs, so a worker per card runs one slide at a time
+    however many threads it has. Asked only when some worker offers it: a task asking for a resource no worker
+    has would wait forever."""
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    return {"GPU": 1} if any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers) else None
 
 
 def _result_rows(future, entry: SlideEntry) -> list[StatusRow]:  # noqa: ANN001 - a distributed.Future
