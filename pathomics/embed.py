@@ -18,6 +18,7 @@ about 2x in bf16, for resnet50-trunc and shufflenet-v2 alike (``benchmarks/embed
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -26,7 +27,7 @@ import os
 import re
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
@@ -39,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from pathomics import __version__
 from pathomics.device import PRECISIONS, resolve_device, resolve_precision
-from pathomics.errors import ConfigError, StoreError
+from pathomics.errors import ConfigError, StoreError, WorkerError
 from pathomics.io import writing
 from pathomics.layout import DONE, SKIPPED, OutputLayout
 from pathomics.encoders.backbones import load_backbone
@@ -256,7 +257,7 @@ def encode_store(store: PatchStore, encoder: Encoder, batch_size: int, num_worke
                             pin_memory=encoder.device.type == "cuda")
     in_flight: deque[tuple[int, torch.Tensor, torch.cuda.Event | None]] = deque()
     start = 0
-    with torch.inference_mode():
+    with torch.inference_mode(), reader_death(store):
         for batch in loader:
             in_flight.append((start, *_to_host(encoder(batch))))
             start += len(batch)
@@ -265,6 +266,21 @@ def encode_store(store: PatchStore, encoder: Encoder, batch_size: int, num_worke
         while in_flight:
             _collect(features, *in_flight.popleft())
     return features
+
+
+@contextlib.contextmanager
+def reader_death(store: PatchStore) -> Iterator[None]:
+    """Turn torch's RuntimeError for a loader worker that died (SIGKILL, the out-of-memory killer), raised the moment
+    its SIGCHLD arrives, into a WorkerError that fails this slide alone."""
+    try:
+        yield
+    except RuntimeError as exc:
+        what = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if not what.startswith("DataLoader worker"):
+            raise
+        detail = what.removeprefix("DataLoader worker ").rstrip(". ")
+        raise WorkerError(f"{store.path}: a patch reader process died ({detail}), most often for lack of memory; "
+                          "lower --num-workers or --batch-size and re-run `pathomics embed`") from exc
 
 
 def _to_host(out: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:

@@ -39,6 +39,10 @@ class ModelError(PathomicsError):
     """A backbone or aggregator cannot be built, loaded or applied."""
 
 
+class WorkerError(PathomicsError):
+    """A helper process died (a patch reader killed by a signal, by the out-of-memory killer): fails that slide."""
+
+
 class PathomicsWarning(UserWarning):
     """Base class of the warnings pathomics issues."""
 

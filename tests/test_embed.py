@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import re
@@ -361,3 +362,37 @@ def test_a_chunk_damaged_inside_a_shard_fails_its_slide(tmp_path: Path, aperio_s
     assert main(embed_argv(tmp_path)) == 1
     state, error = read_status(tmp_path)[aperio_slide.path.stem]
     assert state == FAILED and "re-run `pathomics tile`" in error and "\n" not in error
+
+
+@pytest.mark.slow
+def test_a_killed_reader_process_fails_its_slide_and_the_batch_goes_on(tmp_path: Path) -> None:
+    """A loader worker killed (SIGKILL, the out-of-memory killer) used to end embed with torch's traceback."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    for i in range(2):
+        make_store(tmp_path, f"s{i}", random_patches(200, seed=i))
+    argv = embed_argv(tmp_path, batch_size="2", num_workers="1")
+    embed_process = subprocess.Popen([sys.executable, "-m", "pathomics.cli.main", *argv], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+    parent = psutil.Process(embed_process.pid)
+    seen: dict[int, float] = {}  # a loader worker is forked: it keeps its parent's command line (a child about to
+    killed = False               # exec another program has it only for a moment)
+    while not killed and embed_process.poll() is None:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for child in parent.children():
+                if child.cmdline() == parent.cmdline() and time.monotonic() - seen.setdefault(child.pid, time.monotonic()) > 0.2:
+                    child.kill()
+                    killed = True
+        time.sleep(0.005)
+    out, err = embed_process.communicate(timeout=300)
+    assert killed and embed_process.returncode == 1 and "Traceback" not in err, err[-2000:]
+    status = read_status(tmp_path)
+    failed = [s for s, (state, _) in status.items() if state == FAILED]
+    assert len(failed) == 1 and [state for state, _ in status.values()].count(DONE) == 1
+    error = status[failed[0]][1]
+    assert error.startswith("WorkerError: ") and "killed by signal" in error and "--num-workers" in error
+    assert f"FAILED {failed[0]}: WorkerError" in out
