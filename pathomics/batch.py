@@ -10,6 +10,7 @@ import csv
 import logging
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -146,6 +147,12 @@ class progress:
         self.stage, self.total, self.enabled, self.bar = stage, total, enabled, None
 
     def __enter__(self) -> Callable[[str, str, int], None]:
+        if self.enabled and sys.stderr.isatty():  # rich is imported only to draw a bar (a fifth of a second of start-up)
+            self._start_bar()
+        self.done, self.patches, self.start = 0, 0, time.perf_counter()
+        return self.advance
+
+    def _start_bar(self) -> None:
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -156,13 +163,11 @@ class progress:
         )
 
         console = Console(stderr=True)
-        if self.enabled and console.is_terminal:
+        if console.is_terminal:
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                                 TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[last]}"), console=console)
             self.bar.start()
             self.task = self.bar.add_task(self.stage, total=self.total, rate="", last="")
-        self.done, self.patches, self.start = 0, 0, time.perf_counter()
-        return self.advance
 
     @property
     def rate(self) -> str:

@@ -26,22 +26,28 @@ Buffer = bytes | np.ndarray  # a flat uint8 array for an uncompressed chunk
 Chunk = tuple[Buffer, bytes]  # an encoded chunk: its compressed bytes, then their CRC32C (little-endian)
 
 
-def zarr_compressors(name: str) -> tuple:
-    """The compressor codecs the array metadata names for ``name`` (what readers decode with), each chunk checksummed."""
-    import zarr
-
-    checksum = zarr.codecs.Crc32cCodec()
+def compressor_metadata(name: str) -> list[dict]:
+    """The compressor codecs of the array metadata for ``name`` (what readers decode with), each chunk checksummed."""
+    checksum = {"name": "crc32c"}
     if name == "lz4":
-        return (zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle", typesize=1), checksum)
+        return [{"name": "blosc", "configuration": {"typesize": 1, "cname": "lz4", "clevel": 5, "shuffle": "noshuffle",
+                                                    "blocksize": 0}}, checksum]
     if name == "zstd":
-        return (zarr.codecs.ZstdCodec(level=1), checksum)
+        return [{"name": "zstd", "configuration": {"level": 1, "checksum": False}}, checksum]
     if name == "none":
-        return (checksum,)
+        return [checksum]
     raise ValueError(f"unknown compression {name!r}; choose one of {', '.join(COMPRESSIONS)}")
 
 
+def zarr_compressors(name: str) -> tuple:
+    """``compressor_metadata(name)`` as zarr-python codecs, for arrays that zarr-python itself writes."""
+    from zarr.registry import get_codec_class
+
+    return tuple(get_codec_class(codec["name"]).from_dict(codec) for codec in compressor_metadata(name))
+
+
 def chunk_encoder(name: str) -> Callable[[np.ndarray], Chunk]:
-    """Encode one C-contiguous uint8 chunk exactly as ``zarr_compressors(name)`` decodes it (releases the GIL).
+    """Encode one C-contiguous uint8 chunk exactly as ``compressor_metadata(name)`` decodes it (releases the GIL).
 
     ``none`` keeps a view of the chunk, not a copy: it is written out before the chunk's memory is reused.
     """

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import zarr
@@ -10,7 +12,7 @@ from pathomics.errors import StoreError
 from pathomics.layout import OutputLayout
 from pathomics.shards import ABSENT, chunk_encoder, write_shard, zarr_compressors
 from pathomics.io import partial_path
-from pathomics.store import PatchStoreWriter, open_patch_store
+from pathomics.store import PatchStoreWriter, open_patch_store, store_fingerprint
 
 ATTRS = {"slide_id": "s", "source_path": "/nowhere/s.svs", "source_size_bytes": 1, "source_mtime": 0.0, "backend": "openslide",
          "mpp_level0": 0.25, "mpp_source": "metadata", "target_mpp": 0.5, "read_level": 0, "downsample": 2.0,
@@ -76,3 +78,37 @@ def test_store_writer_writes_whole_shards_and_resumes_after_a_stray_temp_file(tm
     store = open_patch_store(resumed.publish())
     assert store.attrs["compression"] == "zstd"
     np.testing.assert_array_equal(store.read_images(0, 600), images)
+
+
+@pytest.mark.parametrize("compression", ["zstd", "lz4", "none"])
+@pytest.mark.parametrize("n", [0, 5])
+def test_store_metadata_written_directly_is_what_zarr_python_writes(tmp_path, compression, n):
+    coords = np.stack([np.arange(n) * 256, np.arange(n) * 7], axis=1).astype(np.int64)
+    fractions = np.linspace(0.5, 1.0, n).astype(np.float32)
+    writer = PatchStoreWriter(OutputLayout(tmp_path).store("s"), ATTRS, coords, fractions, compression=compression)
+    root = zarr.open_group(tmp_path / "zarr", mode="w", zarr_format=3)
+    root.create_array("coords", data=coords, chunks=(max(n, 1), 2))
+    root.create_array("tissue_fraction", data=fractions, chunks=(max(n, 1),))
+    root.create_array("images", shape=(n, 128, 128, 3), dtype="uint8", chunks=(16, 128, 128, 3), shards=(512, 128, 128, 3),
+                      compressors=zarr_compressors(compression), fill_value=0)
+    for name in ("coords", "tissue_fraction", "images"):
+        assert json.loads((writer.partial / name / "zarr.json").read_text()) == json.loads((tmp_path / "zarr" / name / "zarr.json").read_text())
+    group = zarr.open_group(writer.partial, mode="r")
+    np.testing.assert_array_equal(group["coords"][:], coords)
+    np.testing.assert_array_equal(group["tissue_fraction"][:], fractions)
+    assert group.attrs["patches_written"] == 0 and group.attrs["compression"] == compression
+
+
+def test_the_store_a_writer_returns_is_the_store_read_back(tmp_path):
+    images = patches(20)
+    coords = np.stack([np.arange(20) * 256, np.arange(20)], axis=1)
+    writer = PatchStoreWriter(OutputLayout(tmp_path).store("s"), ATTRS, coords, np.linspace(0.5, 1, 20))
+    with pytest.raises(StoreError, match="not published"):
+        writer.store()
+    writer.write(0, images)
+    read = open_patch_store(writer.publish())
+    written = writer.store()
+    assert written.attrs == read.attrs and store_fingerprint(written) == store_fingerprint(read)
+    np.testing.assert_array_equal(written.coords, read.coords)
+    np.testing.assert_array_equal(written.tissue_fraction, read.tissue_fraction)
+    np.testing.assert_array_equal(written.read_images(0, 20), images)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
 
 import cv2
@@ -15,6 +17,7 @@ from pathomics.errors import StoreError
 from pathomics.slide import open_slide
 from pathomics.slide.patches import read_patches
 from pathomics.io import partial_path
+from pathomics.layout import OutputLayout
 from pathomics.store import STORE_ATTRS, open_patch_store
 from pathomics.tiling import TileConfig, patch_size_level0, tile_slide, tissue_fractions
 
@@ -160,3 +163,13 @@ def test_invalid_config_is_refused():
         with pytest.raises(ValueError):
             TileConfig(**bad)
 
+
+
+@pytest.mark.slow
+def test_tiling_a_new_slide_imports_neither_pandas_nor_zarr(tmp_path, aperio_slide):
+    """The tile stage writes its store, QC table and summary without them: their imports were a third of a CLI run."""
+    script = (f"import sys; from pathomics.tiling import tile_slide; tile_slide({str(aperio_slide.path)!r}, {str(tmp_path)!r}); "
+              "print(sorted({'pandas', 'zarr'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert open_patch_store(OutputLayout(tmp_path).store("aperio")).attrs["qc"]["patches"] > 0
