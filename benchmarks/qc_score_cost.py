@@ -1,6 +1,6 @@
 """CPU cost of QC's per-patch scoring (``score_batch``), this tree's against an earlier revision's, side by side.
 
-Scores the same patches (128 px patches of the held-out stores that ``benchmarks/qc_accuracy.py`` wrote, and
+Scores the same patches (128 px patches of the held-out stores that ``benchmarks/qc_accuracy.py --real`` wrote, and
 256 px patches made of 2 x 2 of them) with both versions of ``pathomics/qc.py``, interleaved, one thread, and
 prints the median CPU ms per patch of each and their ratio.
 
@@ -22,8 +22,9 @@ import numpy as np
 
 from pathomics import qc
 from pathomics.store import open_patch_store
+from qc_accuracy import SPLIT_SEEDS  # benchmarks/ is this script's directory, first on sys.path
 
-STORES = ("gaussian_1um", "lesions_only", "real_1um", "real_clean")
+STORES = ("gaussian_1um", "lesions_only", "real_HE_bottom_1um", "real_HE_bottom_clean")
 
 
 def load_revision(rev: str):
@@ -52,7 +53,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", required=True, help="git revision of the QC to compare with")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--tiles", type=Path, default=Path(__file__).parent / "out" / "qc_accuracy" / "heldout" / "out" / "tiles")
+    parser.add_argument("--tiles", type=Path, default=Path(__file__).parent / "out" / "qc_accuracy" / f"seed{SPLIT_SEEDS['heldout']}"
+                        / "heldout" / "out" / "tiles")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "qc_score_cost.json")
     args = parser.parse_args()
     cv2.setNumThreads(1)

@@ -5,9 +5,12 @@ Every patch (at the target MPP) gets cheap, vectorised scores:
 - ``focus``: in each of the patch's 4 x 4 blocks that is at least half tissue, the mean square of the grey
   image's Laplacian at the target MPP over that of the image at half the resolution: fine detail against
   coarse detail, so the measure does not depend on how much stain or how many nuclei a block holds; the
-  patch scores its least sharp block, so a patch half out of focus is caught. ``focus_rel`` is ``focus``
-  over the slide's 75th percentile (its sharp tissue, even where half the slide is out of focus): blur is
-  judged against the slide's own tissue, with absolute floors for a slide out of focus all over.
+  patch scores its least sharp block, so a patch half out of focus is caught. ``focus_wide``: the same
+  against the image at a quarter of the resolution. ``focus_rel`` and ``focus_wide_rel`` are each over the
+  slide's 75th percentile (its sharp tissue, even where half the slide is out of focus): blur is judged
+  against the slide's own tissue, and only where fine detail falls short against both coarser scales
+  (smooth stroma or large nuclei lower one ratio, defocus both), with absolute floors for a slide out of
+  focus all over.
 - ``pen``: fraction of pixels of a marker hue (``pen_blue``, ``pen_green``, ``pen_black``). H&E has no
   green and its haematoxylin is purple, not blue; black ink is dark and grey, unlike any stain.
 - ``fold``: the share of the patch's tissue pixels whose optical density is that of the slide's lighter
@@ -59,8 +62,10 @@ class QCConfig:
     with saturation >= ``ink_saturation``; *black ink* with value < ``black_value`` and saturation <
     ``black_saturation`` (dark and grey). Flags (defaults calibrated on the synthetic slides of
     ``synthetic.artefacts``, see docs/guide/qc.md; check them on your scanner's slides with the QC thumbnails): ``blur``
-    when ``focus_rel < min_focus_rel`` (relative to the slide's 75th percentile), or ``focus < min_focus`` or ``detail <
-    min_detail`` (absolute floors, for a slide out of focus all over); ``pen`` when the ink fraction exceeds ``max_pen``;
+    when ``focus_rel < min_focus_rel`` and ``focus_wide_rel < min_focus_wide_rel`` (fine detail short of the slide's
+    75th percentile against detail one and two octaves coarser: defocus lowers both, real tissue's own variation
+    mostly one), or ``focus < min_focus`` or ``detail < min_detail`` (absolute floors, for a slide out of focus all
+    over); ``pen`` when the ink fraction exceeds ``max_pen``;
     ``fold`` when the share of tissue at ``fold_density`` times the slide's stroma density exceeds ``max_fold`` and
     the patch's mean optical density is over ``min_fold_density`` times the slide's median (``density``);
     ``bubble`` when the blank share beyond the tissue polygon's exceeds ``max_bubble``.
@@ -72,6 +77,7 @@ class QCConfig:
 
     min_focus: float = 0.10
     min_focus_rel: float = 0.62
+    min_focus_wide_rel: float = 0.45
     min_detail: float = 1.2
     max_pen: float = 0.10
     max_fold: float = 0.25
@@ -95,6 +101,7 @@ class QCConfig:
 
     def __post_init__(self) -> None:
         for name, allowed, ok in (("min_focus", ">= 0", self.min_focus >= 0), ("min_focus_rel", ">= 0", self.min_focus_rel >= 0),
+                                  ("min_focus_wide_rel", ">= 0", self.min_focus_wide_rel >= 0),
                                   ("min_detail", ">= 0", self.min_detail >= 0), ("max_pen", "in 0-1", 0 <= self.max_pen <= 1),
                                   ("max_fold", "in 0-1", 0 <= self.max_fold <= 1), ("min_fold_density", ">= 0", self.min_fold_density >= 0),
                                   ("max_bubble", "in 0-1", 0 <= self.max_bubble <= 1),
@@ -125,6 +132,7 @@ class BatchScores:
     """Raw per-patch statistics of a batch, before the slide-level steps (stain fit, fold normalisation)."""
 
     focus: np.ndarray        # (n,) see _focus
+    focus_wide: np.ndarray   # (n,) see _focus
     detail: np.ndarray       # (n,) see _focus
     blank: np.ndarray        # (n,) fraction of blank pixels
     pen: np.ndarray          # (n, 3) fractions of blue, green and black ink pixels
@@ -151,7 +159,7 @@ def _score_chunk(images: np.ndarray, config: QCConfig) -> BatchScores:
 
     n, p = len(images), images.shape[1] if len(images) else 0
     if n == 0:
-        return BatchScores(*(np.zeros((0, *shape), np.float32) for shape in ((), (), (), (3,), (3,), (len(OD_BINS) + 1,))),
+        return BatchScores(*(np.zeros((0, *shape), np.float32) for shape in ((), (), (), (), (3,), (3,), (len(OD_BINS) + 1,))),
                            np.zeros((0, SAMPLE_GRID * SAMPLE_GRID, 3), np.uint8))
     sub = np.ascontiguousarray(images[:, ::config.pixel_stride, ::config.pixel_stride])
     s = sub.shape[1]
@@ -192,16 +200,19 @@ def patch_means(image: np.ndarray, n: int) -> np.ndarray:
     return means / 255.0 if image.dtype == np.uint8 else means
 
 
-def _focus(images: np.ndarray, config: QCConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Per patch, the lowest ratio of fine to coarse detail among its FOCUS_BLOCKS² blocks with half or more tissue
-    (``focus``), and the lowest mean square Laplacian per tissue pixel (``detail``: it also falls where a slide's
-    finest scale holds nothing but noise, which the ratio then misses).
+def _focus(images: np.ndarray, config: QCConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per patch, among its FOCUS_BLOCKS² blocks with half or more tissue, the lowest ratio of fine to coarse detail
+    one octave apart (``focus``) and two octaves apart (``focus_wide``), and the lowest mean square Laplacian per
+    tissue pixel (``detail``: it also falls where a slide's finest scale holds nothing but noise, which the ratios
+    then miss).
 
-    Per block, the mean square of the grey image's 4-neighbour Laplacian over that of the image at half the
-    resolution (``pyrDown``): defocus, motion or a tilted focal plane remove fine detail first, whatever the
-    block's contrast. Rows that touch a neighbouring patch of the batch are zeroed at both scales, so that a
-    patch scores alike in any batch; taking the worst block catches a patch half out of focus. Inf when no
-    block has enough tissue.
+    Per block, the mean square of the grey image's 4-neighbour Laplacian over that of the image at half (one
+    ``pyrDown``) and at a quarter (two) of the resolution: defocus, motion or a tilted focal plane remove fine
+    detail first, whatever the block's contrast. Real tissue's own fine detail varies from block to block (smooth
+    stroma, large nuclei) and moves the two ratios apart, where defocus lowers both. The Laplacians' edge rows
+    and columns are zeroed: they mirror the patch (doubling its edge's coarse detail) or touch a neighbouring
+    patch of the batch, so that a patch scores alike in any batch. Taking the worst block catches a patch half
+    out of focus. Inf when no block has enough tissue.
     """
     import cv2
 
@@ -209,22 +220,29 @@ def _focus(images: np.ndarray, config: QCConfig) -> tuple[np.ndarray, np.ndarray
     k, b = FOCUS_BLOCKS, p // FOCUS_BLOCKS
     grey = cv2.cvtColor(np.ascontiguousarray(images).reshape(n * p, p, 3), cv2.COLOR_RGB2GRAY)
     fine = cv2.Laplacian(grey, cv2.CV_16S, ksize=1)
-    fine.reshape(n, p, p)[:, [0, -1]] = 0
-    coarse = cv2.Laplacian(cv2.pyrDown(grey), cv2.CV_16S, ksize=1)
+    half = cv2.pyrDown(grey)
+    coarse = cv2.Laplacian(half, cv2.CV_16S, ksize=1)
     q = coarse.shape[0] // n
     coarse.reshape(n, q, -1)[:, [0, 1, -2, -1]] = 0  # pyrDown mixed these rows with the neighbouring patch
+    wide = [cv2.Laplacian(cv2.pyrDown(cv2.pyrDown(grey[i * p:(i + 1) * p])), cv2.CV_16S, ksize=1) for i in range(n)]
+    for laplacian in (fine.reshape(n, p, p), coarse.reshape(n, q, -1), *wide):
+        laplacian[..., [0, -1], :] = 0
+        laplacian[..., [0, -1]] = 0
     tissue = cv2.compare(grey, config.blank_value, cv2.CMP_LT)
     if p != k * b:  # blocks cover the first k * b rows and columns
         tissue = np.ascontiguousarray(tissue.reshape(n, p, p)[:, :k * b, :k * b]).reshape(n * k * b, k * b)
     fraction = cv2.resize(tissue, (k, n * k), interpolation=cv2.INTER_AREA).reshape(n, k * k) / 255.0
-    h = b // 2
+    h, w = b // 2, b // 4
     energy = np.array([(cv2.norm(fine[i * p + r * b:i * p + (r + 1) * b, c * b:(c + 1) * b], cv2.NORM_L2SQR),
-                        cv2.norm(coarse[i * q + r * h:i * q + (r + 1) * h, c * h:(c + 1) * h], cv2.NORM_L2SQR))
-                       for i in range(n) for r in range(k) for c in range(k)], dtype=np.float64).reshape(n, k * k, 2)
-    ratio = (energy[..., 0] / (b * b)) / np.maximum(energy[..., 1] / (h * h), 1e-3)
+                        cv2.norm(coarse[i * q + r * h:i * q + (r + 1) * h, c * h:(c + 1) * h], cv2.NORM_L2SQR),
+                        cv2.norm(wide[i][r * w:(r + 1) * w, c * w:(c + 1) * w], cv2.NORM_L2SQR))
+                       for i in range(n) for r in range(k) for c in range(k)], dtype=np.float64).reshape(n, k * k, 3)
+    per_pixel = energy[..., 0] / (b * b)
+    ratio = per_pixel / np.maximum(energy[..., 1] / (h * h), 1e-3)
+    ratio_wide = per_pixel / np.maximum(energy[..., 2] / (w * w), 1e-3)
     detail = energy[..., 0] / np.maximum(fraction * (b * b), 1.0)
     enough = fraction >= 0.5
-    return tuple(np.where(enough, x, np.inf).min(axis=1).astype(np.float32) for x in (ratio, detail))
+    return tuple(np.where(enough, x, np.inf).min(axis=1).astype(np.float32) for x in (ratio, ratio_wide, detail))
 
 
 _OD_TABLES: dict[int, np.ndarray] = {}
@@ -274,9 +292,10 @@ class Artefact:
 # Every QC flag, in the order drawn on the thumbnail (the likelier cause on top: ink also looks out of focus).
 # Adding a flag: an entry here (its score computed in score_batch/slide_qc, its threshold in QCConfig).
 ARTEFACTS = (
-    Artefact("blur", "focus", lambda t, c: (t.focus_rel < c.min_focus_rel) | (t.focus < c.min_focus) | (t.detail < c.min_detail),
-             (255, 200, 0), "out of focus: focus_rel < min_focus_rel (against the slide's 75th percentile), or focus < min_focus "
-             "or detail < min_detail"),
+    Artefact("blur", "focus", lambda t, c: ((t.focus_rel < c.min_focus_rel) & (t.focus_wide_rel < c.min_focus_wide_rel))
+             | (t.focus < c.min_focus) | (t.detail < c.min_detail),
+             (255, 200, 0), "out of focus: focus_rel < min_focus_rel and focus_wide_rel < min_focus_wide_rel (each against the "
+             "slide's 75th percentile), or focus < min_focus or detail < min_detail"),
     Artefact("fold", "fold", lambda t, c: (t.fold > c.max_fold) & (t.density > c.min_fold_density), (220, 0, 0),
              "tissue folded on itself: fold (share of doubled stroma density) > max_fold and density > min_fold_density"),
     Artefact("bubble", "bubble", lambda t, c: t.bubble > c.max_bubble, (0, 200, 255),
@@ -303,7 +322,7 @@ def slide_qc(batches: Sequence[BatchScores], coords: np.ndarray, tissue_fraction
     Plain numpy columns, no dataframe: importing pandas cost a tiling process a third of a second.
     """
     raw = BatchScores(*(np.concatenate([getattr(b, f) for b in batches]) if batches else np.zeros((0, *shape), dtype)
-                        for f, shape, dtype in (("focus", (), np.float32), ("detail", (), np.float32), ("blank", (), np.float32), ("pen", (3,), np.float32),
+                        for f, shape, dtype in (("focus", (), np.float32), ("focus_wide", (), np.float32), ("detail", (), np.float32), ("blank", (), np.float32), ("pen", (3,), np.float32),
                                                 ("mean_od", (3,), np.float32), ("od_hist", (len(OD_BINS) + 1,), np.float32),
                                                 ("sample", (SAMPLE_GRID ** 2, 3), np.uint8))))
     if len(raw.focus) != len(coords):
@@ -312,7 +331,8 @@ def slide_qc(batches: Sequence[BatchScores], coords: np.ndarray, tissue_fraction
     conc = np.linalg.lstsq(stains, raw.mean_od.T.astype(np.float64), rcond=None)[0].T if len(coords) else np.zeros((0, 2))
     table = {
         "x": coords[:, 0].astype(np.int64), "y": coords[:, 1].astype(np.int64), "focus": raw.focus,
-        "focus_rel": _relative(raw.focus, 75), "detail": raw.detail,
+        "focus_rel": _relative(raw.focus, 75), "focus_wide": raw.focus_wide, "focus_wide_rel": _relative(raw.focus_wide, 75),
+        "detail": raw.detail,
         "pen": raw.pen.sum(axis=1), "pen_blue": raw.pen[:, 0], "pen_green": raw.pen[:, 1], "pen_black": raw.pen[:, 2],
         "fold": doubled_share(raw.od_hist, config), "density": _relative(raw.mean_od.sum(axis=1), 50),
         "bubble": np.maximum(raw.blank - (1.0 - np.asarray(tissue_fraction, np.float32)), 0.0),
