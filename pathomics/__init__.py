@@ -51,6 +51,7 @@ _EXPORTS = {
     # archives
     "RunConfig": "pathomics.runner.pipeline",
     "run_archive": "pathomics.runner.pipeline",
+    "encoder_tile_config": "pathomics.runner.pipeline",
 }
 
 __all__ = sorted(_EXPORTS)

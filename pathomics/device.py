@@ -10,11 +10,16 @@ DEVICES = ("auto", "cpu", "cuda")  # "cuda:N" is accepted too
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
+def is_device_name(device: str) -> bool:
+    """Whether ``device`` is one of ``DEVICES`` or ``cuda:N``."""
+    return device in DEVICES or (device.startswith("cuda:") and device[5:].isdigit())
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` → the first GPU if CUDA is available, else the CPU; an unavailable or unknown device is an error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+    if not is_device_name(device):
         raise ConfigError(f"device {device!r} is not one of cpu, cuda, cuda:N, auto")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {device} asked for, but no CUDA device is visible; use --device cpu or auto")

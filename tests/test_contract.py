@@ -3,13 +3,15 @@ and a programming error is never recorded as a failed slide."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
 import pandas as pd
 import pytest
 
-from pathomics.cli.common import config_from_args
+from pathomics.cli.common import FLAG_ACTIONS, config_from_args, shown_default
+from pathomics.cli.reference import commands
 from pathomics.cli.main import build_parser, main
 from pathomics.errors import ConfigError, PathomicsError
 from pathomics.layout import OutputLayout
@@ -146,3 +148,87 @@ def test_terminal_lines_carry_no_empty_rate_and_warnings_no_source_line(caplog) 
     assert caplog.messages == ["mil-heatmap [1/1] s1: done"]
     line = one_line_warning(FitWarning("the Cox fit did not converge"), FitWarning, "analysis.py", 242, "model.fit(train)")
     assert line == "FitWarning: the Cox fit did not converge\n"
+
+
+# --- one CLI vocabulary: every rule below walks every command's parser ---
+
+def every_option() -> list[tuple[str, argparse.ArgumentParser, argparse.Action]]:
+    """(command, its parser, option) for every option of every command and sub-command."""
+    return [(name, parser, action) for name, parser in commands(build_parser())
+            for action in parser._actions if action.option_strings and not isinstance(action, argparse._HelpAction)]
+
+
+def shown_help(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
+    """An option's help as --help prints it, on one line."""
+    return " ".join(parser._get_formatter()._expand_help(action).split()) if action.help else ""
+
+
+def test_every_command_has_a_description():
+    assert [name for name, parser in commands(build_parser()) if not parser.description] == []
+
+
+def test_every_option_has_help_that_states_its_default():
+    """Flags and required options aside, --help says what an option left out does, as "(default: X)" or in words."""
+    silent = [f"{name} {action.option_strings[0]}" for name, parser, action in every_option() if not action.help]
+    assert silent == []
+    undefaulted = [f"{name} {action.option_strings[0]}" for name, parser, action in every_option()
+                   if not action.required and not isinstance(action, FLAG_ACTIONS) and "default" not in shown_help(parser, action)]
+    assert undefaulted == []
+
+
+def test_model_means_the_encoder_and_model_dir_a_fitted_model():
+    meanings = {(name, tuple(action.option_strings)) for name, _, action in every_option()
+                if {"--model", "--model-dir", "--aggregator"} & set(action.option_strings)}
+    assert all("--encoder" in flags for _, flags in meanings if "--model" in flags)
+    assert {name for name, flags in meanings if "--model-dir" in flags} == {"pathomics mil predict",
+                                                                            "pathomics survival evaluate"}
+    assert {name for name, flags in meanings if "--aggregator" in flags} == {"pathomics mil train", "pathomics run"}
+
+
+@pytest.mark.parametrize("flag", ["--folds", "--patient-col", "--time-col", "--event-col", "--device", "--fusion",
+                                  "--seed", "--aggregator", "--encoder", "--covariates"])
+def test_an_option_has_one_default_and_one_set_of_choices_in_every_command(flag):
+    seen = {(str(shown_default(action)), tuple(action.choices or ())) for _, _, action in every_option()
+            if flag in action.option_strings}
+    assert len(seen) == 1, seen
+
+
+def test_column_options_end_in_col_and_slide_ids_are_slide_id():
+    columns = [flags for _, _, action in every_option() if action.dest.endswith("_col")
+               for flags in [action.option_strings] if not all(f.endswith("-col") for f in flags)]
+    assert columns == []
+    flags = {flag for _, _, action in every_option() for flag in action.option_strings}
+    assert not flags & {"--slides", "--mil-folds", "--mil-epochs", "--id-col", "--time", "--event"}
+    assert {tuple(a.option_strings) for _, _, a in every_option() if a.dest == "slide_ids"} == {("--slide-id",)}
+
+
+def test_device_accepts_cuda_n_wherever_it_is_an_option():
+    from pathomics.embed import EmbedConfig
+    from pathomics.mil import MILConfig
+
+    devices = [action for _, _, action in every_option() if "--device" in action.option_strings]
+    assert len(devices) >= 4 and all(action.choices is None for action in devices)
+    assert MILConfig(device="cuda:1").device == EmbedConfig(device="cuda:1").device == "cuda:1"
+    with pytest.raises(ConfigError, match="device must be"):
+        MILConfig(device="gpu")
+
+
+def test_choices_come_from_the_library_registries():
+    from pathomics.mil import list_aggregators
+    from pathomics.qc import FLAGS as QC_FLAGS
+    from pathomics.slide import BACKENDS
+
+    choices = {flag: tuple(action.choices or ()) for _, _, action in every_option() for flag in action.option_strings}
+    assert choices["--backend"] == ("auto", *BACKENDS)
+    assert choices["--aggregator"] == tuple(list_aggregators())
+    parser = dict(commands(build_parser()))["pathomics embed"]
+    qc = next(a for a in parser._actions if "--qc-exclude" in a.option_strings)
+    assert ", ".join(QC_FLAGS) in shown_help(parser, qc)
+
+
+def test_survival_fit_needs_no_covariates():
+    """A radiology- or pathology-only study leaves --covariates out (it was required, '' for none)."""
+    from pathomics.cli.survival import survival_config
+
+    args = build_parser().parse_args(["survival", "fit", "--clinical", "c.csv", "--radiology", "r.csv", "--out", "o"])
+    assert survival_config(args).covariates == ()

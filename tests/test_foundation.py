@@ -112,7 +112,7 @@ def card_features(model: torch.nn.Module, patches: np.ndarray, pool=lambda out: 
 
 
 def embed_cli(store: Path, out: Path, model: str, weights: Path) -> tuple[np.ndarray, dict]:
-    code = main(["embed", str(store), "--out", str(out), "--model", model, "--weights", str(weights),
+    code = main(["embed", str(store), "--out", str(out), "--encoder", model, "--weights", str(weights),
                  "--device", "cpu", "--precision", "fp32", "--num-workers", "0"])
     assert code == 0
     with h5py.File(next((out / "features").glob("*.h5")), "r") as h5:
@@ -288,7 +288,7 @@ def test_text_file_as_weights_is_one_clear_error(tmp_path: Path, stores: dict[in
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     notes = tmp_path / "weights.txt"
     notes.write_text("download the weights from the hub\n")
-    code = main(["embed", str(stores[224]), "--out", str(tmp_path / "out"), "--model", "uni", "--weights", str(notes)])
+    code = main(["embed", str(stores[224]), "--out", str(tmp_path / "out"), "--encoder", "uni", "--weights", str(notes)])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert str(notes) in err and "not a PyTorch state dict" in err
@@ -353,3 +353,12 @@ def test_timm_state_dict_with_its_classifier_head_is_accepted_and_the_head_recor
     torch.save(state, tmp_path / "odd.pth")
     with pytest.raises(ModelError, match=r"1 unexpected \(first: blocks.0.extra\)"):
         load_backbone("timm:vit_tiny_patch16_224", str(tmp_path / "odd.pth"))
+
+
+def test_archive_callers_get_a_presets_training_resolution_from_the_library() -> None:
+    """`run_archive` callers building their own RunConfig tile at a preset's MPP and patch size, as `run` does."""
+    from pathomics.runner.pipeline import encoder_tile_config
+
+    assert (encoder_tile_config("h-optimus-0").target_mpp, encoder_tile_config("h-optimus-0").patch_size) == (0.5, 224)
+    assert encoder_tile_config("h-optimus-0", patch_size=256, overlap=8).patch_size == 256
+    assert encoder_tile_config("shufflenet-v2") == TileConfig()

@@ -263,7 +263,7 @@ def test_heatmaps_of_a_run_over_patch_store_thumbnails(tiny, tmp_path):
     again = render_heatmaps(tmp_path / "run", tiles, [slide_id], show_progress=False)
     assert [r.state for r in again] == [SKIPPED]
     (tmp_path / "run" / "heatmaps" / f"{slide_id}.png").unlink()
-    assert main(["mil", "heatmap", "--run", str(tmp_path / "run"), "--tiles", str(tiles), "--slides", slide_id,
+    assert main(["mil", "heatmap", "--run", str(tmp_path / "run"), "--tiles", str(tiles), "--slide-id", slide_id,
                  "--size", "800"]) == 0
     with Image.open(tmp_path / "run" / "heatmaps" / f"{slide_id}.png") as image:  # the 64 × 16 thumbnail resampled
         assert image.size[0] == 800 and json.loads(image.text["pathomics"])["size"] == 800
@@ -375,7 +375,7 @@ def test_invalid_configs_name_every_problem():
 def test_cli_train_export_and_bad_input(tiny, tmp_path, capsys):
     out = tmp_path / "cli"
     argv = ["mil", "train", "--features", str(tiny.features), "--labels", str(tiny.labels), "--out", str(out),
-            "--model", "gated-abmil", "--folds", "3", "--epochs", "2", "--hidden-dim", "8", "--model-option",
+            "--aggregator", "gated-abmil", "--folds", "3", "--epochs", "2", "--hidden-dim", "8", "--model-option",
             "attention_dim=8", "--classes", "neg,pos", "--no-refit"]
     assert main(argv) == 0
     config = json.loads((out / "mil_config.json").read_text())["config"]
@@ -388,5 +388,5 @@ def test_cli_train_export_and_bad_input(tiny, tmp_path, capsys):
     assert main(argv) == 2
     assert "--label-col" in capsys.readouterr().err
     assert main([*argv, "--label-col", "grade", "--model-option", "oops"]) == 2
-    assert main(["mil", "predict", "--model", str(out), "--features", str(tiny.features), "--out", str(tmp_path / "p")]) == 2
+    assert main(["mil", "predict", "--model-dir", str(out), "--features", str(tiny.features), "--out", str(tmp_path / "p")]) == 2
     assert "no trained MIL model" in capsys.readouterr().err

@@ -153,7 +153,7 @@ def test_a_corrupt_tile_fails_naming_the_file(tmp_path, slide_240):
 
 def test_cli_embeds_a_coords_only_store_with_nvimgcodec(tmp_path, slide_240, capsys):
     coords_store(slide_240.path, tmp_path, 1.0, 64)
-    args = ["embed", "--out", str(tmp_path), "--model", "shufflenet-v2", "--weights", "random", "--device", "cpu",
+    args = ["embed", "--out", str(tmp_path), "--encoder", "shufflenet-v2", "--weights", "random", "--device", "cpu",
             "--precision", "fp32", "--input-size", "64", "--num-workers", "0", "--decoder", "nvimgcodec"]
     assert main(args) == 0
     assert read_feature_file(tmp_path / "features" / "t240.h5").attrs["decoder"] == "nvimgcodec"

@@ -22,7 +22,7 @@ from pathomics.batch import read_status
 from pathomics.runner.pipeline import RunConfig, check_run_inputs, run_archive, run_slides
 from pathomics.io import sha256_file
 from pathomics.store import open_patch_store, read_feature_file
-from pathomics.survival.config import RUN_FUSION, SurvivalConfig
+from pathomics.survival.config import SurvivalConfig
 from pathomics.synthetic import write_cohort, write_slide
 from pathomics.tiling import TileConfig
 
@@ -83,7 +83,7 @@ def test_a_pilot_cohort_runs_with_default_options_and_an_unchanged_rerun_redoes_
     """14 patients, the MIL and survival stages at their defaults (5 folds each, 2-3 patients per held-out fold:
     a pilot's folds may lack admissible pairs or an unpenalised fit, which warns but must not stop the run)."""
     config = RunConfig(tile=TILE, embed=EMBED, workers=1,
-                       survival=SurvivalConfig(covariates=("age", "tumour_size"), fusion=RUN_FUSION, n_bootstrap=50))
+                       survival=SurvivalConfig(covariates=("age", "tumour_size"), n_bootstrap=50))
     result = run_archive(read_manifest(cohort.manifest), cohort.clinical, tmp_path, config, radiology=cohort.radiology)
     signatures = pd.read_parquet(result.signatures)
     assert len(signatures) == 14 and signatures["risk"].notna().all()
@@ -115,9 +115,9 @@ def run_command(cohort, out: Path, *extra: str) -> list[str]:
     """`pathomics run` on the small cohort, as a user types it."""
     return [sys.executable, "-m", "pathomics.cli.main", "run", "--manifest", str(cohort.manifest), "--clinical", str(cohort.clinical),
             "--radiology", str(cohort.radiology), "--out", str(out), "--mpp", "2.0", "--patch-size", "64", "--threads", "1",
-            "--model", "shufflenet-v2", "--weights", "random", "--precision", "fp32", "--input-size", "64", "--num-workers", "0",
+            "--encoder", "shufflenet-v2", "--weights", "random", "--precision", "fp32", "--input-size", "64", "--num-workers", "0",
             "--covariates", "age,tumour_size", "--folds", "2", "--bootstrap", "10", "--penalizer", "0.5",
-            "--mil-folds", "2", "--mil-epochs", "3", *extra]
+            "--epochs", "3", *extra]
 
 
 def feature_mtimes(out: Path) -> dict[str, int]:

@@ -45,8 +45,8 @@ def assert_refused_up_front(code: int, capsys, out, phrase: str) -> str:
 
 @pytest.mark.parametrize(("options", "phrase"), [
     (["--encoder", "uni-v2"], "unknown model 'uni-v2'"),
-    (["--model", "timm:nonexistent_arch"], "not a timm architecture"),
-    (["--model", "uni"], "no weights for uni"),
+    (["--encoder", "timm:nonexistent_arch"], "not a timm architecture"),
+    (["--encoder", "uni"], "no weights for uni"),
     (["--weights", "NOTES"], "is not a PyTorch state dict"),
 ])
 def test_run_with_an_unusable_encoder_stops_before_tiling(cohort, tmp_path, monkeypatch, capsys, options, phrase):

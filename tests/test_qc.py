@@ -194,7 +194,7 @@ def test_cli_qc_exclude(planted, tmp_path: Path, capsys: pytest.CaptureFixture[s
     _, _, out = planted
     run = tmp_path / "run"
     shutil.copytree(out, run)
-    args = ["embed", "--out", str(run), "--model", "shufflenet-v2", "--weights", "random", "--device", "cpu",
+    args = ["embed", "--out", str(run), "--encoder", "shufflenet-v2", "--weights", "random", "--device", "cpu",
             "--precision", "fp32", "--input-size", "32", "--num-workers", "0"]
     assert main([*args, "--qc-exclude", "fold,bubble"]) == 0
     with h5py.File(run / "features" / "planted.h5", "r") as h5:

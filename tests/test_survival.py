@@ -155,7 +155,7 @@ def test_evaluate_reloads_the_saved_model(gbsg2, tmp_path: Path) -> None:
         [
             "survival",
             "evaluate",
-            "--model",
+            "--model-dir",
             str(out.parent),
             "--clinical",
             str(tmp_path / "shuffled.csv"),
@@ -211,7 +211,8 @@ def test_validated_predictions_are_calibrated(planted) -> None:
 
 def test_slides_are_aggregated_per_patient(tmp_path: Path) -> None:
     clinical, radiology, signatures, _ = simulate_cohort_tables(40, seed=2)
-    cohort = load_cohort(SurvivalConfig(covariates=SYNTHETIC_COVARIATES, aggregate="mean"), clinical, radiology, signatures)
+    cohort = load_cohort(SurvivalConfig(covariates=SYNTHETIC_COVARIATES, aggregate="mean", fusion="features"), clinical,
+                         radiology, signatures)
     expected = signatures.groupby("patient_id")[["sig_0", "sig_15"]].mean()
     got = cohort.data.set_index("patient_id")[["sig_0", "sig_15"]]
     assert signatures["patient_id"].duplicated().any() and len(cohort.data) == 40

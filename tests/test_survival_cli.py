@@ -45,7 +45,7 @@ def _table_options(paths: dict[str, Path], *extra: str) -> list[str]:
 
 def _evaluate_error(model: Path, clinical: Path, out: Path, capsys: pytest.CaptureFixture[str]) -> str:
     """The one-line error of a `survival evaluate` that must exit 2."""
-    assert main(["survival", "evaluate", "--model", str(model), "--clinical", str(clinical), "--out", str(out)]) == 2
+    assert main(["survival", "evaluate", "--model-dir", str(model), "--clinical", str(clinical), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     return err
@@ -157,7 +157,7 @@ def test_impute_keeps_patients_with_an_indicator(tmp_path: Path) -> None:
     tables["signatures"] = tables["signatures"][tables["signatures"]["patient_id"].str[-4:].astype(int) % 4 != 1]
     paths = _write(tables, tmp_path)
     run_ok(fit_argv(paths["clinical"], tmp_path / "out", SYNTHETIC_COVARIATES,
-                    *_table_options(paths, "--missing", "impute", "--bootstrap", "0")))
+                    *_table_options(paths, "--missing", "impute", "--fusion", "features", "--bootstrap", "0")))
     coefficients = pd.read_csv(tmp_path / "out" / "survival" / "coefficients.csv")
     by_model = coefficients.groupby("model")["covariate"].apply(set)
     assert "radiology_score[missing]" in by_model["radiology"] and "sig[missing]" in by_model["pathology"]

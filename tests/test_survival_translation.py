@@ -43,7 +43,7 @@ def gbsg2_split(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     times = ",".join(f"{t:g}" for t in TIMES)
     run_ok(fit_argv(directory / "train.csv", directory / "fit", GBSG2_COVARIATES, "--times", times, "--bootstrap", "0",
                     "--thresholds", "0.05,0.6,0.05", "--folds", "2"))
-    run_ok(["survival", "evaluate", "--model", str(directory / "fit"), "--clinical", str(directory / "external.csv"),
+    run_ok(["survival", "evaluate", "--model-dir", str(directory / "fit"), "--clinical", str(directory / "external.csv"),
             "--out", str(directory / "ext")])
     return {"train": train, "external": external, "fit": directory / "fit" / "survival", "ext": directory / "ext" / "survival"}
 

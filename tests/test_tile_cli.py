@@ -120,7 +120,7 @@ def test_two_runs_on_one_output_directory_share_the_slides(tmp_path, aperio_slid
     slides = [str(aperio_slide.path), str(generic_slide.path)]
     commands = {
         "tile": ["tile", *slides, "--out", str(tmp_path), "--mpp", "2.0", "--patch-size", "64"],
-        "embed": ["embed", "--out", str(tmp_path), "--model", "shufflenet-v2", "--weights", "random", "--device", "cpu",
+        "embed": ["embed", "--out", str(tmp_path), "--encoder", "shufflenet-v2", "--weights", "random", "--device", "cpu",
                   "--precision", "fp32", "--batch-size", "8", "--num-workers", "0", "--input-size", "64"],
     }
     for stage, argv in commands.items():

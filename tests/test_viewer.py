@@ -178,7 +178,7 @@ def test_moved_slides_are_found_with_slides_dir(out: Path, tmp_path: Path) -> No
     store = zarr.open_group(moved / "tiles" / "s1.zarr", mode="r+", zarr_format=3)
     source = Path(store.attrs["source_path"])
     store.attrs["source_path"] = str(tmp_path / "gone" / source.name)
-    for slides_dir, status, says in ((None, 404, b"pass --slides DIR"), (source.parent, 200, b"<Image")):
+    for slides_dir, status, says in ((None, 404, b"pass --slide-dir DIR"), (source.parent, 200, b"<Image")):
         with serving(moved, slides_dir) as srv:
             answer = get(srv, "/dzi/s1.dzi")
         assert answer[0] == status and says in answer[1], answer

@@ -43,7 +43,7 @@ def test_embed_fails_each_slide_it_cannot_write_and_goes_on(tmp_path: Path, aper
     """A loader worker's failure to share a batch used to be lost, and embed waited on it for ever."""
     assert main(["tile", str(aperio_slide.path), str(generic_slide.path), "--out", str(tmp_path), "--mpp", "4.0",
                  "--patch-size", "64"]) == 0
-    result = limited(["embed", "--out", str(tmp_path), "--model", "shufflenet-v2", "--weights", "random", "--device", "cpu",
+    result = limited(["embed", "--out", str(tmp_path), "--encoder", "shufflenet-v2", "--weights", "random", "--device", "cpu",
                       "--precision", "fp32", "--batch-size", "4", "--num-workers", workers, "--input-size", "64"])
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     errors = failures(tmp_path, "embed")

@@ -7,11 +7,13 @@ from pathlib import Path
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="synthetic cohort with a planted signal, all stages, report")
+    parser = subparsers.add_parser("demo", help="synthetic cohort with a planted signal, all stages, report",
+                                   description="Write a synthetic cohort (slides with a planted lesion signal, clinical "
+                                               "and radiology tables), run every stage on it and write the report.")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--patients", type=int, default=80, help="patients in the synthetic cohort (1-2 slides each)")
     parser.add_argument("--workers", type=int, default=1, help="local Dask worker processes")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic cohort")
     parser.set_defaults(run=run)
 
 

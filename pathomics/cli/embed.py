@@ -5,10 +5,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pathomics.cli.common import config_from_args, writable_dir
+from pathomics.cli.common import Names, comma_list, config_from_args, config_options, registry, writable_dir
 from pathomics.errors import PathomicsError
 from pathomics.layout import OutputLayout
 from pathomics.qc import FLAGS
+
+EMBED_CONFIG = "pathomics.embed.EmbedConfig"
+
+
+def encoder_names() -> list[str]:
+    """The registered CNN backbones, then the foundation presets."""
+    from pathomics.encoders.backbones import registered_backbones
+    from pathomics.encoders.foundation import PRESETS
+
+    return [*registered_backbones(), *PRESETS]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -22,29 +32,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def add_embed_options(parser: argparse.ArgumentParser) -> None:
+def add_embed_options(parser: argparse._ActionsContainer) -> None:
     """The embedding options, shared with `pathomics run`."""
-    parser.add_argument("--encoder", "--model", dest="model", help="resnet50-trunc (default), shufflenet-v2, a foundation preset (uni, uni2-h, virchow2, "
-                                        "gigapath, h-optimus-0, phikon-v2: see `pathomics models`), timm:<arch>, "
-                                        "hf:<folder>, torchvision:<name> or torchscript:<path>")
+    option = config_options(parser, EMBED_CONFIG)
+    encoder = option("--encoder", "--model", dest="model", metavar="NAME",
+                     help="a backbone or foundation preset: %(names)s (see `pathomics models`); or timm:<arch>, "
+                          "hf:<folder>, torchvision:<name>, torchscript:<path>")
+    encoder.names = Names(encoder_names)  # type: ignore[attr-defined] - listed in the help, loaded when it is shown
     parser.add_argument("--weights", help="weights file or folder, or 'random' for an untrained backbone (default: "
                                           "looked up offline: torch hub cache, $PATHOMICS_WEIGHTS/<model>/, Hugging Face cache)")
-    parser.add_argument("--device", help="auto (default: a GPU if present), cpu, cuda or cuda:N")
-    parser.add_argument("--precision", help="auto (default: bf16/fp16 on GPU, bf16 on CPUs with native bf16), fp32, bf16, fp16")
-    parser.add_argument("--batch-size", type=int, help="patches per batch (default 256)")
+    option("--device", help="auto (a GPU if present), cpu, cuda or cuda:N")
+    precision = option("--precision", help="%(names)s; auto: bf16/fp16 on GPU, bf16 on CPUs with native bf16, else fp32")
+    precision.names = registry("pathomics.device", "PRECISIONS")  # type: ignore[attr-defined]
+    option("--batch-size", type=int, help="patches per batch")
     parser.add_argument("--num-workers", type=int, help="background reader processes (default: one per core, up to 8)")
     parser.add_argument("--input-size", type=int, help="resize patches to this side (default: the backbone's own)")
-    parser.add_argument("--decoder", choices=("auto", "workers", "nvimgcodec"),
-                        help="who decodes a coords-only store's patches: auto (default: nvImageCodec on a GPU where "
-                             "installed and the slide has JPEG TIFF tiles, else the CPU workers), workers, nvimgcodec")
-    parser.add_argument("--qc-exclude", metavar="FLAGS", type=comma_list,
-                        help=f"leave out patches with these QC flags, comma-separated: {', '.join(FLAGS)} "
-                             "(needs the QC tables tiling wrote)")
-
-
-def comma_list(text: str) -> tuple[str, ...]:
-    """``a, b,c`` -> ("a", "b", "c")."""
-    return tuple(part.strip() for part in text.split(",") if part.strip())
+    option("--decoder", choices=registry("pathomics.embed", "DECODERS"), metavar="NAME",
+           help="who decodes a coords-only store's patches, %(choices)s: auto (nvImageCodec on a GPU where installed and the "
+                "slide has JPEG TIFF tiles, else the CPU workers)")
+    option("--qc-exclude", metavar="FLAGS", type=comma_list,
+           help=f"leave out patches with these QC flags, comma-separated: {', '.join(FLAGS)} (needs the QC tables "
+                "tiling wrote)")
 
 
 def embed_config(args: argparse.Namespace):  # noqa: ANN201 - EmbedConfig, imported lazily

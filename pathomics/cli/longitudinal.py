@@ -9,11 +9,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pathomics.cli.common import config_from_args
+from pathomics.cli.common import comma_list, config_from_args, config_options
 
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(name.strip() for name in text.split(",") if name.strip())
+LONGITUDINAL_CONFIG = "pathomics.survival.longitudinal.LongitudinalConfig"
 
 
 def add_action(actions: argparse._SubParsersAction) -> None:
@@ -22,6 +20,8 @@ def add_action(actions: argparse._SubParsersAction) -> None:
         "longitudinal",
         argument_default=argparse.SUPPRESS,
         help="repeated markers: time-varying Cox model, and a GRU on the history up to a landmark",
+        description="Repeated clinical markers: a time-varying Cox model, and landmark models (snapshot Cox and a GRU "
+                    "on each patient's marker history up to the landmark), optionally fused with slide signatures.",
     )
     parser.add_argument(
         "--clinical", type=Path, required=True, metavar="CSV", help="clinical table: patient id, time, event"
@@ -34,50 +34,29 @@ def add_action(actions: argparse._SubParsersAction) -> None:
         help="long table: patient id, measurement time, markers (one row per visit)",
     )
     parser.add_argument(
-        "--signatures", type=Path, metavar="PARQUET", help="slide signatures to fuse (signatures.parquet)"
+        "--signatures", type=Path, metavar="PARQUET", help="slide signatures to fuse (signatures.parquet; default: none)"
     )
     parser.add_argument(
         "--out", type=Path, required=True, metavar="DIR", help="results go to DIR/survival/longitudinal/"
     )
-    parser.add_argument("--landmark", type=float, required=True, metavar="T", help="landmark time, in the time unit")
-    parser.add_argument(
-        "--marker-cols", dest="marker_columns", type=_names, metavar="A,B", help="marker columns (default: all others)"
-    )
-    parser.add_argument(
-        "--marker-time", dest="marker_time_col", metavar="COL", help="measurement time column (default time)"
-    )
-    parser.add_argument(
-        "--patient-col", dest="id_col", metavar="COL", help="patient id column of every table (default patient_id)"
-    )
-    parser.add_argument("--time", dest="time_col", metavar="COL", help="follow-up time column (default time)")
-    parser.add_argument(
-        "--event", dest="event_col", metavar="COL", help="event column, 1 recurrence, 0 censored (default event)"
-    )
-    parser.add_argument(
-        "--signature",
-        choices=("risk", "embedding"),
-        help="what of the signatures to fuse: risk column or sig_* (default risk)",
-    )
-    parser.add_argument("--risk-col", dest="risk_col", metavar="COL", help="pathology risk column (default risk)")
-    parser.add_argument(
-        "--penalizer", type=float, metavar="X", help="Cox penalty of the time-varying and snapshot models (default 0)"
-    )
-    parser.add_argument("--folds", type=int, metavar="K", help="patient-level folds of the landmark models (default 5)")
-    parser.add_argument("--hidden", type=int, metavar="N", help="GRU state size = embedding size (default 8)")
-    parser.add_argument("--epochs", type=int, metavar="N", help="full-batch training epochs (default 60)")
-    parser.add_argument("--lr", type=float, metavar="X", help="Adam learning rate (default 0.01)")
-    parser.add_argument("--weight-decay", dest="weight_decay", type=float, metavar="X", help="(default 0.001)")
-    parser.add_argument(
-        "--bootstrap",
-        dest="n_bootstrap",
-        type=int,
-        metavar="N",
-        help="bootstrap resamples of the C-index CIs (default 200)",
-    )
-    parser.add_argument("--time-unit", dest="time_unit", metavar="UNIT", help="unit of the time columns (default days)")
-    parser.add_argument(
-        "--seed", type=int, metavar="N", help="seed of the folds, the GRU and the bootstrap (default 0)"
-    )
+    option = config_options(parser, LONGITUDINAL_CONFIG)
+    option("--landmark", type=float, required=True, metavar="T", help="landmark time, in the time unit")
+    option("--marker-cols", dest="marker_columns", type=comma_list, metavar="A,B", help="marker columns (default: all others)")
+    option("--marker-time-col", dest="marker_time_col", metavar="COL", help="measurement time column of --markers")
+    option("--patient-col", dest="id_col", metavar="COL", help="patient id column of every table")
+    option("--time-col", dest="time_col", metavar="COL", help="follow-up time column")
+    option("--event-col", dest="event_col", metavar="COL", help="event column, 1 recurrence, 0 censored")
+    option("--signature", choices=("risk", "embedding"), help="what of the signatures to fuse: risk column or sig_*")
+    option("--risk-col", dest="risk_col", metavar="COL", help="pathology risk column")
+    option("--penalizer", type=float, metavar="X", help="Cox penalty of the time-varying and snapshot models")
+    option("--folds", type=int, metavar="K", help="patient-level folds of the landmark models")
+    option("--hidden", type=int, metavar="N", help="GRU state size = embedding size")
+    option("--epochs", type=int, metavar="N", help="full-batch GRU training epochs")
+    option("--lr", type=float, metavar="X", help="Adam learning rate of the GRU")
+    option("--weight-decay", dest="weight_decay", type=float, metavar="X", help="Adam weight decay of the GRU")
+    option("--bootstrap", dest="n_bootstrap", type=int, metavar="N", help="bootstrap resamples of the C-index CIs")
+    option("--time-unit", dest="time_unit", metavar="UNIT", help="unit of the time columns")
+    option("--seed", type=int, metavar="N", help="seed of the folds, the GRU and the bootstrap")
     parser.set_defaults(run=run)
 
 

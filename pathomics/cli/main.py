@@ -14,15 +14,16 @@ import sys
 import warnings
 
 from pathomics import __version__
+from pathomics.cli.common import Parser
 from pathomics.errors import PathomicsError
 
 VERBS = ("tile", "embed", "mil", "survival", "run", "demo", "view", "export", "models")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pathomics", description="Whole-slide-image pathomics toolkit.")
+    parser = Parser(prog="pathomics", description="Whole-slide-image pathomics toolkit.")
     parser.add_argument("--version", action="version", version=f"pathomics {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages and show warnings' source lines")
     subparsers = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb in VERBS:
         importlib.import_module(f"pathomics.cli.{verb}").add_parser(subparsers)

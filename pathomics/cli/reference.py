@@ -50,7 +50,9 @@ def anchor(command: str) -> str:
 
 def command_markdown(command: str, parser: argparse.ArgumentParser, level: int = 2) -> str:
     """One command's section: description, usage, sub-commands and arguments by group."""
-    parser.formatter_class = lambda prog: argparse.HelpFormatter(prog, width=100, max_help_position=40)
+    from pathomics.cli.common import HelpFormatter
+
+    parser.formatter_class = lambda prog: HelpFormatter(prog, width=100, max_help_position=40)
     formatter = parser._get_formatter()
     out = [f"{'#' * level} `{command}` {{#{anchor(command)}}}", ""]
     if parser.description:

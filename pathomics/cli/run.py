@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pathomics.cli.common import add_slide_arguments, config_from_args, slide_entries, writable_dir
+from pathomics.cli.common import add_slide_arguments, config_from_args, config_options, given, slide_entries, writable_dir
 from pathomics.cli.embed import add_embed_options, embed_config
+from pathomics.cli.mil import AGGREGATORS, MIL_CONFIG
 from pathomics.cli.survival import add_survival_options, survival_config
 from pathomics.cli.tile import add_tile_options, tile_config
 from pathomics.layout import OutputLayout
-from pathomics.survival.config import RUN_FUSION
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -23,19 +23,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "expression, or its whole match (e.g. '^(TCGA-\\w\\w-\\w{4})'); for slides the manifest "
                              "gives no patient_id (default: none, the manifest must)")
     parser.add_argument("--clinical", type=Path, required=True, metavar="CSV", help="clinical table (patient_id, time, event, covariates)")
-    parser.add_argument("--radiology", type=Path, metavar="CSV", help="radiology table (patient_id, radiology_score)")
+    parser.add_argument("--radiology", type=Path, metavar="CSV", help="radiology table (patient_id, radiology_score; "
+                                                                      "default: none)")
     parser.add_argument("--out", type=Path, required=True, help="output directory of every stage")
     cluster = parser.add_mutually_exclusive_group()
-    cluster.add_argument("--workers", type=int, default=1, help="local Dask worker processes (default 1)")
-    cluster.add_argument("--scheduler", help="address of an existing Dask scheduler, e.g. tcp://host:8786")
+    cluster.add_argument("--workers", type=int, default=1, help="local Dask worker processes")
+    cluster.add_argument("--scheduler", help="address of an existing Dask scheduler, e.g. tcp://host:8786 "
+                                             "(default: a local cluster of --workers)")
     add_tile_options(parser.add_argument_group("tiling"))
     add_embed_options(parser.add_argument_group("embedding"))
     mil = parser.add_argument_group("MIL")
-    mil.add_argument("--aggregator", default="abmil", help="mean, max, abmil, gated-abmil, clam-sb or transmil (default abmil)")
-    mil.add_argument("--mil-folds", type=int, default=5, help="patient-level folds of the MIL cross-validation")
-    mil.add_argument("--mil-epochs", type=int, default=40)
-    mil.add_argument("--mil-model", type=Path, help="apply this trained MIL run (directory or .pt) instead of training one")
-    add_survival_options(parser.add_argument_group("survival"), fusion=RUN_FUSION)
+    option = config_options(mil, MIL_CONFIG)
+    option("--aggregator", field="model", choices=AGGREGATORS, metavar="NAME", help="MIL aggregator: %(choices)s")
+    option("--epochs", type=int, help="MIL training epochs per model")
+    mil.add_argument("--mil-model-dir", type=Path, help="apply this trained MIL run (a `mil train` output directory or "
+                                                        "checkpoint .pt) instead of training one (default: train one)")
+    add_survival_options(parser.add_argument_group("survival"),
+                         folds_help="patient-level cross-validation folds, of the MIL model and of the survival models")
     parser.set_defaults(run=run)
 
 
@@ -46,10 +50,12 @@ def run(args: argparse.Namespace) -> int:
     from pathomics.survival.figures import format_ci
 
     entries = slide_entries(args)
-    mil = MILConfig(task="survival", model=args.aggregator, folds=args.mil_folds, epochs=args.mil_epochs,
-                    time_col="time", event_col="event")
+    # only the MIL options of `run`: others sharing a MILConfig field name (--batch-size, --seed) are another stage's
+    mil = MILConfig(**given(task="survival", model=args.aggregator, folds=getattr(args, "folds", None),
+                            epochs=args.epochs, device=args.device))
     config = config_from_args(RunConfig, args, tile=tile_config(args), embed=embed_config(args), mil=mil,
-                              survival=survival_config(args), threads_per_worker=args.threads)
+                              survival=survival_config(args), mil_model=args.mil_model_dir,
+                              threads_per_worker=args.threads)
     out = writable_dir(args.out)
     print(f"tiling at {config.tile.target_mpp} µm/px, {config.tile.patch_size}-px patches; embedding with {config.embed.model}")
     result = run_archive(entries, args.clinical, out, config, radiology=args.radiology)

@@ -7,20 +7,15 @@ Results go to ``<out>/survival/``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 from typing import Any
 
-from pathomics.cli.common import config_from_args
+from pathomics.cli.common import comma_list, config_from_args, config_options
 from pathomics.cli.grade_fusion import add_action as add_grade_fusion
 from pathomics.cli.longitudinal import add_action as add_longitudinal
 from pathomics.survival.config import AGGREGATES, FUSIONS, MISSING_POLICIES, RISK_GROUPINGS, SurvivalConfig
 
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SurvivalConfig)}
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(name.strip() for name in text.split(",") if name.strip())
+SURVIVAL_CONFIG = "pathomics.survival.config.SurvivalConfig"
 
 
 def _numbers(text: str) -> tuple[float, ...]:
@@ -30,53 +25,54 @@ def _numbers(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
 
 
-def _option(parser: argparse._ActionsContainer, flag: str, field: str, help: str, default: Any = argparse.SUPPRESS,
-            **kwargs: object) -> None:
-    """An option filling config ``field``; absent from the namespace unless given (or ``default`` is), so the
-    config's default applies."""
-    shown = _DEFAULTS[field] if default is argparse.SUPPRESS else default
-    if shown is not None and "default" not in help:
-        help += f" (default: {','.join(map(str, shown)) if isinstance(shown, tuple) else shown})"
-    parser.add_argument(flag, dest=field, default=default, help=help, **kwargs)
+def _option(parser: argparse._ActionsContainer, flag: str, field: str, help: str, **kwargs: Any) -> None:
+    """An option filling config ``field``; absent from the namespace unless given, so the config's default applies
+    (and --help shows it)."""
+    config_options(parser, SURVIVAL_CONFIG)(flag, dest=field, default=argparse.SUPPRESS, help=help, **kwargs)
 
 
 def _add_tables(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--clinical", type=Path, required=True, metavar="CSV", help="clinical table: patient id, time, event, covariates"
     )
-    parser.add_argument("--radiology", type=Path, metavar="CSV", help="radiology table: patient id, radiology score")
-    parser.add_argument("--signatures", type=Path, metavar="PARQUET", help="slide signatures (signatures.parquet)")
+    parser.add_argument("--radiology", type=Path, metavar="CSV", help="radiology table: patient id, radiology score (default: none)")
+    parser.add_argument("--signatures", type=Path, metavar="PARQUET", help="slide signatures (signatures.parquet; default: none)")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder; results go to DIR/survival/")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("survival", help="Cox models of recurrence: fit and validate, or evaluate a saved model")
+    parser = subparsers.add_parser("survival", help="Cox models of recurrence: fit and validate, or evaluate a saved model",
+                                   description="Cox models of recurrence from clinical, radiology and slide-signature "
+                                               "tables: fit, evaluate, longitudinal markers, grade-guided fusion.")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    fit = actions.add_parser("fit", help="cross-validate and fit the clinical/radiology/pathology/combined models")
+    fit = actions.add_parser("fit", help="cross-validate and fit the clinical/radiology/pathology/combined models",
+                             description="Cross-validate and fit a Cox model per modality and their fusion; write "
+                                         "metrics, figures, a report and the fitted models to OUT/survival/.")
     _add_tables(fit)
     add_survival_options(fit)
-    evaluate = actions.add_parser("evaluate", help="apply a saved model set to another cohort")
-    evaluate.add_argument("--model", type=Path, required=True, metavar="DIR", help="the --out folder of 'pathomics survival fit'")
+    evaluate = actions.add_parser("evaluate", help="apply a saved model set to another cohort",
+                                  description="Apply the models of `pathomics survival fit` to another cohort "
+                                              "(external validation): metrics and figures in OUT/survival/.")
+    evaluate.add_argument("--model-dir", type=Path, required=True, metavar="DIR",
+                          help="the --out folder of 'pathomics survival fit'")
     _add_tables(evaluate)
     add_longitudinal(actions)
     add_grade_fusion(actions)
     parser.set_defaults(run=run)
 
 
-def add_survival_options(fit: argparse.ArgumentParser, fusion: str | None = None) -> None:
-    """The model options of `survival fit`, shared with `pathomics run` (which fuses at decision level by default)."""
-    _option(fit, "--time", "time_col", "follow-up time column", metavar="COL")
-    _option(fit, "--event", "event_col", "event column (1 recurrence, 0 censored)", metavar="COL")
+def add_survival_options(fit: argparse._ActionsContainer, folds_help: str = "patient-level cross-validation folds") -> None:
+    """The model options of `survival fit`, shared with `pathomics run`."""
+    _option(fit, "--time-col", "time_col", "follow-up time column", metavar="COL")
+    _option(fit, "--event-col", "event_col", "event column (1 recurrence, 0 censored)", metavar="COL")
     _option(fit, "--patient-col", "id_col", "patient id column of every table", metavar="COL")
-    fit.add_argument(
-        "--covariates", dest="covariates", type=_names, required=True, metavar="A,B,C", help="clinical covariates ('' for none)"
-    )
+    _option(fit, "--covariates", "covariates", "clinical covariates, comma-separated", type=comma_list, metavar="A,B,C")
     _option(
         fit,
         "--categorical",
         "categorical",
         "covariates to one-hot encode even if numeric (non-numeric ones always are)",
-        type=_names,
+        type=comma_list,
         metavar="A,B",
     )
     _option(fit, "--radiology-col", "radiology_col", "radiology score column", metavar="COL")
@@ -94,18 +90,17 @@ def add_survival_options(fit: argparse.ArgumentParser, fusion: str | None = None
         fit,
         "--fusion",
         "fusion",
-        "features: covariates + signature PCs; decision: second-stage Cox on modality scores",
-        default=fusion or argparse.SUPPRESS,
+        "decision: second-stage Cox on modality scores; features: covariates + signature PCs",
         choices=FUSIONS,
     )
     _option(fit, "--components", "n_components", "principal components of sig_* in feature fusion", type=int, metavar="K")
     split = fit.add_mutually_exclusive_group()
-    _option(split, "--folds", "folds", "patient-level cross-validation folds", type=int, metavar="K")
+    _option(split, "--folds", "folds", folds_help, type=int, metavar="K")
     _option(
         split,
         "--split-by",
         "split_by",
-        "hold out each value of this clinical column in turn, e.g. centre (instead of --folds)",
+        "hold out each value of this clinical column in turn, e.g. centre (default: none, --folds)",
         metavar="COL",
     )
     _option(
@@ -161,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "fit":
         result = survival_fit(survival_config(args), *tables, out=args.out)
     else:
-        result = survival_evaluate(args.model, *tables, out=args.out)
+        result = survival_evaluate(args.model_dir, *tables, out=args.out)
     cohort = result.cohort
     print(f"{cohort['n']} patients, {cohort['events']} events, {cohort['dropped_total']} dropped; {result.validation}")
     for name, model in result.models.items():

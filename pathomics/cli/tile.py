@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pathomics.cli.common import add_slide_arguments, config_from_args, slide_entries, writable_dir
+from pathomics.cli.common import (Names, add_slide_arguments, config_options, config_values, registry, slide_entries,
+                                  writable_dir)
+
+TILE_CONFIG = "pathomics.tiling.TileConfig"
+BACKENDS = Names(lambda: ("auto", *registry("pathomics.slide", "BACKENDS")))
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -14,37 +18,43 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_slide_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="output directory (stores go to OUT/tiles)")
     add_tile_options(parser)
-    parser.add_argument("--backend", choices=("auto", "openslide", "tiffslide", "wsidicom"), default="auto")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto", metavar="NAME",
+                        help="slide reader: %(choices)s; auto tries OpenSlide first, then tiffslide (wsidicom for DICOM)")
     parser.set_defaults(run=run)
 
 
 def add_tile_options(parser: argparse.ArgumentParser) -> None:
     """The tiling parameters, shared with `pathomics run`."""
     resolution = parser.add_mutually_exclusive_group()
-    resolution.add_argument("--mpp", dest="target_mpp", type=float,
-                            help="target microns per pixel (default 0.5; in `run`, the --model preset's training MPP)")
-    resolution.add_argument("--magnification", type=float, help="target magnification, converted as 10/mag µm/px (20 → 0.5)")
-    parser.add_argument("--patch-size", type=int, default=None,
-                        help="patch side in pixels at the target MPP (default 256; in `run`, the --model preset's)")
-    parser.add_argument("--overlap", type=int, default=0, help="overlap between neighbouring patches, pixels at the target MPP")
-    parser.add_argument("--min-tissue", type=float, default=0.5, help="keep patches at least this fraction tissue")
-    parser.add_argument("--no-pixels", dest="with_pixels", action="store_false", default=None,
-                        help="write coords-only stores (the embedder reads the slide)")
-    parser.add_argument("--tissue-dir", type=Path, help="folder of <slide_id>.geojson tissue annotations to use instead of detection")
+    config_options(resolution, TILE_CONFIG)(
+        "--mpp", dest="target_mpp", type=float,
+        help="target microns per pixel; in `run`, a foundation preset's training MPP unless given")
+    resolution.add_argument("--magnification", type=float,
+                            help="target magnification, converted as 10/mag µm/px (20 → 0.5; default: use --mpp)")
+    option = config_options(parser, TILE_CONFIG)
+    option("--patch-size", type=int,
+           help="patch side in pixels at the target MPP; in `run`, a foundation preset's unless given")
+    option("--overlap", type=int, help="overlap between neighbouring patches, pixels at the target MPP")
+    option("--min-tissue", type=float, help="keep patches at least this fraction tissue")
+    option("--no-pixels", dest="with_pixels", action="store_false", default=None,
+           help="write coords-only stores (the embedder reads the slide)")
+    parser.add_argument("--tissue-dir", type=Path, help="folder of <slide_id>.geojson tissue annotations to use "
+                                                        "instead of detection (default: detect tissue)")
     parser.add_argument("--no-qc", action="store_true", help="skip the per-patch quality scores (OUT/qc/, qc_summary.csv)")
     parser.add_argument("--qc-settings", metavar="NAME=VALUE,...",
                         help="QC thresholds other than the defaults, e.g. max_pen=0.2,min_focus=1.0 (see pathomics.qc.QCConfig)")
-    parser.add_argument("--resample", choices=("fast", "exact"),
-                        help="fast (default): decode JPEG tiles at 1/2, 1/4 or 1/8 scale where the patch shrinks that much; "
-                             "exact: full decode + area resize, pixels identical to OpenSlide's")
-    parser.add_argument("--compression", choices=("zstd", "lz4", "none"),
-                        help="patch store compression: zstd level 1 (default, about 54 kB a 256-px patch), lz4, none")
+    option("--resample", choices=registry("pathomics.tiling", "RESAMPLE"), metavar="MODE",
+           help="%(choices)s; fast: decode JPEG tiles at 1/2, 1/4 or 1/8 scale where the patch shrinks that much; "
+                "exact: full decode + area resize, pixels identical to OpenSlide's")
+    option("--compression", choices=registry("pathomics.tiling", "COMPRESSIONS"), metavar="CODEC",
+           help="patch store compression: %(choices)s (zstd at level 1: about 54 kB a 256-px patch)")
     parser.add_argument("--threads", type=int, default=None,
                         help="decoding threads per slide (default: all cores; in `run`: cores / workers, for torch too)")
 
 
 def tile_config(args: argparse.Namespace):  # noqa: ANN201 - TileConfig, imported lazily
-    """The TileConfig the tiling options describe (magnification converted to MPP here, at the edge)."""
+    """The TileConfig the tiling options describe (magnification converted to MPP here, at the edge); with an
+    encoder named (`run`), a foundation preset's training MPP and patch size unless given."""
     import dataclasses
 
     from pathomics.qc import QCConfig
@@ -52,24 +62,17 @@ def tile_config(args: argparse.Namespace):  # noqa: ANN201 - TileConfig, importe
     from pathomics.tiling import TileConfig
 
     target = magnification_to_mpp(args.magnification) if args.magnification is not None else None
-    mpp, patch_size = preset_resolution(getattr(args, "model", None))
-    if target is None and args.target_mpp is None:
-        target = mpp
-    config = config_from_args(TileConfig, args, target_mpp=target,
-                              patch_size=patch_size if args.patch_size is None else None)
+    values = config_values(TileConfig, args, target_mpp=target)
+    model = getattr(args, "model", None)
+    if model is None:  # `tile` names no encoder: do not pay for importing torch
+        config = TileConfig(**values)
+    else:
+        from pathomics.runner.pipeline import encoder_tile_config
+
+        config = encoder_tile_config(model, **values)
     if args.no_qc:
         return dataclasses.replace(config, qc=None)
     return dataclasses.replace(config, qc=QCConfig.parse(args.qc_settings)) if args.qc_settings else config
-
-
-def preset_resolution(model: str | None) -> tuple[float | None, int | None]:
-    """The MPP and patch size a foundation preset was trained at (None, None for other models: the defaults)."""
-    if model is None:  # `tile` has no model: do not pay for importing torch
-        return None, None
-    from pathomics.encoders.foundation import PRESETS
-
-    recipe = PRESETS.get(model or "")
-    return (recipe.mpp, recipe.patch_size) if recipe else (None, None)
 
 
 def run(args: argparse.Namespace) -> int:

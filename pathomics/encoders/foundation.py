@@ -3,7 +3,7 @@
 A preset (``uni``, ``uni2-h``, ``virchow2``, ``gigapath``, ``h-optimus-0``, ``phikon-v2``) is a timm
 architecture with the keyword arguments of its card, the card's preprocessing (resize, centre crop,
 interpolation, mean/std), which tokens make the embedding, its dimension, the resolution it was trained
-at (MPP, patch size: what ``pathomics run --model X`` tiles at unless told otherwise), its licence and
+at (MPP, patch size: what ``pathomics run --encoder X`` tiles at unless told otherwise), its licence and
 its Hugging Face repository (where the weights are looked up in the local cache; nothing is downloaded).
 Phikon-v2 is published in ``transformers``' Dinov2 layout: its keys are renamed onto the same timm ViT,
 so no ``transformers`` dependency is needed. Families: ``timm:ARCH`` (any timm architecture, weights

@@ -114,7 +114,7 @@ def check_keys(expected: Iterable[str], given: Mapping[str, torch.Tensor], path:
         raise ModelError(f"{path} does not hold {name} weights: {len(missing)} key(s) missing (first: "
                          f"{missing[0] if missing else '-'}), {len(unexpected)} unexpected (first: "
                          f"{unexpected[0] if unexpected else '-'}); pass the weights of this model, or choose the "
-                         f"--model they belong to")
+                         f"--encoder they belong to")
 
 
 def read_state_dict(path: Path, mmap: bool = False) -> Mapping[str, torch.Tensor]:

@@ -18,6 +18,7 @@ _EXPORTS = {
     "LabelledBags": "bags",
     "load_bags": "bags",
     "read_labels": "bags",
+    "read_patients": "bags",
     "MILEnsemble": "aggregators",
     "build_aggregator": "aggregators",
     "list_aggregators": "aggregators",

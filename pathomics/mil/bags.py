@@ -102,6 +102,18 @@ def read_labels(path: str | os.PathLike, config: MILConfig) -> pd.DataFrame:
     return table
 
 
+def read_patients(path: str | os.PathLike, slide_col: str = "slide_id", patient_col: str = "patient_id") -> dict[str, str]:
+    """slide_id → patient_id from a CSV (for ``predict_mil``'s ``patients``)."""
+    try:
+        table = pd.read_csv(path, dtype=str)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise CohortError(f"{path}: cannot read the patients table ({exc})") from exc
+    missing = [c for c in (slide_col, patient_col) if c not in table.columns]
+    if missing:
+        raise CohortError(f"{path}: missing column(s) {', '.join(missing)}; name them with --slide-col/--patient-col")
+    return dict(zip(table[slide_col], table[patient_col]))
+
+
 def load_bags(features_dir: str | os.PathLike, labels: str | os.PathLike, config: MILConfig,
               cache_bytes: int = CACHE_BYTES) -> LabelledBags:
     """Match the labels table to ``<features_dir>/<slide_id>.h5`` and validate the cohort for ``config.task``.

@@ -10,6 +10,9 @@ from pathomics.errors import ConfigError
 
 TASKS = ("classification", "survival")
 SCHEDULES = ("constant", "cosine")
+SURVIVAL_LOSSES = ("cox", "discrete")
+TIES = ("efron", "breslow")
+AGGREGATES = ("mean", "none")  # patient-level mean of slide predictions, or none (slide level)
 ENSEMBLE_BAGS = 500  # the automatic ensemble trains members until they have seen about this many bags in all
 MAX_ENSEMBLE = 5
 
@@ -47,7 +50,7 @@ class MILConfig:
     aggregate: str = "mean"        # patient-level aggregation of slide predictions, or "none" (slide level)
     refit: bool = True             # after cross-validation, fit a final model on all patients for predict
     seed: int = 0
-    device: str = "auto"           # "auto" (a GPU when there is one), "cpu" or "cuda"
+    device: str = "auto"           # "auto" (a GPU when there is one), "cpu", "cuda" or "cuda:N"
     slide_col: str = "slide_id"
     patient_col: str = "patient_id"
     label_col: str = "label"
@@ -55,9 +58,8 @@ class MILConfig:
     event_col: str = "event"
 
     def __post_init__(self) -> None:
-        from pathomics.mil.aggregators import (
-            list_aggregators,  # torch: loaded only when a config is built
-        )
+        from pathomics.device import is_device_name  # torch: loaded only when a config is built
+        from pathomics.mil.aggregators import list_aggregators
 
         checks = {
             f"task must be one of {TASKS}": self.task in TASKS,
@@ -74,13 +76,13 @@ class MILConfig:
             "warmup_epochs must be non-negative": self.warmup_epochs >= 0,
             "ensemble must be None or positive": self.ensemble is None or self.ensemble >= 1,
             "val_fraction must be in [0, 0.5]": 0 <= self.val_fraction <= 0.5,
-            "survival_loss must be 'cox' or 'discrete'": self.survival_loss in ("cox", "discrete"),
-            "ties must be 'efron' or 'breslow'": self.ties in ("efron", "breslow"),
+            f"survival_loss must be one of {SURVIVAL_LOSSES}": self.survival_loss in SURVIVAL_LOSSES,
+            f"ties must be one of {TIES}": self.ties in TIES,
             "the Cox loss needs batch_size of at least 2 bags":
                 not (self.task == "survival" and self.survival_loss == "cox" and self.batch_size < 2),
             "time_bins must be at least 2": self.time_bins >= 2,
-            "aggregate must be 'mean' or 'none'": self.aggregate in ("mean", "none"),
-            "device must be 'cpu', 'cuda' or 'auto'": self.device in ("cpu", "cuda", "auto"),
+            f"aggregate must be one of {AGGREGATES}": self.aggregate in AGGREGATES,
+            "device must be auto, cpu, cuda or cuda:N": is_device_name(self.device),
         }
         failed = [message for message, ok in checks.items() if not ok]
         if failed:

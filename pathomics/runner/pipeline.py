@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -38,7 +38,7 @@ from pathomics.runner.jobs import embed_job, tile_job
 from pathomics.runner.preflight import (EncoderIdentity, check_duplicate_files, check_patient_ids, match_patients,
                                        resolve_encoder)
 from pathomics.io import atomic_path, digest, write_json
-from pathomics.survival.config import RUN_FUSION, SurvivalConfig
+from pathomics.survival.config import SurvivalConfig
 from pathomics.slide import source_stat
 from pathomics.tiling import TileConfig
 
@@ -57,7 +57,7 @@ class RunConfig:
     tile: TileConfig = field(default_factory=TileConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     mil: MILConfig = field(default_factory=lambda: MILConfig(task="survival"))
-    survival: SurvivalConfig = field(default_factory=lambda: SurvivalConfig(fusion=RUN_FUSION))
+    survival: SurvivalConfig = field(default_factory=SurvivalConfig)
     mil_model: Path | None = None  # apply this trained MIL checkpoint instead of cross-validated training
     workers: int = 1
     threads_per_worker: int | None = None  # decode and torch threads of each local worker; None: cores // workers
@@ -86,6 +86,16 @@ class RunResult:
     def slide_rows(self) -> list[StatusRow]:
         """The per-slide rows (tile, embed), without the cohort-level ones."""
         return [r for r in self.rows if r.slide_id != COHORT]
+
+
+def encoder_tile_config(model: str, **options: Any) -> TileConfig:
+    """``TileConfig(**options)`` for embedding with encoder ``model``: a foundation preset tiles at the MPP and
+    patch size it was trained at, unless ``options`` set them; other encoders keep TileConfig's defaults."""
+    from pathomics.encoders.foundation import PRESETS
+
+    recipe = PRESETS.get(model)
+    trained = {"target_mpp": recipe.mpp, "patch_size": recipe.patch_size} if recipe else {}
+    return TileConfig(**{**{k: v for k, v in trained.items() if v is not None}, **options})
 
 
 def process_slide(entry: SlideEntry, out_dir: Path, tile: TileConfig, embed: EmbedConfig, wait: bool = False) -> list[StatusRow]:
@@ -266,7 +276,7 @@ def check_run_inputs(entries: Sequence[SlideEntry], clinical: Path, radiology: P
     check_patient_ids(entries)
     check_duplicate_files(entries)
     if config.mil_model is not None and not Path(config.mil_model).exists():
-        raise InputError(f"--mil-model {config.mil_model} does not exist; give a `pathomics mil train` output "
+        raise InputError(f"--mil-model-dir {config.mil_model} does not exist; give a `pathomics mil train` output "
                          "directory or checkpoint, or leave it out to train one")
     patients = check_tables(config.survival, clinical, radiology)
     kept = match_patients(entries, patients, clinical, config.survival)

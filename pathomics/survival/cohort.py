@@ -20,7 +20,7 @@ from pathomics.errors import CohortError
 from pathomics.survival.config import SurvivalConfig
 
 log = logging.getLogger(__name__)
-COLUMNS_HINT = "name the columns with --patient-col, --time, --event, --covariates and --split-by"
+COLUMNS_HINT = "name the columns with --patient-col, --time-col, --event-col, --covariates and --split-by"
 TableSource = str | Path | pd.DataFrame
 
 

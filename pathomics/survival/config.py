@@ -9,10 +9,7 @@ from typing import Any
 
 from pathomics.errors import ConfigError
 
-FUSIONS = ("features", "decision")
-# Out-of-fold signatures come from a different MIL model per fold, so their sig_* spaces do not line up
-# across folds while the per-fold standardised risk does: archive runs fuse modalities at decision level.
-RUN_FUSION = "decision"
+FUSIONS = ("decision", "features")
 MISSING_POLICIES = ("error", "drop", "impute", "available")
 AGGREGATES = ("mean", "median", "max")
 RISK_GROUPINGS = ("median", "tertiles")
@@ -44,7 +41,9 @@ class SurvivalConfig:
     signature_prefix: str = "sig_"
     aggregate: str = "mean"
     missing: str = "error"
-    fusion: str = "features"
+    # decision by default: out-of-fold signatures come from a different MIL model per fold, so their sig_* spaces
+    # do not line up across folds while the per-fold standardised risk does
+    fusion: str = "decision"
     fusion_weights: str = "free"
     n_components: int = 3
     folds: int = 5

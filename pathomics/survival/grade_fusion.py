@@ -19,8 +19,10 @@ wrong weights. Fits are lifelines' CoxPHFitter (Efron ties).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +32,8 @@ from scipy.stats import chi2
 
 from pathomics.errors import CohortError
 from pathomics.folds import row_splits
+from pathomics.io import write_json
+from pathomics.layout import OutputLayout
 from pathomics.survival.metrics import concordance
 
 
@@ -152,3 +156,28 @@ def modality_names(values: Sequence[str]) -> tuple[str, ...]:
     if not names:
         raise CohortError("grade fusion needs at least one modality score column")
     return names
+
+
+@dataclass(frozen=True)
+class GradeFusionStudy:
+    """A finished comparison: the results (as written) and where they were written."""
+
+    result: dict[str, Any]
+    path: Path
+
+
+def grade_fusion_study(table_path: str | os.PathLike, modalities: Sequence[str], out_dir: str | os.PathLike,
+                       grade_prefix: str = "grade_prob_", reference_grade: str | None = None, time: str = "time",
+                       event: str = "event", penalizer: float = 0.0, folds: int = 5, seed: int = 0) -> GradeFusionStudy:
+    """Read a per-patient table (time, event, modality scores, ``<grade_prefix><grade>`` probabilities), compare
+    plain with grade-guided fusion (:func:`compare_fusion`) and write the result to ``<out>/survival/grade_fusion.json``."""
+    try:
+        table = pd.read_csv(table_path)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise CohortError(f"{table_path}: cannot read the table ({exc})") from exc
+    spec = GradeFusionConfig(modality_names(modalities), grade_columns(table, grade_prefix, reference_grade),
+                             time, event, penalizer)
+    result = {"table": str(table_path), **compare_fusion(table, spec, folds, seed)}
+    path = OutputLayout(out_dir).grade_fusion
+    write_json(path, result)
+    return GradeFusionStudy(result, path)

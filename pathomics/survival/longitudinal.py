@@ -156,7 +156,7 @@ def load_longitudinal(
     if not names:
         raise CohortError(f"{table.name}: no marker columns besides {config.id_col!r} and {config.marker_time_col!r}")
     table.require(
-        [config.id_col, config.marker_time_col, *names], "name them with --patient-col, --marker-time and --marker-cols"
+        [config.id_col, config.marker_time_col, *names], "name them with --patient-col, --marker-time-col and --marker-cols"
     )
     long = pd.DataFrame(
         {"patient_id": table.ids(config.id_col), "time": table.numeric(config.marker_time_col, config.id_col, False)}

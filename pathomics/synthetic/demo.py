@@ -17,7 +17,7 @@ from pathomics.embed import EmbedConfig
 from pathomics.layout import OutputLayout
 from pathomics.manifest import read_manifest
 from pathomics.mil import MILConfig
-from pathomics.runner.pipeline import RUN_FUSION, RunConfig, RunResult, run_archive
+from pathomics.runner.pipeline import RunConfig, RunResult, run_archive
 from pathomics.survival.config import SurvivalConfig
 
 FUSION_PENALIZERS = (0.0, 0.3, 3.0, 30.0)
@@ -38,7 +38,7 @@ def demo_config(workers: int = 1) -> RunConfig:
         # ridge penalty by inner CV and non-negative stacking: chosen by benchmarks/fusion.py on cohorts of
         # other seeds (the best worst-case margin of combined over its best modality), never on the demo's
         survival=SurvivalConfig(covariates=("age", "stage", "tumour_size"), categorical=("stage",), folds=5,
-                                n_bootstrap=200, risk_groups="median", fusion=RUN_FUSION,
+                                n_bootstrap=200, risk_groups="median",
                                 penalizer=FUSION_PENALIZERS, fusion_weights="non-negative"),
         workers=workers,
     )

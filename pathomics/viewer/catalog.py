@@ -76,7 +76,7 @@ def slide_file(entry: SlideEntry, slides_dir: Path | None = None) -> Path:
     if slides_dir is not None and (slides_dir / entry.source_path.name).exists():
         return slides_dir / entry.source_path.name
     raise SlideReadError(f"{entry.source_path}: the slide file of {entry.slide_id} is not there any more; "
-                         "pass --slides DIR naming the folder it now lives in")
+                         "pass --slide-dir DIR naming the folder it now lives in")
 
 
 def read_risks(layout: OutputLayout) -> tuple[dict[str, float], str | None]:
