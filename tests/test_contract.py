@@ -193,6 +193,13 @@ def test_an_option_has_one_default_and_one_set_of_choices_in_every_command(flag)
     assert len(seen) == 1, seen
 
 
+def test_aggregate_names_the_same_reductions_in_mil_and_survival():
+    """A patient's slides are combined by mean, median or max in both; MIL alone can also score slides (none)."""
+    choices = {name: tuple(action.choices) for name, _, action in every_option() if "--aggregate" in action.option_strings}
+    assert choices["pathomics mil train"] == (*choices["pathomics survival fit"], "none")
+    assert choices["pathomics run"] == choices["pathomics survival fit"]
+
+
 def test_column_options_end_in_col_and_slide_ids_are_slide_id():
     columns = [flags for _, _, action in every_option() if action.dest.endswith("_col")
                for flags in [action.option_strings] if not all(f.endswith("-col") for f in flags)]

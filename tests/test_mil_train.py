@@ -390,3 +390,17 @@ def test_cli_train_export_and_bad_input(tiny, tmp_path, capsys):
     assert main([*argv, "--label-col", "grade", "--model-option", "oops"]) == 2
     assert main(["mil", "predict", "--model-dir", str(out), "--features", str(tiny.features), "--out", str(tmp_path / "p")]) == 2
     assert "no trained MIL model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("how", "risks"), [("mean", [1.5, 0.0]), ("median", [1.5, 0.0]), ("max", [3.0, 0.0])])
+def test_a_patients_slides_are_combined_as_aggregate_says(how, risks):
+    """--aggregate mean|median|max combines a patient's slide predictions for the metrics, as survival does."""
+    from pathomics.mil.train import Targets, _group_reduce, evaluate
+
+    predictions = np.array([0.0, 3.0, 0.0])  # P1: slides 0 and 1, P2: slide 2
+    groups, inverse = np.array(["P1", "P1", "P2"]), np.array([0, 0, 1])
+    assert _group_reduce(predictions[:, None], inverse, 2, how)[:, 0].tolist() == risks
+    targets = Targets(time=np.array([1.0, 1.0, 5.0]), event=np.array([1, 1, 1]))
+    # P1 fails first; its mean risk 1.5 and its max 3.0 rank it above P2 (0.0), as does any of the three
+    assert evaluate(predictions, targets, np.arange(3), groups, how) == {"c_index": 1.0, "n": 2, "events": 2}
+    assert MILConfig(aggregate=how).aggregate == how

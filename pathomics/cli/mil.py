@@ -61,7 +61,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     option("--time-bins", type=int, help="bins of the discrete-time loss")
     option("--aux-weight", type=float, help="instance-clustering loss weight (clam-sb)")
     option("--aggregate", choices=registry("pathomics.mil.config", "AGGREGATES"), metavar="NAME",
-           help="%(choices)s: metrics per patient (the mean of their slides' predictions) or none (per slide)")
+           help="%(choices)s: how a patient's slide predictions are combined for the metrics (as in survival), or none "
+                "(metrics per slide)")
     option("--no-refit", dest="refit", action="store_false", help="skip the final all-patient model")
     option("--seed", type=int, help="seed of the folds, the initialisation and the sampling")
     option("--device", help="auto (a GPU if present), cpu, cuda or cuda:N")

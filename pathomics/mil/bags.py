@@ -159,7 +159,7 @@ def load_bags(features_dir: str | os.PathLike, labels: str | os.PathLike, config
     if config.grade_col is not None:
         grades, grade = _encode_classes(table["grade"], None, labels)
         targets = replace(targets, grade=grade)
-    if config.aggregate == "mean":
+    if config.aggregate != "none":
         _check_patient_targets(table, labels)
     return LabelledBags(tuple(bags), targets, classes, next(iter(dims)), grades)
 

@@ -12,7 +12,7 @@ TASKS = ("classification", "survival")
 SCHEDULES = ("constant", "cosine")
 SURVIVAL_LOSSES = ("cox", "discrete")
 TIES = ("efron", "breslow")
-AGGREGATES = ("mean", "none")  # patient-level mean of slide predictions, or none (slide level)
+AGGREGATES = ("mean", "median", "max", "none")  # how a patient's slide predictions are combined; none: slide level
 ENSEMBLE_BAGS = 500  # the automatic ensemble trains members until they have seen about this many bags in all
 MAX_ENSEMBLE = 5
 
@@ -47,7 +47,7 @@ class MILConfig:
     aux_weight: float = 0.3        # weight of the instance-clustering loss (clam-sb)
     grade_col: str | None = None   # labels column of a grade: adds an auxiliary grade head (multitask)
     grade_weight: float = 0.5      # weight of the grade head's cross-entropy beside the main loss
-    aggregate: str = "mean"        # patient-level aggregation of slide predictions, or "none" (slide level)
+    aggregate: str = "mean"        # how a patient's slide predictions are combined for metrics, or "none" (slide level)
     refit: bool = True             # after cross-validation, fit a final model on all patients for predict
     seed: int = 0
     device: str = "auto"           # "auto" (a GPU when there is one), "cpu", "cuda" or "cuda:N"

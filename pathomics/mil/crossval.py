@@ -76,7 +76,8 @@ def _cross_validate(cohort: LabelledBags, config: MILConfig, layout: OutputLayou
     """Patient-level K-fold: per fold, train (early stopping on held-out training patients) or load its finished
     checkpoint, write held-out attention files. Returns out-of-fold results, per-fold metrics, pooled metrics."""
     patients = cohort.patient_ids
-    units = patients if config.aggregate == "mean" else cohort.slide_ids
+    units = cohort.slide_ids if config.aggregate == "none" else patients
+    how = "mean" if config.aggregate == "none" else config.aggregate  # one slide per unit: any reduction is the same
     strata = cohort.targets.label if config.task == "classification" else cohort.targets.event
     fold_of = patient_folds(patients, strata, config.folds, config.seed)
     write_json(layout.splits, {"folds": dict(zip(cohort.slide_ids.tolist(), fold_of.tolist())),
@@ -93,12 +94,12 @@ def _cross_validate(cohort: LabelledBags, config: MILConfig, layout: OutputLayou
             write_attention(layout.attention_file(result.slide_id), result, config.model,
                             {**provenance, "checkpoint": str(checkpoint), "checkpoint_sha256": trained.sha256})
         results += fold_results
-        metrics = train.evaluate(predictions[test], cohort.targets, test, units)
+        metrics = train.evaluate(predictions[test], cohort.targets, test, units, how)
         fold_metrics.append({"fold": fold, "best_epoch": trained.best_epoch, "n_train_slides": len(rest),
                              "n_test_slides": len(test), "checkpoint_sha256": trained.sha256, **metrics})
         log.info("mil %s fold %d/%d: %s", config.model, fold + 1, config.folds,
                  ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
-    return results, fold_metrics, train.evaluate(predictions, cohort.targets, np.arange(len(cohort.bags)), units)
+    return results, fold_metrics, train.evaluate(predictions, cohort.targets, np.arange(len(cohort.bags)), units, how)
 
 
 def _trained_or_fit(cohort: LabelledBags, train_idx: np.ndarray, val_idx: np.ndarray, config: MILConfig, run: int,
@@ -202,5 +203,5 @@ def _metrics_document(config: MILConfig, folds: list[dict[str, Any]], pooled: di
         values = np.array([f[name] for f in folds], dtype=float)
         summary[name] = {"mean": float(np.nanmean(values)) if np.isfinite(values).any() else None,
                          "sd": float(np.nanstd(values, ddof=1)) if np.isfinite(values).sum() > 1 else None}
-    return {"task": config.task, "model": config.model, "unit": "patient" if config.aggregate == "mean" else "slide",
+    return {"task": config.task, "model": config.model, "unit": "slide" if config.aggregate == "none" else "patient",
             "folds": folds, "summary": summary, "pooled_out_of_fold": pooled, **provenance}

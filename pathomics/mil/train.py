@@ -369,8 +369,10 @@ def predict(model: MILModel, load: BagLoader, index: Sequence[int], device: torc
     return [model(*_to_tensors(load(i), device)) for i in index]
 
 
-def evaluate(predictions: np.ndarray, targets: Targets, index: np.ndarray, groups: np.ndarray) -> dict[str, float]:
-    """Metrics of per-slide ``predictions`` for bags ``index``, averaged within each group (patient or slide).
+def evaluate(predictions: np.ndarray, targets: Targets, index: np.ndarray, groups: np.ndarray,
+             how: str = "mean") -> dict[str, float]:
+    """Metrics of per-slide ``predictions`` for bags ``index``, combined within each group (patient or slide) by
+    ``how`` (mean, median or max, as survival combines a patient's slides).
 
     Classification (``predictions`` are class probabilities (n, C)): AUC, one-vs-rest beyond two classes,
     and balanced accuracy. Survival (``predictions`` are risks (n,)): Harrell's C-index.
@@ -380,7 +382,7 @@ def evaluate(predictions: np.ndarray, targets: Targets, index: np.ndarray, group
     _, first, inverse = np.unique(groups[index], return_index=True, return_inverse=True)
     first = index[first]
     if targets.label is not None:
-        probs, y = _group_mean(predictions, inverse, len(first)), targets.label[first]
+        probs, y = _group_reduce(predictions, inverse, len(first), how), targets.label[first]
         if len(np.unique(y)) < 2:
             auc = math.nan
         elif probs.shape[1] == 2:
@@ -390,7 +392,7 @@ def evaluate(predictions: np.ndarray, targets: Targets, index: np.ndarray, group
         return {"auc": float(auc), "balanced_accuracy": float(balanced_accuracy_score(y, probs.argmax(1))), "n": len(y)}
     from pathomics.survival.metrics import concordance
 
-    risk, event = _group_mean(predictions[:, None], inverse, len(first))[:, 0], targets.event[first]
+    risk, event = _group_reduce(predictions[:, None], inverse, len(first), how)[:, 0], targets.event[first]
     c_index = concordance(targets.time[first], event, risk)
     if math.isnan(c_index):
         warnings.warn(f"C-index undefined on {len(first)} {('patients' if len(first) > 1 else 'patient')} with "
@@ -398,8 +400,11 @@ def evaluate(predictions: np.ndarray, targets: Targets, index: np.ndarray, group
     return {"c_index": c_index, "n": len(first), "events": int(event.sum())}
 
 
-def _group_mean(values: np.ndarray, inverse: np.ndarray, n_groups: int) -> np.ndarray:
-    """Row means of ``values`` (n, k) per group label in ``inverse``."""
-    sums = np.zeros((n_groups, values.shape[1]))
-    np.add.at(sums, inverse, values)
-    return sums / np.bincount(inverse, minlength=n_groups)[:, None]
+def _group_reduce(values: np.ndarray, inverse: np.ndarray, n_groups: int, how: str = "mean") -> np.ndarray:
+    """The mean, median or max of the rows of ``values`` (n, k) per group label in ``inverse``."""
+    if how == "mean":
+        sums = np.zeros((n_groups, values.shape[1]))
+        np.add.at(sums, inverse, values)
+        return sums / np.bincount(inverse, minlength=n_groups)[:, None]
+    reduce = {"median": np.median, "max": np.max}[how]
+    return np.stack([reduce(values[inverse == group], axis=0) for group in range(n_groups)])
