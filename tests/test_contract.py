@@ -231,6 +231,11 @@ def test_choices_come_from_the_library_registries():
     parser = dict(commands(build_parser()))["pathomics embed"]
     qc = next(a for a in parser._actions if "--qc-exclude" in a.option_strings)
     assert ", ".join(QC_FLAGS) in shown_help(parser, qc)
+    encoder = next(a for a in parser._actions if "--encoder" in a.option_strings)
+    from pathomics.encoders.backbones import family_patterns, list_backbones
+
+    help_text = shown_help(parser, encoder)
+    assert ", ".join(list_backbones()) in help_text and ", ".join(family_patterns()) in help_text
 
 
 def test_survival_fit_needs_no_covariates():

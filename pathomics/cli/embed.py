@@ -5,20 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pathomics.cli.common import Names, comma_list, config_from_args, config_options, registry, writable_dir
+from pathomics.cli.common import comma_list, config_from_args, config_options, registry, writable_dir
 from pathomics.errors import PathomicsError
 from pathomics.layout import OutputLayout
 from pathomics.qc import FLAGS
 
 EMBED_CONFIG = "pathomics.embed.EmbedConfig"
-
-
-def encoder_names() -> list[str]:
-    """The registered CNN backbones, then the foundation presets."""
-    from pathomics.encoders.backbones import registered_backbones
-    from pathomics.encoders.foundation import PRESETS
-
-    return [*registered_backbones(), *PRESETS]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -36,9 +28,10 @@ def add_embed_options(parser: argparse._ActionsContainer) -> None:
     """The embedding options, shared with `pathomics run`."""
     option = config_options(parser, EMBED_CONFIG)
     encoder = option("--encoder", "--model", dest="model", metavar="NAME",
-                     help="a backbone or foundation preset: %(names)s (see `pathomics models`); or timm:<arch>, "
-                          "hf:<folder>, torchvision:<name>, torchscript:<path>")
-    encoder.names = Names(encoder_names)  # type: ignore[attr-defined] - listed in the help, loaded when it is shown
+                     help="a backbone or foundation preset: %(names)s (see `pathomics models`); or %(families)s")
+    # listed from the encoder registries when the help is shown (they import torch)
+    encoder.names = registry("pathomics.encoders.backbones", "list_backbones")  # type: ignore[attr-defined]
+    encoder.families = registry("pathomics.encoders.backbones", "family_patterns")  # type: ignore[attr-defined]
     parser.add_argument("--weights", help="weights file or folder, or 'random' for an untrained backbone (default: "
                                           "looked up offline: torch hub cache, $PATHOMICS_WEIGHTS/<model>/, Hugging Face cache)")
     option("--device", help="auto (a GPU if present), cpu, cuda or cuda:N")

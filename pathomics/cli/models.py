@@ -4,13 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-FAMILIES = (
-    ("timm:<arch>", "any timm architecture; weights from --weights (timm's own preprocessing config)"),
-    ("hf:<folder>", "a local Hugging Face model folder: config.json + model.safetensors or pytorch_model.bin "
-                    "(timm format, or transformers' Dinov2)"),
-    ("torchvision:<name>", "a torchvision classifier's penultimate features; weights from the torch hub cache"),
-    ("torchscript:<path>", "your exported encoder, with its own weights"),
-)
 COLUMNS = ("model", "dim", "input", "mpp", "patch", "licence", "weights")
 
 
@@ -46,6 +39,7 @@ def format_table(rows: list[dict[str, str]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathomics.encoders.backbones import FAMILIES
     from pathomics.encoders.weights import WEIGHTS_ENV, hf_home
 
     print(format_table(model_rows()))

@@ -63,6 +63,21 @@ def registered_backbones() -> list[str]:
     return sorted(_REGISTRY)
 
 
+# encoder families: a name pattern each, and what it loads (`pathomics models` and `--encoder`'s help list them)
+FAMILIES = (
+    ("timm:<arch>", "any timm architecture; weights from --weights (timm's own preprocessing config)"),
+    ("hf:<folder>", "a local Hugging Face model folder: config.json + model.safetensors or pytorch_model.bin "
+                    "(timm format, or transformers' Dinov2)"),
+    (f"{TORCHVISION_PREFIX}<name>", "a torchvision classifier's penultimate features; weights from the torch hub cache"),
+    (f"{TORCHSCRIPT_PREFIX}<path>", "your exported encoder, with its own weights"),
+)
+
+
+def family_patterns() -> list[str]:
+    """The name patterns of the encoder families (``timm:<arch>``, ...)."""
+    return [pattern for pattern, _ in FAMILIES]
+
+
 def list_backbones() -> list[str]:
     """Registered backbone and foundation preset names (``torchvision:``, ``torchscript:``, ``timm:``, ``hf:`` also work)."""
     from pathomics.encoders.foundation import PRESETS
