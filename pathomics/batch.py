@@ -188,3 +188,32 @@ class progress:
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+class epoch_progress:
+    """Epochs of a model being trained: on a terminal, a rich bar (``mil abmil fold 2/5 ━━━ epoch 7/40 0:00:03``)
+    that clears when training ends; elsewhere nothing (each fold's metrics are logged as it ends)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled, self.bar = enabled, None
+
+    def __enter__(self) -> epoch_progress:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        console = Console(stderr=True)
+        if self.enabled and console.is_terminal:
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("epoch {task.completed}/{task.total}"),
+                                TimeElapsedColumn(), console=console, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("", total=None)
+        return self
+
+    def show(self, description: str, epoch: int, epochs: int) -> None:
+        """Show ``description`` at ``epoch`` of ``epochs`` (0: starting)."""
+        if self.bar is not None:
+            self.bar.update(self.task, description=description, completed=epoch, total=epochs, refresh=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()

@@ -1,4 +1,4 @@
-"""Generic output I/O: atomic writes, the one JSON normaliser, content digests and PNG files."""
+"""Generic output I/O: atomic writes, the one JSON normaliser, content digests, checked pickles and PNG files."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import pickle
 import re
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from pathomics.errors import StoreError, WriteError
-from pathomics.layout import PARTIAL_SUFFIX
+from pathomics.layout import DIGEST_SUFFIX, PARTIAL_SUFFIX
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -130,3 +131,60 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def recorded_digest(path: str | os.PathLike) -> Path:
+    """The file beside ``path`` holding the SHA-256 it had when it was written."""
+    path = Path(path)
+    return path.with_name(path.name + DIGEST_SUFFIX)
+
+
+def record_sha256(written: Path, path: str | os.PathLike) -> str:
+    """Record beside ``path`` the SHA-256 of ``written`` (the temporary file about to be renamed onto it); returns it."""
+    sha = sha256_file(written)
+    with atomic_path(recorded_digest(path)) as tmp:
+        tmp.write_text(sha + "\n")
+    return sha
+
+
+def checked_sha256(path: str | os.PathLike, remedy: str) -> str:
+    """``path``'s SHA-256; a StoreError naming the file and ``remedy`` when it differs from the one recorded at write
+    time (a file written without a record is taken as it is)."""
+    actual, recorded = sha256_file(path), recorded_digest(path)
+    if recorded.is_file() and recorded.read_text().strip() != actual:
+        raise StoreError(f"{path} is damaged or was changed after it was written (its SHA-256 differs from the one in "
+                         f"{recorded.name}); {remedy}")
+    return actual
+
+
+def intact(path: str | os.PathLike) -> bool:
+    """Whether ``path`` exists and, where its SHA-256 was recorded, still has it."""
+    recorded = recorded_digest(path)
+    if not Path(path).exists() or not recorded.is_file():
+        return Path(path).exists()
+    return recorded.read_text().strip() == sha256_file(path)
+
+
+def save_pickle(document: Any, path: str | os.PathLike) -> str:
+    """Pickle ``document`` to ``path`` atomically, its SHA-256 recorded beside it; returns the SHA-256."""
+    with atomic_path(path) as tmp:
+        with tmp.open("wb") as fh:
+            pickle.dump(document, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        return record_sha256(tmp, path)
+
+
+def load_pickle(path: str | os.PathLike, remedy: str) -> Any:
+    """Unpickle ``path`` after checking its recorded SHA-256; a damaged or truncated file is a StoreError that names
+    it and says ``remedy`` (re-run the verb that wrote it). Unpickling can run code: load only files you wrote."""
+    checked_sha256(path, remedy)
+    try:
+        with Path(path).open("rb") as fh:
+            return pickle.load(fh)
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError, ValueError) as exc:
+        raise StoreError(f"{path} cannot be read ({one_line_reason(exc)}); {remedy}") from exc
+
+
+def one_line_reason(exc: BaseException) -> str:
+    """``Type: first line of the message``: a library's error, quoted inside one line of ours."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 DONE, SKIPPED, FAILED = "done", "skipped", "failed"  # a stage's outcome for one slide, as status.csv records it
 PARTIAL_SUFFIX = ".partial"  # a store being built; renamed away once complete
+DIGEST_SUFFIX = ".sha256"  # beside a pickled output (a checkpoint, a result): its SHA-256, checked when loaded
 STATUS_FILE = "status.csv"
 SIGNATURES_FILE = "signatures.parquet"
 FINAL_CHECKPOINT = "final.pt"  # the MIL model refitted on every patient

@@ -8,6 +8,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from pathomics.io import writing
+
 
 @contextlib.contextmanager
 def exclusive_lock(path: str | os.PathLike, wait: bool = False) -> Iterator[bool]:
@@ -17,8 +19,9 @@ def exclusive_lock(path: str | os.PathLike, wait: bool = False) -> Iterator[bool
     dies, so a killed run leaves no stale lock behind (unlike check-then-create lock files).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    with writing(path):  # a read-only or full output folder: one line naming the lock file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))

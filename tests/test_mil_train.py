@@ -17,7 +17,8 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from pathomics.cli.main import main
-from pathomics.errors import CohortError, ConfigError, StoreError
+from pathomics.errors import CohortError, ConfigError, ModelError, StoreError
+from pathomics.io import recorded_digest
 from pathomics.layout import OutputLayout
 from pathomics.mil import (
     MILConfig,
@@ -115,7 +116,9 @@ def test_outputs_follow_the_design(tiny, tmp_path):
     assert set(metrics["summary"]) == {"auc", "balanced_accuracy"} and set(metrics["summary"]["auc"]) == {"mean", "sd"}
     assert metrics["unit"] == "patient" and metrics["pooled_out_of_fold"]["n"] == 12
     assert MILConfig.from_dict(json.loads((out / "mil_config.json").read_text())["config"]) == config
-    assert sorted(p.name for p in (out / "mil_models").iterdir()) == ["final.pt", "fold_0.pt", "fold_1.pt", "fold_2.pt", "splits.json"]
+    checkpoints = ["final.pt", "fold_0.pt", "fold_1.pt", "fold_2.pt"]
+    assert sorted(p.name for p in (out / "mil_models").iterdir()) == sorted(
+        [*checkpoints, *(f"{name}.sha256" for name in checkpoints), "splits.json"])
     trained = load_trained(out)
     assert trained.fold == -1 and trained.config == config and trained.model.in_dim == 8
 
@@ -131,6 +134,65 @@ def test_a_changed_feature_file_or_config_retrains_the_folds(tiny, tmp_path):
     write_bag(tiny.out, "s000_0", np.ones((12, 8), np.float32))  # a slide of fold k's training set changed
     train_mil(tiny.features, tiny.labels, out, replace(TINY, lr=5e-4))
     assert sum(layout.fold_checkpoint(f).stat().st_mtime_ns != again[f] for f in range(3)) >= 2
+
+
+@pytest.mark.slow
+def test_a_damaged_checkpoint_is_refused_with_one_line_and_retrained_by_a_rerun(tiny, tmp_path):
+    """A truncated checkpoint gave torch's error with no advice; one whose bytes changed loaded as if intact."""
+    out = tmp_path / "run"
+    train_mil(tiny.features, tiny.labels, out, TINY)
+    layout = OutputLayout(out)
+    final, fold = layout.final_checkpoint, layout.fold_checkpoint(0)
+    final.write_bytes(final.read_bytes()[:1000])
+    recorded_digest(final).unlink()  # as a checkpoint copied without its recorded SHA-256: unpickling fails
+    data = bytearray(fold.read_bytes())
+    data[-200:-100] = bytes(100)  # inside the zip's last records: torch may still load it
+    fold.write_bytes(bytes(data))
+    for path, words in ((final, "cannot be read"), (fold, "SHA-256 differs")):
+        with pytest.raises(ModelError) as refused:
+            predict_mil(path, tiny.features, tmp_path / "predicted", show_progress=False)
+        message = str(refused.value)
+        assert str(path) in message and words in message and "re-run `pathomics mil train`" in message
+        assert "\n" not in message
+    untouched = {f: layout.fold_checkpoint(f).stat().st_mtime_ns for f in (1, 2)}
+    train_mil(tiny.features, tiny.labels, out, TINY)
+    assert load_trained(fold).fold == 0 and load_trained(out).fold == -1  # both retrained, intact again
+    assert {f: layout.fold_checkpoint(f).stat().st_mtime_ns for f in (1, 2)} == untouched
+
+
+@pytest.mark.slow
+def test_mil_train_shows_fold_and_epoch_on_a_terminal_and_nothing_more_elsewhere(tiny, tmp_path):
+    """Cross-validation showed nothing between one fold's metrics and the next."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    def train(out: Path, stderr: int) -> subprocess.Popen:
+        argv = ["mil", "train", "--features", str(tiny.features), "--labels", str(tiny.labels), "--out", str(out),
+                "--folds", "2", "--epochs", "2", "--hidden-dim", "8", "--ensemble", "1", "--no-refit", "--device", "cpu"]
+        return subprocess.Popen([sys.executable, "-m", "pathomics.cli.main", *argv], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "TERM": "xterm"})
+
+    terminal, secondary = pty.openpty()
+    process = train(tmp_path / "tty", secondary)
+    os.close(secondary)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(terminal, 1 << 16)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(terminal)
+    assert process.wait() == 0
+    text = shown.decode(errors="replace")
+    assert "mil abmil fold 1/2" in text and "mil abmil fold 2/2" in text and "epoch 2/2" in text, text[-2000:]
+    piped = train(tmp_path / "pipe", subprocess.PIPE)
+    _, err = piped.communicate()
+    assert piped.returncode == 0 and "epoch" not in err.decode() and "Traceback" not in err.decode()
 
 
 @pytest.mark.parametrize("model", ["mean", "max", "abmil", "gated-abmil", "clam-sb", "transmil"])

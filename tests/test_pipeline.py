@@ -99,6 +99,12 @@ def test_a_pilot_cohort_runs_with_default_options_and_an_unchanged_rerun_redoes_
     # a pilot's metric may be NaN (undefined on its folds), which == would call unequal to itself
     np.testing.assert_equal(again.survival.models["combined"].metrics, result.survival.models["combined"].metrics)
 
+    survival_result = OutputLayout(tmp_path).survival_result  # damaged: recomputed, never unpickled
+    survival_result.write_bytes(survival_result.read_bytes()[:100])
+    third = run_archive(read_manifest(cohort.manifest), cohort.clinical, tmp_path, config, radiology=cohort.radiology)
+    assert {(r.slide_id, r.stage): r.state for r in third.rows}[("cohort", "survival")] == "done"
+    np.testing.assert_equal(third.survival.models["combined"].metrics, result.survival.models["combined"].metrics)
+
 
 def test_run_reads_the_named_time_column_even_beside_one_called_time(tmp_path):
     clinical = tmp_path / "clinical.csv"

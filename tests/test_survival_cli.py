@@ -195,4 +195,4 @@ def test_evaluate_refuses_a_damaged_or_changed_model_file(tmp_path: Path, capsys
     document = json.loads(provenance.read_text())
     provenance.write_text(json.dumps({**document, "model_sha256": hashlib.sha256(model.read_bytes()).hexdigest()}))
     error = _evaluate_error(tmp_path / "fit", paths["clinical"], tmp_path / "ext", capsys)  # the checksum agrees, unpickling fails
-    assert str(model) in error and "cannot be read as a saved survival model" in error
+    assert str(model) in error and "cannot be read (" in error and "re-run 'pathomics survival fit'" in error

@@ -51,3 +51,17 @@ def test_embed_fails_each_slide_it_cannot_write_and_goes_on(tmp_path: Path, aper
     for slide_id, error in errors.items():
         where = "shared memory" if workers == "1" else str(tmp_path / "features" / f"{slide_id}.h5")
         assert error.startswith(f"WriteError: cannot write {where}") and "File too large" in error and "\n" not in error
+
+
+@pytest.mark.slow
+def test_mil_train_names_the_checkpoint_it_cannot_write(tmp_path: Path) -> None:
+    """torch's own file writer failed with 'basic_ios::clear: iostream error': a traceback naming no file."""
+    from helpers.mil import witness_cohort
+
+    cohort = witness_cohort(tmp_path / "bags", n_slides=24, dim=8, patches=(20, 40), slides_per_patient=2)
+    result = limited(["mil", "train", "--features", str(cohort.features), "--labels", str(cohort.labels), "--out",
+                      str(tmp_path / "run"), "--folds", "2", "--epochs", "1", "--hidden-dim", "8", "--ensemble", "1"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"pathomics mil: error: cannot write {tmp_path / 'run' / 'mil_models' / 'fold_0.pt'}: File too large")
+    assert "ulimit -f" in error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -21,7 +22,7 @@ from pathomics.layout import OutputLayout
 from pathomics.mil.aggregators import MILEnsemble, MILModel, build_aggregator
 from pathomics.mil.config import MILConfig
 from pathomics.mil.train import Objective, objective_from_state
-from pathomics.io import atomic_path, sha256_file
+from pathomics.io import atomic_path, checked_sha256, one_line_reason, record_sha256
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,9 +59,11 @@ def save_checkpoint(path: Path, model: MILModel, objective: Objective, config: M
                   "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "objective": objective.state(),
                   "config": config.to_dict(), "fold": fold, "best_epoch": best_epoch, "training_key": training_key,
                   "pathomics_version": __version__}
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)  # to memory: torch's own file writer fails with no errno ("iostream error")
     with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
-        return sha256_file(tmp)
+        tmp.write_bytes(buffer.getvalue())
+        return record_sha256(tmp, path)
 
 
 @dataclass(frozen=True, eq=False)
@@ -84,18 +87,22 @@ def load_trained(path: str | os.PathLike, device: str = "cpu") -> TrainedMIL:
         path = OutputLayout(path).final_checkpoint
     if not path.is_file():
         raise ModelError(f"{path}: no trained MIL model here; train one with `pathomics mil train` (refit on)")
+    remedy = "re-run `pathomics mil train` (it retrains only the folds whose checkpoint is missing or damaged)"
     try:
+        sha = checked_sha256(path, remedy)
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         objective = objective_from_state(checkpoint["objective"])
         members = [build_aggregator(checkpoint["aggregator"], checkpoint["in_dim"], objective.n_outputs,
                                     **checkpoint["options"]) for _ in range(checkpoint.get("members", 1))]
         model = members[0] if len(members) == 1 else MILEnsemble(members)
         model.load_state_dict(checkpoint["state_dict"])
-    except (OSError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as exc:
-        raise ModelError(f"{path}: not a pathomics MIL checkpoint ({exc})") from exc
+        config = MILConfig.from_dict(checkpoint["config"])
+    except StoreError as exc:
+        raise ModelError(str(exc)) from exc
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+        raise ModelError(f"{path} cannot be read as a pathomics MIL checkpoint ({one_line_reason(exc)}); {remedy}") from exc
     model.to(resolve_device(device)).eval()
-    config = MILConfig.from_dict(checkpoint["config"])
-    return TrainedMIL(model, objective, config, int(checkpoint["fold"]), sha256_file(path), path,
+    return TrainedMIL(model, objective, config, int(checkpoint["fold"]), sha, path,
                       int(checkpoint.get("best_epoch", 0)), str(checkpoint.get("training_key", "")))
 
 

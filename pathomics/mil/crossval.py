@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pandas as pd
 import torch
 
 from pathomics import __version__
+from pathomics.batch import epoch_progress
 from pathomics.device import resolve_device
 from pathomics.errors import ModelError
 from pathomics.layout import FINAL_CHECKPOINT, OutputLayout
@@ -36,6 +38,17 @@ from pathomics.mil.config import MILConfig
 from pathomics.io import digest, write_json
 
 log = logging.getLogger(__name__)
+EpochDisplay = Callable[[str, int, int], None]  # (what is trained, epoch, epochs): one epoch ended
+
+
+def labelled(bar: epoch_progress, label: str) -> EpochDisplay:
+    """Show epochs on ``bar`` under ``label`` (a fold, the final model) followed by the detail given."""
+    return lambda detail, epoch, epochs: bar.show(label + detail, epoch, epochs)
+
+
+def _show_epoch(show: EpochDisplay, member: int, n_members: int, epochs: int, epoch: int) -> None:
+    """One member's epoch, the member named when an ensemble has several."""
+    show(f", model {member + 1}/{n_members}" if n_members > 1 else "", epoch, epochs)
 
 
 @dataclass(frozen=True)
@@ -48,8 +61,9 @@ class MILRun:
 
 
 def train_mil(features_dir: str | os.PathLike, labels: str | os.PathLike, out_dir: str | os.PathLike,
-              config: MILConfig = MILConfig()) -> MILRun:
+              config: MILConfig = MILConfig(), show_progress: bool = True) -> MILRun:
     """Cross-validate ``config.model`` on the labelled slides; write signatures, attention, metrics, models.
+    ``show_progress``: the fold and epoch on a terminal (``batch.epoch_progress``).
 
     A fold (or the final refit) whose checkpoint was trained on the same bags with the same config is
     loaded instead of retrained, so a run killed during cross-validation resumes at its first unfinished fold.
@@ -59,20 +73,22 @@ def train_mil(features_dir: str | os.PathLike, labels: str | os.PathLike, out_di
     provenance = {"config": config.to_dict(), "features": str(features_dir), "labels": str(labels),
                   "in_dim": cohort.in_dim, "classes": list(cohort.classes), "pathomics_version": __version__}
     write_json(layout.mil_config, provenance)
-    results, fold_metrics, pooled = _cross_validate(cohort, config, layout, provenance)
-    if config.refit:
-        best = [f["best_epoch"] for f in fold_metrics]
-        epochs = int(np.median(best)) if config.val_fraction > 0 else config.epochs
-        everyone = np.arange(len(cohort.bags))
-        _trained_or_fit(cohort, everyone, everyone[:0], config, config.folds, epochs, layout.final_checkpoint)
+    with epoch_progress(show_progress) as bar:
+        results, fold_metrics, pooled = _cross_validate(cohort, config, layout, provenance, bar)
+        if config.refit:
+            best = [f["best_epoch"] for f in fold_metrics]
+            epochs = int(np.median(best)) if config.val_fraction > 0 else config.epochs
+            everyone = np.arange(len(cohort.bags))
+            _trained_or_fit(cohort, everyone, everyone[:0], config, config.folds, epochs, layout.final_checkpoint,
+                            labelled(bar, f"mil {config.model} final model"))
     signatures = write_signatures(layout.signatures, results, config.model, provenance)
     metrics = _metrics_document(config, fold_metrics, pooled, provenance)
     write_json(layout.mil_metrics, metrics)
     return MILRun(layout.root, metrics, signatures)
 
 
-def _cross_validate(cohort: LabelledBags, config: MILConfig, layout: OutputLayout,
-                    provenance: Mapping[str, Any]) -> tuple[list[SlideResult], list[dict[str, Any]], dict[str, float]]:
+def _cross_validate(cohort: LabelledBags, config: MILConfig, layout: OutputLayout, provenance: Mapping[str, Any],
+                    bar: epoch_progress) -> tuple[list[SlideResult], list[dict[str, Any]], dict[str, float]]:
     """Patient-level K-fold: per fold, train (early stopping on held-out training patients) or load its finished
     checkpoint, write held-out attention files. Returns out-of-fold results, per-fold metrics, pooled metrics."""
     patients = cohort.patient_ids
@@ -88,7 +104,8 @@ def _cross_validate(cohort: LabelledBags, config: MILConfig, layout: OutputLayou
         test, rest = np.flatnonzero(fold_of == fold), np.flatnonzero(fold_of != fold)
         val = validation_split(patients[rest], strata[rest], config.val_fraction, config.seed + fold)
         checkpoint = layout.fold_checkpoint(fold)
-        trained = _trained_or_fit(cohort, rest[~val], rest[val], config, fold, config.epochs, checkpoint)
+        trained = _trained_or_fit(cohort, rest[~val], rest[val], config, fold, config.epochs, checkpoint,
+                                  labelled(bar, f"mil {config.model} fold {fold + 1}/{config.folds}"))
         fold_results, predictions[test] = _apply(trained.model, trained.objective, cohort, test, fold, config)
         for result in fold_results:
             write_attention(layout.attention_file(result.slide_id), result, config.model,
@@ -103,18 +120,20 @@ def _cross_validate(cohort: LabelledBags, config: MILConfig, layout: OutputLayou
 
 
 def _trained_or_fit(cohort: LabelledBags, train_idx: np.ndarray, val_idx: np.ndarray, config: MILConfig, run: int,
-                    epochs: int, checkpoint: Path) -> TrainedMIL:
-    """The model of ``checkpoint`` when it was trained on these bags with this config and epochs; else train and save."""
+                    epochs: int, checkpoint: Path, show: EpochDisplay) -> TrainedMIL:
+    """The model of ``checkpoint`` when it was trained on these bags with this config and epochs; else train and
+    save, showing each epoch with ``show``."""
     key = training_key(cohort, train_idx, val_idx, config, run, epochs)
     if checkpoint.is_file():
         try:
             done = load_trained(checkpoint, config.device)
-        except ModelError:
+        except ModelError as exc:
+            log.info("mil %s: %s cannot be used (%s); training it again", config.model, checkpoint.name, exc)
             done = None
         if done is not None and done.training_key == key:
             log.info("mil %s: %s is finished; loaded, not retrained", config.model, checkpoint.name)
             return done
-    model, objective, fitted = fit_model(cohort, train_idx, val_idx, config, run, epochs)
+    model, objective, fitted = fit_model(cohort, train_idx, val_idx, config, run, epochs, show)
     best = fitted.best_epoch if len(val_idx) else epochs
     sha = save_checkpoint(checkpoint, model, objective, config, run if checkpoint.name != FINAL_CHECKPOINT else -1, best, key)
     return TrainedMIL(model.eval(), objective, config, run, sha, checkpoint, best, key)
@@ -138,14 +157,16 @@ def training_key(cohort: LabelledBags, train_idx: np.ndarray, val_idx: np.ndarra
 
 
 def fit_model(cohort: LabelledBags, train_idx: np.ndarray, val_idx: np.ndarray, config: MILConfig, run: int,
-              epochs: int) -> tuple[MILModel, train.Objective, train.FitResult]:
+              epochs: int, show: EpochDisplay | None = None) -> tuple[MILModel, train.Objective, train.FitResult]:
     """Build, seed and train one aggregator, or ``config.ensemble_size`` of them averaged as one ensemble;
-    returns (model, objective, FitResult of the first member with the members' median best epoch)."""
+    returns (model, objective, FitResult of the first member with the members' median best epoch).
+    ``show(description, epoch, epochs)`` is told each epoch's end, each member named when there are several."""
     device = resolve_device(config.device)
     objective = _make_objective(cohort, train_idx, config)
     statistics = train.feature_statistics(lambda i: cohort.bags[i].load(), train_idx)
     members, fits = [], []
-    for member in range(config.ensemble_size(len(train_idx))):
+    n_members = config.ensemble_size(len(train_idx))
+    for member in range(n_members):
         entropy = [config.seed, run] + ([member] if member else [])  # member 0: the seed of a single model
         seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
         settings = train.TrainConfig(epochs, config.patience, config.min_epochs, config.batch_size, config.lr,
@@ -155,8 +176,9 @@ def fit_model(cohort: LabelledBags, train_idx: np.ndarray, val_idx: np.ndarray, 
             torch.manual_seed(seed)
             model = build_aggregator(config.model, cohort.in_dim, objective.n_outputs, **config.aggregator_options())
             model.set_feature_scaling(*statistics)
+            on_epoch = None if show is None else partial(_show_epoch, show, member, n_members, epochs)
             fits.append(train.fit(model.to(device), objective, cohort.targets, lambda i: cohort.bags[i].load(),
-                                  train_idx, val_idx, settings, device))
+                                  train_idx, val_idx, settings, device, on_epoch))
         members.append(model)
     trained = members[0] if len(members) == 1 else MILEnsemble(members)
     fitted = replace(fits[0], best_epoch=int(np.median([f.best_epoch for f in fits])))

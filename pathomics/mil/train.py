@@ -264,9 +264,11 @@ def feature_statistics(load: BagLoader, index: Sequence[int]) -> tuple[Tensor, T
 
 
 def fit(model: MILAggregator, objective: Objective, targets: Targets, load: BagLoader,
-        train: np.ndarray, val: np.ndarray, settings: TrainConfig, device: torch.device) -> FitResult:
+        train: np.ndarray, val: np.ndarray, settings: TrainConfig, device: torch.device,
+        on_epoch: Callable[[int], None] | None = None) -> FitResult:
     """Train ``model`` on bags ``train`` with AdamW; after ``min_epochs``, stop early once the loss on ``val``
     has not improved for ``patience`` epochs, and restore the best weights (with no ``val``, run all epochs).
+    ``on_epoch(e)`` is called as epoch ``e`` ends (progress display).
 
     MIL training often sits on a plateau until attention finds the informative patches, hence ``min_epochs``.
     """
@@ -278,6 +280,8 @@ def fit(model: MILAggregator, objective: Objective, targets: Targets, load: BagL
         result.train_loss.append(_train_epoch(model, objective, targets, load, rng.permutation(train),
                                               settings, rng, optimizer, device))
         scheduler.step()
+        if on_epoch is not None:
+            on_epoch(epoch)
         if len(val) == 0:
             continue
         val_loss = float(objective.loss(_scores(model, load, val, device), targets, val))

@@ -15,7 +15,6 @@ import json
 import logging
 import multiprocessing
 import os
-import pickle
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -37,7 +36,7 @@ from pathomics.locks import exclusive_lock
 from pathomics.runner.jobs import embed_job, tile_job
 from pathomics.runner.preflight import (EncoderIdentity, check_duplicate_files, check_patient_ids, match_patients,
                                        resolve_encoder)
-from pathomics.io import atomic_path, digest, write_json
+from pathomics.io import atomic_path, digest, intact, load_pickle, save_pickle, write_json
 from pathomics.survival.config import SurvivalConfig
 from pathomics.slide import source_stat
 from pathomics.tiling import TileConfig
@@ -352,7 +351,7 @@ def run_archive(entries: Sequence[SlideEntry], clinical: Path, out_dir: Path, co
         survival_inputs = [p for p in (Path(clinical), radiology and Path(radiology), layout.signatures) if p]
         rows.append(_cohort_stage(layout, "survival", config.survival.to_dict(), survival_inputs,
                                   [layout.survival_result], lambda: _survival_stage(layout, clinical, radiology, config)))
-        survival = _load_pickle(layout.survival_result)
+        survival = load_pickle(layout.survival_result, "re-run `pathomics run`: it recomputes a damaged result")
     update_status(out_dir, rows[-2:])
     return RunResult(rows, layout.signatures, survival)
 
@@ -370,19 +369,17 @@ def _mil_stage(layout: OutputLayout, labels: Path, ids: pd.DataFrame, config: Ru
 def _survival_stage(layout: OutputLayout, clinical: Path, radiology: Path | None, config: RunConfig) -> None:
     from pathomics.survival import survival_fit
 
-    result = survival_fit(config.survival, clinical, radiology, layout.signatures, layout.root)
-    with atomic_path(layout.survival_result) as tmp, tmp.open("wb") as fh:
-        pickle.dump(result, fh, protocol=pickle.HIGHEST_PROTOCOL)
+    save_pickle(survival_fit(config.survival, clinical, radiology, layout.signatures, layout.root), layout.survival_result)
 
 
 def _cohort_stage(layout: OutputLayout, stage: str, settings: dict, inputs: Sequence[Path], outputs: Sequence[Path],
                   run: Callable[[], None]) -> StatusRow:
     """Run a cohort-level stage unless its stamp says it finished on these inputs with these settings and
-    its outputs are all there."""
+    its outputs are all there, intact (a damaged pickled result is recomputed)."""
     start = time.perf_counter()
     key = inputs_key(settings, inputs)
     stamp = layout.stage_stamp(stage)
-    if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key and all(p.exists() for p in outputs):
+    if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key and all(map(intact, outputs)):
         log.info("%s: inputs and settings unchanged since it finished; skipped", stage)
         return StatusRow(COHORT, stage, SKIPPED, round(time.perf_counter() - start, 3))
     run()
@@ -402,6 +399,3 @@ def inputs_key(settings: dict, paths: Sequence[Path]) -> str:
     return digest(document)
 
 
-def _load_pickle(path: Path):  # noqa: ANN202 - a SurvivalResult, imported lazily
-    with path.open("rb") as fh:
-        return pickle.load(fh)

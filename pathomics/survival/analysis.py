@@ -23,7 +23,7 @@ from sklearn.model_selection import LeaveOneGroupOut
 from pathomics import __version__
 from pathomics.errors import CohortError, ModelError, PathomicsError
 from pathomics.folds import row_splits
-from pathomics.io import atomic_path, sha256_file, write_json
+from pathomics.io import atomic_path, load_pickle, sha256_file, write_json, writing
 from pathomics.layout import OutputLayout, ResultFiles
 from pathomics.survival import metrics as m
 from pathomics.survival.calibration import calibration_intercept, calibration_slope, expected_events
@@ -348,7 +348,8 @@ def _encoding(models: dict[str, SurvivalModel]) -> dict[str, Any]:
 def write_results(result: SurvivalResult, directory: str | Path) -> Path:
     """Write ``metrics.json``, ``coefficients.csv``, the plots and ``report.html`` into ``directory``."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    with writing(directory):
+        directory.mkdir(parents=True, exist_ok=True)
     document = {
         "pathomics_version": __version__,
         "config": result.config.to_dict(),
@@ -420,12 +421,7 @@ def load_study(directory: str | Path) -> FittedStudy:
     if expected is not None and sha256_file(path) != expected:
         raise PathomicsError(f"{path} is damaged or was changed after it was saved (its SHA-256 differs from the one in "
                              f"{recorded}); re-run 'pathomics survival fit'")
-    try:
-        with open(path, "rb") as file:
-            study = pickle.load(file)
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError, ValueError) as exc:
-        raise PathomicsError(f"{path} cannot be read as a saved survival model ({type(exc).__name__}: {exc}); "
-                             "re-run 'pathomics survival fit'") from exc
+    study = load_pickle(path, "re-run 'pathomics survival fit'")
     if not isinstance(study, FittedStudy):
         raise PathomicsError(f"{path} is not a pathomics survival model; re-run 'pathomics survival fit'")
     return study
