@@ -248,6 +248,11 @@ def test_predict_reuses_finished_slides_and_isolates_failures(tiny, tmp_path):
                         patients={"new0": "pA"}, show_progress=False)
     assert [r.state for r in again] == [SKIPPED, SKIPPED]
     assert len(pd.read_parquet(tmp_path / "pred" / "signatures.parquet")) == 3  # earlier slides stay listed
+    damaged = OutputLayout(tmp_path / "pred").attention_file("new2")  # was a failed slide, then an h5py traceback
+    damaged.write_bytes(damaged.read_bytes()[:500])
+    redone = predict_mil(tmp_path / "run", new / "features", tmp_path / "pred", slide_ids=["new0", "new2"],
+                         patients={"new0": "pA"}, show_progress=False)
+    assert [r.state for r in redone] == [SKIPPED, DONE] and read_attention(damaged).slide_id == "new2"
     per_patient = pd.read_csv(export_signatures(tmp_path / "pred", tmp_path / "patients.csv", per_patient=True))
     assert list(per_patient["patient_id"]) == ["new2", "pA"] and list(per_patient["n_slides"]) == [1, 2]
     assert per_patient.loc[1, "risk"] == pytest.approx(signatures["risk"][:2].mean())

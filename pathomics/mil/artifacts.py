@@ -124,8 +124,12 @@ def read_attention_attrs(path: Path) -> dict[str, Any]:
     """The attributes of an attention file (slide_id, patient_id, fold, risk, model, checkpoint_sha256, ...)."""
     import h5py
 
-    with h5py.File(path, "r") as h5:
-        return {k: v.decode() if isinstance(v, bytes) else v for k, v in h5.attrs.items()}
+    try:
+        with h5py.File(path, "r") as h5:
+            return {k: v.decode() if isinstance(v, bytes) else v for k, v in h5.attrs.items()}
+    except OSError as exc:
+        raise StoreError(f"{path} cannot be read as an attention file ({one_line_reason(exc)}); delete it and re-run "
+                         "`pathomics mil predict`") from exc
 
 
 def read_attention(path: str | os.PathLike) -> SlideResult:

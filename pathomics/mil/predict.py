@@ -40,6 +40,17 @@ def apply_trained(trained: TrainedMIL, features_path: str | os.PathLike, patient
                        out.attention.cpu().numpy(), coords, grade_dicts(trained.objective, scores, 1)[0])
 
 
+def _done_with(target: Path, trained: TrainedMIL, patient_id: str) -> bool:
+    """Whether ``target`` is a readable attention file of this checkpoint and patient (a damaged one is redone)."""
+    if not target.exists():
+        return False
+    try:
+        done = read_attention_attrs(target)
+    except StoreError:
+        return False
+    return (done.get("checkpoint_sha256"), done.get("patient_id")) == (trained.sha256, patient_id)
+
+
 def predict_mil(model_path: str | os.PathLike, features_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 slide_ids: Sequence[str] | None = None, patients: Mapping[str, str] | None = None,
                 device: str = "cpu", show_progress: bool = True) -> list[StatusRow]:
@@ -64,10 +75,8 @@ def predict_mil(model_path: str | os.PathLike, features_dir: str | os.PathLike, 
 
         def run() -> Outcome:
             patient_id = patients.get(slide_id, slide_id)
-            if target.exists():
-                done = read_attention_attrs(target)
-                if (done.get("checkpoint_sha256"), done.get("patient_id")) == (trained.sha256, patient_id):
-                    return SKIPPED, 0
+            if _done_with(target, trained, patient_id):
+                return SKIPPED, 0
             result = apply_trained(trained, feature_file_in(features_dir, slide_id), patient_id)
             write_attention(target, result, trained.config.model, provenance)
             return DONE, len(result.attention)
