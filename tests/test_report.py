@@ -110,3 +110,83 @@ def test_report_opens_in_headless_chromium(report: Path, tmp_path: Path) -> None
     assert widths, done.stdout[-2000:]
     decoded = [int(w) for w in widths.group(1).split(",")]
     assert len(decoded) == 6 and all(w > 100 for w in decoded), decoded
+
+
+@pytest.fixture(scope="module")
+def run_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A whole `run` on eight tiny slides (2 MIL folds of 2 epochs, 2 survival folds): its report is the run's."""
+    import warnings
+
+    from pathomics.embed import EmbedConfig
+    from pathomics.errors import DataWarning, FitWarning
+    from pathomics.manifest import read_manifest
+    from pathomics.mil import MILConfig
+    from pathomics.runner.pipeline import RunConfig, run_archive
+    from pathomics.survival.config import RUN_FUSION
+    from pathomics.synthetic import write_cohort
+    from pathomics.tiling import TileConfig
+
+    cohort = write_cohort(tmp_path_factory.mktemp("cohort"), n_patients=8, seed=3, slide_size=(2048, 1536), max_slides=1)
+    config = RunConfig(
+        tile=TileConfig(target_mpp=2.0, patch_size=64, threads=1),
+        embed=EmbedConfig(model="shufflenet-v2", weights="random", precision="fp32", batch_size=64, num_workers=0, input_size=64),
+        mil=MILConfig(task="survival", folds=2, epochs=2, hidden_dim=16, ensemble=1),
+        survival=SurvivalConfig(covariates=("age", "tumour_size"), fusion=RUN_FUSION, folds=2, n_bootstrap=10), workers=1)
+    out = tmp_path_factory.mktemp("run")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (DataWarning, FitWarning))  # eight patients: folds without admissible pairs
+        run_archive(read_manifest(cohort.manifest), cohort.clinical, out, config, radiology=cohort.radiology)
+    return out
+
+
+RUN_SECTIONS = ("Slides, encoder and settings", "Quality control", "Slides", "Attention heatmaps", "Cohort",
+                "Model comparison", "Kaplan–Meier risk groups", "Calibration", "Hazard ratios")
+
+
+@pytest.mark.slow
+def test_a_run_report_says_what_the_slides_were(run_out: Path) -> None:
+    """Encoder and RANDOM weights in the title, tiling and MIL settings, QC counts per flag, and one row per slide
+    linking its heatmap, which exists beside the report."""
+    from pathomics.layout import OutputLayout
+    from pathomics.qc import FLAGS
+
+    layout = OutputLayout(run_out)
+    page = layout.report.read_text(encoding="utf-8")
+    assert "<h1>pathomics run report (RANDOM backbone weights)</h1>" in page
+    assert all(f"<h2>{h}</h2>" in page for h in RUN_SECTIONS)
+    for setting, value in (("encoder", "shufflenet-v2"), ("weights", "random"), ("tiling: target mpp", "2.0"),
+                           ("tiling: patch size", "64"), ("tiling: compression", "zstd"), ("MIL aggregator", "abmil"),
+                           ("MIL folds", "2"), ("MIL epochs", "2"), ("MIL ensemble", "1")):
+        assert f"<td>{setting}</td><td>{value}</td>" in page, setting
+    assert all(f"<td>{flag}</td>" in page for flag in FLAGS) and "<td>any flag</td>" in page
+    signatures = pd.read_parquet(layout.signatures)
+    for slide_id in signatures.slide_id:
+        assert f'<td>{slide_id}</td>' in page and f'<a href="heatmaps/{slide_id}.png">heatmap</a>' in page
+        assert layout.heatmap(slide_id).is_file()
+    assert page.count('alt="attention heatmap of ') == 4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason=SKIP_REASON)
+def test_a_run_report_in_headless_chromium_shows_its_heatmaps_at_a_readable_size(run_out: Path, tmp_path: Path) -> None:
+    from contextlib import closing
+
+    from browser import Browser
+    from PIL import Image
+
+    from pathomics.layout import OutputLayout
+
+    report = OutputLayout(run_out).report
+    with closing(Browser(tmp_path / "profile", 1200, 900)) as page:
+        page.open(report.as_uri(), "Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+        headings = page.evaluate("Array.from(document.querySelectorAll('h2'), h => h.textContent)")
+        widths = page.evaluate("Array.from(document.images).filter(i => i.alt.startsWith('attention heatmap'))"
+                               ".map(i => i.naturalWidth)")
+        linked = page.evaluate("Array.from(document.querySelectorAll('a[href$=\".png\"]'), a => a.href)")
+        page.evaluate("document.querySelector('img[alt^=\"attention heatmap\"]').scrollIntoView()")
+        shot = page.screenshot()
+    assert set(RUN_SECTIONS) <= set(headings)
+    assert len(widths) == 4 and min(widths) >= 800, widths
+    assert linked and all(Path(link.removeprefix("file://")).is_file() for link in linked)
+    Image.fromarray(shot).save(tmp_path / "report.png")
+    assert shot.shape[:2] == (900, 1200) and shot.reshape(-1, 3).std(axis=0).min() > 20  # the heatmap on screen, not a blank page

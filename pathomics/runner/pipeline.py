@@ -331,7 +331,7 @@ def stale_features(layout: OutputLayout, slide_id: str, encoder: EncoderIdentity
 def run_archive(entries: Sequence[SlideEntry], clinical: Path, out_dir: Path, config: RunConfig = RunConfig(),
                 radiology: Path | None = None) -> RunResult:
     """Check the inputs, tile → embed every slide, then MIL (trained by cross-validation, or ``mil_model``
-    applied) → survival. A cohort stage whose inputs and config are unchanged since it last finished is skipped."""
+    applied) → survival → ``report.html`` (``runner.report``). A cohort stage whose inputs and config are unchanged since it last finished is skipped."""
     out_dir = Path(out_dir)
     labels = check_run_inputs(entries, clinical, radiology, config)
     embed, encoder = resolve_encoder(config.embed)
@@ -352,7 +352,11 @@ def run_archive(entries: Sequence[SlideEntry], clinical: Path, out_dir: Path, co
         rows.append(_cohort_stage(layout, "survival", config.survival.to_dict(), survival_inputs,
                                   [layout.survival_result], lambda: _survival_stage(layout, clinical, radiology, config)))
         survival = load_pickle(layout.survival_result, "re-run `pathomics run`: it recomputes a damaged result")
-    update_status(out_dir, rows[-2:])
+        report_inputs = [layout.signatures, layout.survival_result, layout.mil_metrics,
+                         *(p for s in ids.slide_id for p in (layout.feature_file(s), layout.qc_table(s), layout.attention_file(s)))]
+        rows.append(_cohort_stage(layout, "report", {"mil": config.mil.to_dict(), "model": str(config.mil_model)},
+                                  report_inputs, [layout.report], lambda: _report_stage(out_dir, config, survival)))
+    update_status(out_dir, rows[-3:])
     return RunResult(rows, layout.signatures, survival)
 
 
@@ -370,6 +374,12 @@ def _survival_stage(layout: OutputLayout, clinical: Path, radiology: Path | None
     from pathomics.survival import survival_fit
 
     save_pickle(survival_fit(config.survival, clinical, radiology, layout.signatures, layout.root), layout.survival_result)
+
+
+def _report_stage(out_dir: Path, config: RunConfig, survival: SurvivalResult) -> None:
+    from pathomics.runner.report import write_run_report
+
+    write_run_report(out_dir, config, survival)
 
 
 def _cohort_stage(layout: OutputLayout, stage: str, settings: dict, inputs: Sequence[Path], outputs: Sequence[Path],

@@ -57,16 +57,25 @@ def image_html(png: Path | bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}">'
 
 
-def table_html(frame: pd.DataFrame, digits: int = 3) -> str:
-    """An escaped HTML table; floats rounded to ``digits`` significant digits, missing values as an em dash."""
+def link_html(href: str, text: str) -> str:
+    """An escaped <a> link, for a ``raw`` column of ``table_html``."""
+    return f'<a href="{html.escape(href)}">{html.escape(text)}</a>'
 
-    def cell(value: Any) -> str:
+
+def table_html(frame: pd.DataFrame, digits: int = 3, raw: Sequence[str] = ()) -> str:
+    """An escaped HTML table; floats rounded to ``digits`` significant digits, missing values as an em dash.
+    Columns named in ``raw`` hold HTML already (e.g. from ``link_html``) and are written as they are."""
+
+    def cell(value: Any, column: str) -> str:
+        if column in raw:
+            return str(value)
         if isinstance(value, (float, np.floating)):
             return "—" if not np.isfinite(value) else f"{value:.{digits}g}"
         return html.escape(str(value))
 
     header = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
-    rows = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in frame.itertuples(index=False))
+    rows = "".join("<tr>" + "".join(f"<td>{cell(v, c)}</td>" for v, c in zip(row, frame.columns, strict=True)) + "</tr>"
+                   for row in frame.itertuples(index=False))
     return f"<table><thead><tr>{header}</tr></thead><tbody>{rows}</tbody></table>"
 
 

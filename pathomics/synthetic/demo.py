@@ -18,12 +18,12 @@ from pathomics.layout import OutputLayout
 from pathomics.manifest import read_manifest
 from pathomics.mil import MILConfig
 from pathomics.runner.pipeline import RunConfig, RunResult, run_archive
+from pathomics.runner.report import HEATMAP_WIDTH
 from pathomics.survival.config import SurvivalConfig
-
-FUSION_PENALIZERS = (0.0, 0.3, 3.0, 30.0)
-HEATMAP_WIDTH = 800  # pixels: thumbnails are too small to read attention on
 from pathomics.synthetic import SlideTruth, read_cohort_truth, write_cohort
 from pathomics.tiling import TileConfig
+
+FUSION_PENALIZERS = (0.0, 0.3, 3.0, 30.0)
 
 
 def demo_config(workers: int = 1) -> RunConfig:
@@ -83,47 +83,44 @@ def run_demo(out_dir: Path, n_patients: int = 80, seed: int = 0, workers: int = 
     signatures = pd.read_parquet(OutputLayout(out_dir).signatures)
     everyone = attention_on_planted(out_dir, truth, list(signatures.slide_id))
     highest = sorted(everyone, key=lambda a: -a.risk)[:top]
-    write_demo_report(out_dir, result, truth, everyone, highest)
+    write_demo_report(out_dir, result, truth, everyone, highest, workers)
     return result, everyone
 
 
 def write_demo_report(out_dir: Path, result: RunResult, truth: dict[str, SlideTruth],
-                      everyone: list[PlantedAttention], highest: list[PlantedAttention]) -> Path:
-    """``<out>/report.html``: the survival comparison plus attention heatmaps beside the planted regions."""
-    from pathomics.mil import render_heatmap
+                      everyone: list[PlantedAttention], highest: list[PlantedAttention], workers: int = 1) -> Path:
+    """``<out>/report.html``: the run's report, the oracle comparison, and attention heatmaps beside the planted regions."""
+    from pathomics.runner.report import write_run_report
     from pathomics.synthetic.oracle import oracle_section
-    from pathomics.survival.figures import Section, image_html, paragraph, table_html, write_report
-    from pathomics.survival.report import survival_sections
+    from pathomics.survival.figures import Section, image_html, paragraph, table_html
 
     layout = OutputLayout(out_dir)
     panels = ""
     for item in highest:
-        heatmap = render_heatmap(layout.attention_file(item.slide_id), out_dir, layout.heatmap(item.slide_id), size=HEATMAP_WIDTH)
         planted = _planted_png(out_dir, truth[item.slide_id], layout.planted_heatmap(item.slide_id))
         panels += paragraph(f"{item.slide_id}: risk {item.risk:.3f}; {item.attention_on_planted:.0%} of attention on planted "
                             f"patches, which are {item.planted_patch_share:.0%} of its patches")
-        panels += image_html(heatmap, f"attention heatmap of {item.slide_id}") + image_html(planted, f"planted regions of {item.slide_id}")
+        panels += (image_html(layout.heatmap(item.slide_id), f"attention heatmap of {item.slide_id}")
+                   + image_html(planted, f"planted regions of {item.slide_id}"))
     table = pd.DataFrame([vars(a) for a in highest])
     mean_on, mean_share = np.mean([a.attention_on_planted for a in highest]), np.mean([a.planted_patch_share for a in highest])
-    sections = [
-        Section("About this demo", paragraph(
-            "A synthetic cohort with planted clinical, radiology and pathology effects on recurrence. Patch embeddings "
-            "come from shufflenet-v2 with RANDOM weights (no pretrained weights are downloaded): the pathology signal "
-            "is recovered from texture alone. Each slide has planted lesions whose nuclei are denser, larger and darker "
-            "in proportion to the patient's latent grade; how much of the tissue is lesion does not depend on it.")),
-        *survival_sections(result.survival, layout.survival),
-        oracle_section(layout.cohort.truth, layout.cohort.clinical, result.survival),
-        Section("Attention on planted regions", paragraph(
-            f"Highest-risk {len(highest)} slides: on average {mean_on:.0%} of attention falls on planted lesion patches, "
-            f"which make up {mean_share:.0%} of their patches (all slides: {np.mean([a.attention_on_planted for a in everyone]):.0%} "
-            f"vs {np.mean([a.planted_patch_share for a in everyone]):.0%}). Left: attention (rank within slide); "
-            "right: the planted lesions in red.") + table_html(table) + panels),
-    ]
-    return write_report(layout.report, "pathomics demo report (RANDOM backbone weights)", sections)
+    about = Section("About this demo", paragraph(
+        "A synthetic cohort with planted clinical, radiology and pathology effects on recurrence. Patch embeddings "
+        "come from shufflenet-v2 with RANDOM weights (no pretrained weights are downloaded): the pathology signal "
+        "is recovered from texture alone. Each slide has planted lesions whose nuclei are denser, larger and darker "
+        "in proportion to the patient's latent grade; how much of the tissue is lesion does not depend on it."))
+    attention = Section("Attention on planted regions", paragraph(
+        f"Highest-risk {len(highest)} slides: on average {mean_on:.0%} of attention falls on planted lesion patches, "
+        f"which make up {mean_share:.0%} of their patches (all slides: {np.mean([a.attention_on_planted for a in everyone]):.0%} "
+        f"vs {np.mean([a.planted_patch_share for a in everyone]):.0%}). For each slide: its thumbnail and the attention "
+        "over it (rank within the slide), then the planted lesions in red.") + table_html(table) + panels)
+    oracle = oracle_section(layout.cohort.truth, layout.cohort.clinical, result.survival)
+    return write_run_report(out_dir, demo_config(workers), result.survival, name="demo", before=[about],
+                            after=[oracle, attention], heatmaps_shown=0)
 
 
 def _planted_png(out_dir: Path, truth: SlideTruth, path: Path) -> Path:
-    """The store's thumbnail with the planted lesions outlined in red."""
+    """The store's plain thumbnail, ``HEATMAP_WIDTH`` px wide, with the planted lesions outlined in red."""
     import cv2
 
     from pathomics.io import write_png
@@ -131,7 +128,8 @@ def _planted_png(out_dir: Path, truth: SlideTruth, path: Path) -> Path:
 
     slide_id = truth.path.stem
     store = open_patch_store(OutputLayout(out_dir).store(slide_id))
-    image = cv2.imread(str(OutputLayout(out_dir).thumbnail(slide_id)))
+    image = cv2.imread(str(OutputLayout(out_dir).plain_thumbnail(slide_id)))
+    image = cv2.resize(image, (HEATMAP_WIDTH, round(image.shape[0] * HEATMAP_WIDTH / image.shape[1])), interpolation=cv2.INTER_LANCZOS4)
     scale = image.shape[1] / float(store.attrs["slide_width"])
     for polygon in truth.lesions().geoms:
         cv2.polylines(image, [np.rint(np.asarray(polygon.exterior.coords) * scale).astype(np.int32)], True, (0, 0, 230), 2)
