@@ -64,4 +64,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name:<10} Harrell C {format_ci(model.metrics['c_index_harrell'])}")
     layout = OutputLayout(out)
     print(f"signatures: {layout.signatures}; survival results: {layout.survival}; status: {layout.status}")
+    print(f"report: {layout.report}")
     return exit_code(result.slide_rows)

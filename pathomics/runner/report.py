@@ -38,7 +38,7 @@ def slide_frame(layout: OutputLayout) -> pd.DataFrame:
     return signatures.sort_values("risk", ascending=False, kind="stable").reset_index(drop=True)
 
 
-def feature_attributes(layout: OutputLayout, slide_ids: Sequence[str]) -> pd.DataFrame:
+def encoder_table(layout: OutputLayout, slide_ids: Sequence[str]) -> pd.DataFrame:
     """The encoder attributes of each slide's feature file (``ENCODER_ATTRS`` and ``qc_dropped``), one row a slide."""
     import h5py
 
@@ -50,7 +50,7 @@ def feature_attributes(layout: OutputLayout, slide_ids: Sequence[str]) -> pd.Dat
     return pd.DataFrame(rows)
 
 
-def store_attributes(layout: OutputLayout, slide_ids: Sequence[str]) -> pd.DataFrame:
+def tiling_table(layout: OutputLayout, slide_ids: Sequence[str]) -> pd.DataFrame:
     """The tiling attributes of each slide's patch store (``TILING_ATTRS``), one row a slide."""
     from pathomics.store import open_patch_store
 
@@ -170,7 +170,7 @@ def run_sections(layout: OutputLayout, config: RunConfig, heatmaps_shown: int = 
     """The report's sections about the slides, and whether random weights embedded any of them."""
     slides = slide_frame(layout)
     ids = list(slides["slide_id"])
-    encoder, tiling, counts = feature_attributes(layout, ids), store_attributes(layout, ids), qc_counts(layout, ids)
+    encoder, tiling, counts = encoder_table(layout, ids), tiling_table(layout, ids), qc_counts(layout, ids)
     try:
         heatmaps = render_slide_heatmaps(layout, ids)
     except StoreError:  # no attention file at all
