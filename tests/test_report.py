@@ -122,7 +122,6 @@ def run_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from pathomics.manifest import read_manifest
     from pathomics.mil import MILConfig
     from pathomics.runner.pipeline import RunConfig, run_archive
-    from pathomics.survival.config import RUN_FUSION
     from pathomics.synthetic import write_cohort
     from pathomics.tiling import TileConfig
 
@@ -131,7 +130,7 @@ def run_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
         tile=TileConfig(target_mpp=2.0, patch_size=64, threads=1),
         embed=EmbedConfig(model="shufflenet-v2", weights="random", precision="fp32", batch_size=64, num_workers=0, input_size=64),
         mil=MILConfig(task="survival", folds=2, epochs=2, hidden_dim=16, ensemble=1),
-        survival=SurvivalConfig(covariates=("age", "tumour_size"), fusion=RUN_FUSION, folds=2, n_bootstrap=10), workers=1)
+        survival=SurvivalConfig(covariates=("age", "tumour_size"), folds=2, n_bootstrap=10), workers=1)
     out = tmp_path_factory.mktemp("run")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", (DataWarning, FitWarning))  # eight patients: folds without admissible pairs
