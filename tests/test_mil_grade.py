@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers.mil import one_thread, witness_cohort, write_bag  # noqa: F401 - autouse fixture
+from helpers.mil import witness_cohort, write_bag
 from sklearn.metrics import roc_auc_score
 
 from pathomics.errors import CohortError, ConfigError

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers.mil import grid_coords, one_thread, witness_bag  # noqa: F401 - one_thread: autouse fixture
+from helpers.mil import grid_coords, witness_bag
 from sksurv.linear_model.coxph import CoxPHOptimizer
 
 from pathomics.errors import CohortError, DataWarning

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers.mil import grid_coords, one_thread  # noqa: F401 - one_thread: autouse fixture
+from helpers.mil import grid_coords
 
 from pathomics.errors import ModelError
 from pathomics.mil import aggregators

@@ -12,7 +12,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers.mil import PATCH, grid_coords, one_thread, witness_cohort, write_bag  # noqa: F401 - autouse fixture
+from helpers.mil import PATCH, grid_coords, witness_cohort, write_bag
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
-import torch
 
 from pathomics.layout import OutputLayout
 from pathomics.store import write_feature_file
@@ -17,17 +15,6 @@ PATCH = 256
 FEATURE_ATTRS = {"model": "synthetic", "weights": "random", "weights_sha256": "", "precision": "fp32",
                  "pathomics_version": "test"}
 COORDS_ATTRS = {"patch_size": PATCH, "patch_size_level0": PATCH, "target_mpp": 0.5}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train fastest on one thread, and never oversubscribe a shared 2-core machine.
-
-    Module-scoped so that it is in force for the module-scoped cohorts and runs too."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def grid_coords(n: int, columns: int = 16) -> np.ndarray:
