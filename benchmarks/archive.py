@@ -1,162 +1,341 @@
-"""Archive scaling: the per-slide stages (tile + embed) of one archive on 1, 2, ... Dask workers.
+"""Archive throughput: slides per hour of a biopsy archive and of a resection archive, with each slide's fixed costs.
 
-The same synthetic archive (cached) is processed from scratch with each worker count, side by side in
-one run; prints slides/hour and the speed-up over one worker, and writes JSON. Embedding uses
-``shufflenet-v2`` with random weights (labelled as such) so that nothing needs downloading.
+Two synthetic archives of 0.5 µm/px Aperio-style slides, tiled at 0.5 µm/px x 256 px (the default):
+biopsies of about 150 tissue patches and resections of about 8,000. Each archive is processed from
+scratch, in a fresh process as `pathomics tile` processes it (the batch loop with its status rows and
+locks, start-up included), tile only and tile + embed (shufflenet-v2 and resnet50-trunc on the CPU,
+RANDOM weights: throughput only). Beside them, on the same slides and patches: a plain per-slide
+OpenSlide loop (``read_region`` of each patch pathomics kept + JPEG q90 to a file), and LazySlide's
+tiling (tissue, tiles, every tile read into memory) when its environment exists (``--lazyslide-python``).
 
-Two thread settings are measured. ``auto`` is what ``pathomics run`` does: the cores are shared out,
-cores / workers threads each, so the speed-up is what more workers add on this machine. ``1`` pins every
-worker to one thread: its speed-up is how well the scale-out itself scales when each worker has a core.
+Each tiling slide's time is split into its stages (wrapped around the library's functions): open, tissue
+detection, grid, store creation (and publish), patch work (decode, QC scores, compress, write),
+QC summary and thumbnail, status, other; start-up is what the first slide costs beyond the others
+(imports paid once) plus the process's own start. Fixed cost = a slide's time less its patch work.
 
-It also times the re-run of the finished archive (every slide skipped), with the per-slide stamps that
-let it skip without a cluster or opening a slide, and without them (the path every re-run took before).
+The full archives (200 biopsies, 20 resections) take hours on 2 shared cores; the default is scaled down
+(see --biopsies/--resections, --full) and the JSON says which ran. A few distinct slides are generated
+(cached) and copied under each slide's own name.
 
-    python benchmarks/archive.py [--slides 16] [--workers 1 2] [--threads-per-worker auto 1] [--repeats 3] [--rerun-only] [--json PATH]
+    python benchmarks/archive.py [--full | --biopsies 40 --resections 2] [--embed-biopsies 4 --embed-resections 1]
+        [--models shufflenet-v2 resnet50-trunc] [--lazyslide-python /tmp/lazyslide-venv/bin/python] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from pathomics.embed import EmbedConfig
-from pathomics.layout import OutputLayout
-from pathomics.manifest import SlideEntry
-from pathomics.runner.pipeline import RunConfig, dask_client, run_slides, worker_backbone
-from pathomics.store import open_patch_store
-from pathomics.synthetic import write_slide
-from pathomics.tiling import TileConfig
+TARGET_MPP, PATCH, SLIDE_MPP = 0.5, 256, 0.5
+BIOPSY_SIZE = (6500, 4900)      # blob, pieces and ring layouts: 110-200 tissue patches, about 150 on average
+RESECTION_SIZE = (32000, 24000)  # one ellipse over 68% of the slide: about 7,900 patches
+DISTINCT = {"biopsy": 6, "resection": 1}  # slides generated; the archive copies them under its slides' names
+# (label, module, attribute): the tiling stages timed per slide; the attribute is replaced by a timing wrapper
+STAGES = (("open slide", "pathomics.tiling", "open_slide"), ("tissue detection", "pathomics.tiling", "detect_tissue"),
+          ("grid", "pathomics.tiling", "plan_grid"), ("store creation", "pathomics.tiling", "PatchStoreWriter"),
+          ("patch work", "pathomics.tiling", "_stream_patches"), ("QC summary and thumbnail", "pathomics.tiling", "update_slide_qc"),
+          ("status", "pathomics.batch", "update_status"))
 
 
-def archive(cache: Path, n: int, size: tuple[int, int]) -> list[SlideEntry]:
-    """``n`` Aperio-style slides at 0.5 µm/px, written once and cached."""
+def make_archive(cache: Path, kind: str, n: int) -> list[Path]:
+    """``n`` slides of ``kind`` (biopsy or resection): the distinct ones generated once, then copied under new names."""
+    from pathomics.synthetic import write_slide
+    from pathomics.synthetic.slides import Ellipse
+
     cache.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for i in range(n):
-        path = cache / f"archive_{size[0]}x{size[1]}_{i}.svs"
+    width, height = BIOPSY_SIZE if kind == "biopsy" else RESECTION_SIZE
+    sources = []
+    for i in range(DISTINCT[kind]):
+        path = cache / f"{kind}_source_{i}.svs"
         if not path.exists():
-            tmp = path.with_name(f".{path.name}.partial")
-            write_slide(tmp, *size, mpp=0.5, layout=("blob", "pieces", "ring")[i % 3], seed=100 + i)
+            tmp = path.with_name(f".{path.name}.partial.svs")
+            shapes = (Ellipse(0.5 * width, 0.5 * height, 0.47 * width, 0.46 * height, 5),) if kind == "resection" else None
+            write_slide(tmp, width, height, mpp=SLIDE_MPP, layout=("blob", "pieces", "ring")[i % 3], shapes=shapes, seed=200 + i)
             os.replace(tmp, path)
-        entries.append(SlideEntry(path, path.stem, f"P{i}"))
-    return entries
+        sources.append(path)
+    folder = cache / f"{kind}_archive"
+    folder.mkdir(exist_ok=True)
+    slides = []
+    for i in range(n):
+        path = folder / f"{kind}_{i:03d}.svs"
+        if not path.exists():
+            shutil.copyfile(sources[i % len(sources)], path)
+        slides.append(path)
+    return slides
 
 
-def _warm_up(embed: EmbedConfig) -> None:
-    """Import the stages and build the backbone on a worker, as a long-running cluster already has."""
-    import pathomics.tiling  # noqa: F401
+def timed_stages(seconds: dict[str, list[float]]) -> None:
+    """Replace each stage's function by a wrapper adding its wall seconds to ``seconds[label]`` (one entry per slide)."""
+    import importlib
 
-    worker_backbone(embed)
+    for label, module_name, attribute in STAGES:
+        module = importlib.import_module(module_name)
+        original = getattr(module, attribute)
 
-
-def time_archive(entries: list[SlideEntry], config: RunConfig) -> tuple[float, int]:
-    """Seconds to tile and embed ``entries`` from scratch on a started cluster, and the patches they gave."""
-    out = Path(tempfile.mkdtemp(prefix=f"bench-archive-{config.workers}-"))
-    try:
-        with dask_client(config) as client:
-            client.run(_warm_up, config.embed)  # cluster start, imports and model build are not archive throughput
+        def wrapper(*args: object, _original=original, _label=label, **kwargs: object) -> object:
             start = time.perf_counter()
-            rows = run_slides(entries, out, config, client=client, show_progress=False)
-            seconds = time.perf_counter() - start
-        failed = [r for r in rows if r.state == "failed"]
-        if failed:
-            raise SystemExit(f"benchmark slides failed: {failed}")
-        return seconds, sum(len(open_patch_store(p)) for p in (out / "tiles").glob("*.zarr"))
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                seconds[_label].append(time.perf_counter() - start)
+
+        setattr(module, attribute, wrapper)
 
 
-def time_rerun(entries: list[SlideEntry], config: RunConfig, repeats: int) -> dict:
-    """Seconds per slide of re-running a finished archive, as a user's re-run does (cluster start included):
-    with the per-slide stamps, and with them removed, which takes the path every re-run took before them
-    (a cluster started, every slide opened and its store and features checked)."""
-    out = Path(tempfile.mkdtemp(prefix="bench-rerun-"))
-    try:
-        run_slides(entries, out, config, show_progress=False)
-        stamps = OutputLayout(out).slide_stamp(entries[0].slide_id).parent
-        seconds: dict[str, list[float]] = {"stamped": [], "unstamped": []}
-        for _ in range(repeats):
-            for kind in seconds:
-                if kind == "unstamped":
-                    shutil.rmtree(stamps)
-                start = time.perf_counter()
-                rows = run_slides(entries, out, config, show_progress=False)
-                seconds[kind].append(time.perf_counter() - start)
-                if {r.state for r in rows} != {"skipped"}:
-                    raise SystemExit(f"re-run of a finished archive did work: {rows}")
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
-    return {kind: {"seconds": statistics.median(s), "all_seconds": s, "ms_per_slide": 1000 * statistics.median(s) / len(entries)}
-            for kind, s in seconds.items()}
+def child_tile(slides: list[Path], out: Path, model: str | None, started: float) -> dict:
+    """Tile ``slides`` as `pathomics tile` does (then embed them as `pathomics embed` does, if ``model``), timing each stage."""
+    entered = time.time()
+    from pathomics.batch import run_jobs
+    from pathomics.manifest import SlideEntry
+    from pathomics.runner.jobs import tile_job
+    from pathomics.tiling import TileConfig
+    import pathomics.runner.jobs as jobs
+
+    stages: dict[str, list[float]] = {label: [] for label, _, _ in STAGES}
+    timed_stages(stages)
+    per_slide: list[float] = []
+    tile_slide = jobs.tile_slide
+
+    def timed_tile(*args: object, **kwargs: object) -> object:
+        start = time.perf_counter()
+        try:
+            return tile_slide(*args, **kwargs)
+        finally:
+            per_slide.append(time.perf_counter() - start)
+
+    jobs.tile_slide = timed_tile
+    config = TileConfig(target_mpp=TARGET_MPP, patch_size=PATCH)
+    imports = time.time() - entered
+    start = time.perf_counter()
+    rows = run_jobs("tile", [tile_job(SlideEntry(p, p.stem, p.stem), out, config) for p in slides], out, show_progress=False)
+    tile_s = time.perf_counter() - start
+    if any(r.state != "done" for r in rows):
+        raise SystemExit(f"tiling failed: {[r for r in rows if r.state != 'done']}")
+    result = {"process_start_s": entered - started, "imports_s": imports, "tile_s": tile_s, "slide_s": per_slide,
+              "stages_s": stages, "patches": [r.patches for r in rows]}
+    if model:
+        from pathomics.batch import run_jobs as run_embed
+        from pathomics.embed import EmbedConfig, config_backbone
+        from pathomics.runner.jobs import embed_job
+
+        start = time.perf_counter()
+        embed = EmbedConfig(model=model, weights="random", device="cpu", precision="fp32")
+        backbone = config_backbone(embed)
+        result["model_build_s"] = time.perf_counter() - start
+        stores = [out / "tiles" / f"{p.stem}.zarr" for p in slides]
+        rows = run_embed("embed", [embed_job(s, out, embed, backbone) for s in stores], out, show_progress=False)
+        result["embed_s"] = time.perf_counter() - start
+        if any(r.state != "done" for r in rows):
+            raise SystemExit(f"embedding failed: {[r for r in rows if r.state != 'done']}")
+    return result
+
+
+def child_openslide(slides: list[Path], coords_dir: Path, out: Path) -> dict:
+    """Per slide: open it with OpenSlide, ``read_region`` each patch pathomics kept, encode it as JPEG q90 to a file."""
+    import numpy as np
+    import openslide
+    from PIL import Image
+
+    coords = {p: np.load(coords_dir / f"{p.stem}.npy") for p in slides}
+    start = time.perf_counter()
+    for path in slides:
+        folder = out / path.stem
+        folder.mkdir(parents=True)
+        with openslide.OpenSlide(str(path)) as slide:
+            for x, y in coords[path]:
+                patch: Image.Image = slide.read_region((int(x), int(y)), 0, (PATCH, PATCH)).convert("RGB")
+                patch.save(folder / f"{x}_{y}.jpg", quality=90)
+    return {"seconds": time.perf_counter() - start, "patches": [len(coords[p]) for p in slides]}
+
+
+def child_lazyslide(slides: list[Path]) -> dict:
+    """Per slide, LazySlide's tiling: open, find tissue, tile at 0.5 µm/px x 256 px, read every tile into memory."""
+    entered = time.time()
+    import lazyslide as zs
+    from wsidata import open_wsi
+
+    imports = time.time() - entered
+    start = time.perf_counter()
+    patches = []
+    for path in slides:
+        wsi = open_wsi(str(path))
+        zs.pp.find_tissues(wsi)
+        zs.pp.tile_tissues(wsi, PATCH, mpp=TARGET_MPP)
+        tiles = wsi["tiles"]
+        spec = wsi.tile_spec("tiles")
+        for geometry in tiles.geometry:
+            x, y = int(geometry.bounds[0]), int(geometry.bounds[1])
+            wsi.read_region(x, y, spec.ops_width, spec.ops_height, level=spec.ops_level)
+        patches.append(len(tiles))
+    return {"imports_s": imports, "seconds": time.perf_counter() - start, "patches": patches}
+
+
+def spawn(argv: list[str], python: str = sys.executable, code: Path | None = None) -> tuple[dict, float]:
+    """Run this script as a child (importing pathomics from ``code``, if given); its JSON result and wall seconds."""
+    env = {**os.environ, "BENCH_STARTED": repr(time.time())}
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
+    start = time.perf_counter()
+    done = subprocess.run([python, __file__, *argv], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(argv[:2])} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1]), wall
+
+
+def tile_summary(result: dict, wall: float) -> dict:
+    """Slides/hour, patches/s and the per-slide split of a tiling child: fixed costs against patch work.
+
+    The split averages the slides after the first (the first also pays the imports a batch pays once);
+    start-up is the process's time outside the slides plus what the first slide cost beyond the others.
+    """
+    n, patches = len(result["slide_s"]), sum(result["patches"])
+    rest = slice(1, None) if n > 1 else slice(0, None)
+    per_slide = result["slide_s"][rest]
+    stages = {label: statistics.fmean(values[rest]) for label, values in result["stages_s"].items()}
+    slide = statistics.fmean(per_slide)
+    stages["other"] = slide - sum(v for k, v in stages.items() if k != "status")  # status is written outside tile_slide
+    startup = wall - result["tile_s"] - result.get("embed_s", 0.0) + result["slide_s"][0] - slide
+    return {"slides": n, "patches": patches, "patches_per_slide": patches / n, "seconds": wall,
+            "slides_per_hour": n / wall * 3600, "patches_per_s": patches / wall, "startup_s": startup,
+            "per_slide_s": {**stages, "fixed_in_batch": slide + stages["status"] - stages["patch work"],
+                            "startup_shared_out": startup / n}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--slides", type=int, default=16)
-    parser.add_argument("--size", type=int, nargs=2, default=(8192, 6144), metavar=("W", "H"))
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--threads-per-worker", nargs="+", default=["auto", "1"], help="'auto' (cores / workers) or a number")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of every setting; the median is reported")
-    parser.add_argument("--rerun-only", action="store_true", help="time only the re-run of a finished archive")
+    parser.add_argument("--full", action="store_true", help="the full archives: 200 biopsies and 20 resections")
+    parser.add_argument("--biopsies", type=int, default=40)
+    parser.add_argument("--resections", type=int, default=2)
+    parser.add_argument("--embed-biopsies", type=int, default=4, help="slides of each archive embedded (tile + embed runs)")
+    parser.add_argument("--embed-resections", type=int, default=1)
+    parser.add_argument("--models", nargs="*", default=["shufflenet-v2", "resnet50-trunc"])
+    parser.add_argument("--no-resection-embed", nargs="*", default=["resnet50-trunc"],
+                        help="models not run on the resection archive (8,000 patches of resnet50-trunc on 2 cores is 6 minutes a slide)")
+    parser.add_argument("--lazyslide-python", help="python of an environment with lazyslide installed")
+    parser.add_argument("--code", nargs="+", default=[f"after={Path(__file__).resolve().parent.parent}"], metavar="LABEL=PATH",
+                        help="pathomics source trees to compare (e.g. before=/tmp/main-snapshot after=.), run alternately")
     parser.add_argument("--cache", type=Path, default=Path(__file__).parent / "out")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "archive.json")
+    parser.add_argument("--child", choices=("tile", "openslide", "lazyslide"))
+    parser.add_argument("--model")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--coords", type=Path)
+    parser.add_argument("slides", nargs="*", type=Path)
     args = parser.parse_args()
-
-    entries = archive(args.cache, args.slides, tuple(args.size))
-    tile = TileConfig(target_mpp=1.0, patch_size=128)
-    embed = EmbedConfig(model="shufflenet-v2", weights="random", precision="fp32", batch_size=64)
-    configs = {(threads, workers): RunConfig(tile=tile, embed=embed, workers=workers,
-                                             threads_per_worker=None if threads == "auto" else int(threads))
-               for threads, workers in itertools.product(args.threads_per_worker, args.workers)}
-    rerun = time_rerun(entries, RunConfig(tile=tile, embed=embed, workers=1), args.repeats)
-    load = os.getloadavg()[0]
-    print(f"Re-run of the finished archive ({args.slides} slides, all skipped, cluster start included; load {load:.1f}):")
-    for kind, r in rerun.items():
-        print(f"  {kind:>9}: {r['seconds']:6.2f} s, {r['ms_per_slide']:7.1f} ms/slide")
-    if args.rerun_only:
-        write_document(args.json, {"slides": args.slides, "size": list(args.size), "cpu_count": os.cpu_count(),
-                                   "load_average": load, "repeats": args.repeats, "rerun": rerun})
+    if args.child == "tile":
+        print(json.dumps(child_tile(args.slides, args.out, args.model, float(os.environ["BENCH_STARTED"]))))
         return
-    seconds: dict[tuple[str, int], list[float]] = {key: [] for key in configs}
-    patches = 0
-    for _ in range(args.repeats):  # interleaved, so that a noisy spell hits every setting alike
-        for key, config in configs.items():
-            elapsed, patches = time_archive(entries, config)
-            seconds[key].append(elapsed)
-    results = []
-    for (threads, workers), config in configs.items():
-        median = statistics.median(seconds[threads, workers])
-        results.append({"threads_per_worker": threads, "worker_threads": config.worker_threads, "workers": workers,
-                        "seconds": median, "all_seconds": seconds[threads, workers], "slides": len(entries),
-                        "slides_per_hour": len(entries) / median * 3600, "patches": patches, "patches_per_s": patches / median})
-    for r in results:  # over the fewest workers of the same thread setting
-        base = next(b for b in results if b["threads_per_worker"] == r["threads_per_worker"])
-        r["speedup"] = r["slides_per_hour"] / base["slides_per_hour"]
-    document = {"slides": args.slides, "size": list(args.size), "cpu_count": os.cpu_count(), "repeats": args.repeats,
-                "tile": {"target_mpp": tile.target_mpp, "patch_size": tile.patch_size},
-                "embed": {"model": embed.model, "weights": "random", "precision": embed.precision}, "runs": results,
-                "load_average": load, "rerun": rerun}
-    write_document(args.json, document)
-    print(f"Archive benchmark: {args.slides} slides of {args.size[0]}x{args.size[1]} px, tile + embed "
-          f"(shufflenet-v2, RANDOM weights), {os.cpu_count()} cores, median of {args.repeats}")
-    print(f"  {'threads/worker':>14} {'workers':>7} {'seconds':>9} {'slides/hour':>12} {'patches/s':>10} {'speed-up':>9}")
-    for r in results:
-        threads = f"{r['threads_per_worker']} ({r['worker_threads']})" if r["threads_per_worker"] == "auto" else r["threads_per_worker"]
-        print(f"  {threads:>14} {r['workers']:>7} {r['seconds']:>9.1f} {r['slides_per_hour']:>12.0f} "
-              f"{r['patches_per_s']:>10.0f} {r['speedup']:>8.2f}x")
+    if args.child == "openslide":
+        print(json.dumps(child_openslide(args.slides, args.coords, args.out)))
+        return
+    if args.child == "lazyslide":
+        print(json.dumps(child_lazyslide(args.slides)))
+        return
+    if args.full:
+        args.biopsies, args.resections, args.embed_biopsies, args.embed_resections = 200, 20, 200, 20
+        args.no_resection_embed = []
+    sizes = {"biopsy": args.biopsies, "resection": args.resections}
+    embed_sizes = {"biopsy": min(args.embed_biopsies, args.biopsies), "resection": min(args.embed_resections, args.resections)}
+    codes = dict(item.split("=", 1) for item in args.code)
+    run: dict = {"full_size": args.full, "scaled_down": not args.full, "cpu_count": os.cpu_count(), "code": codes,
+                 "load_average_start": os.getloadavg()[0], "tile": {"target_mpp": TARGET_MPP, "patch_size": PATCH, "slide_mpp": SLIDE_MPP},
+                 "embed": {"weights": "RANDOM (throughput only)", "device": "cpu", "precision": "fp32"}, "archives": {}}
+    slides = {kind: make_archive(args.cache, kind, n) for kind, n in sizes.items() if n}
+    for kind, paths in slides.items():  # tiling first: the embedding runs take longest
+        run["archives"][kind] = measure_tiling(kind, paths, codes, args.lazyslide_python)
+        write_results(args.json, run)
+    for kind, paths in slides.items():
+        for model in args.models:
+            if embed_sizes[kind] and not (kind == "resection" and model in args.no_resection_embed):
+                run["archives"][kind].update(measure_embedding(paths[:embed_sizes[kind]], model, codes))
+                write_results(args.json, run)
+    for kind in slides:
+        print_archive(kind, run["archives"][kind])
+    if "biopsy" in slides and "resection" in slides:
+        b, r = run["archives"]["biopsy"], run["archives"]["resection"]
+        run["biopsy_over_resection_patches_per_s"] = {k: b[k]["patches_per_s"] / r[k]["patches_per_s"] for k in b
+                                                      if k in r and "patches_per_s" in b[k] and "patches_per_s" in r[k]}
+        print("biopsy / resection patches/s:", {k: round(v, 2) for k, v in run["biopsy_over_resection_patches_per_s"].items()})
+    write_results(args.json, run)
 
 
-def write_document(path: Path, document: dict) -> None:
+def write_results(path: Path, run: dict) -> None:
+    """The JSON so far (rewritten after every run, so that a long benchmark stopped early keeps what it measured)."""
+    run["load_average_end"] = os.getloadavg()[0]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=2))
-    print(f"JSON: {path}")
+    path.write_text(json.dumps(run, indent=2))
+    print(f"JSON: {path}", flush=True)
+
+
+def measure_tiling(kind: str, slides: list[Path], codes: dict[str, str], lazyslide_python: str | None) -> dict:
+    """Tiling one archive: pathomics from each source tree, then the OpenSlide loop and LazySlide on the same slides."""
+    import numpy as np
+
+    from pathomics.store import open_patch_store
+
+    n = len(slides)
+    entry: dict = {}
+    work = Path(tempfile.mkdtemp(prefix=f"bench-archive-{kind}-"))
+    try:
+        for label, code in codes.items():
+            result, wall = spawn(["--child", "tile", "--out", str(work / label), *map(str, slides)], code=Path(code))
+            entry[f"pathomics tile ({label})"] = tile_summary(result, wall)
+        coords = work / "coords"  # the patches the other readers read: those pathomics kept
+        coords.mkdir()
+        for p in slides:
+            np.save(coords / f"{p.stem}.npy", open_patch_store(work / label / "tiles" / f"{p.stem}.zarr").coords)
+        loop, wall = spawn(["--child", "openslide", "--coords", str(coords), "--out", str(work / "openslide"), *map(str, slides)])
+        entry["openslide loop"] = {"slides": n, "patches": sum(loop["patches"]), "seconds": wall,
+                                   "slides_per_hour": n / wall * 3600, "patches_per_s": sum(loop["patches"]) / wall}
+        if lazyslide_python:
+            try:
+                lazy, wall = spawn(["--child", "lazyslide", *map(str, slides)], python=lazyslide_python)
+                entry["lazyslide tiling"] = {"slides": n, "patches": sum(lazy["patches"]), "seconds": wall, "imports_s": lazy["imports_s"],
+                                             "slides_per_hour": n / wall * 3600, "patches_per_s": sum(lazy["patches"]) / wall}
+            except RuntimeError as exc:
+                entry["lazyslide tiling"] = {"error": str(exc)[-600:]}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"{kind}: " + ", ".join(f"{k} {v.get('slides_per_hour', 0):,.0f} slides/h" for k, v in entry.items()), flush=True)
+    return entry
+
+
+def measure_embedding(slides: list[Path], model: str, codes: dict[str, str]) -> dict:
+    """Tile + embed ``slides`` with ``model`` (random weights, CPU, fp32) from each source tree, in one process each."""
+    entry = {}
+    work = Path(tempfile.mkdtemp(prefix="bench-archive-embed-"))
+    try:
+        for label, code in codes.items():
+            result, wall = spawn(["--child", "tile", "--model", model, "--out", str(work / label), *map(str, slides)], code=Path(code))
+            summary = tile_summary(result, wall)
+            summary.update(embed_s=result["embed_s"], model_build_s=result["model_build_s"], tile_s=result["tile_s"])
+            entry[f"tile + embed {model} ({label})"] = summary
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return entry
+
+
+def print_archive(kind: str, entry: dict) -> None:
+    """The archive's slides/hour table and its tiling's per-slide split."""
+    print(f"{kind} archive:")
+    print(f"  {'run':<28} {'slides':>6} {'patches':>8} {'seconds':>8} {'slides/hour':>11} {'patches/s':>9}")
+    for name, r in entry.items():
+        if "error" in r:
+            print(f"  {name:<28} failed: {r['error'][-200:]}")
+            continue
+        print(f"  {name:<28} {r['slides']:>6} {r['patches']:>8} {r['seconds']:>8.1f} {r['slides_per_hour']:>11.0f} {r['patches_per_s']:>9.0f}")
+    for name, r in entry.items():
+        if name.startswith("pathomics tile"):
+            print(f"  {name}, seconds a slide: " + ", ".join(f"{k} {v:.3f}" for k, v in r["per_slide_s"].items()))
 
 
 if __name__ == "__main__":
