@@ -118,3 +118,12 @@ def test_licence_file_matches_the_package_metadata():
     assert re.search(r'(?m)^license = "Apache-2.0"$', (ROOT / "pyproject.toml").read_text())
     text = (ROOT / "LICENSE").read_text()
     assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+
+
+def test_docstrings_use_markdown_not_sphinx_roles():
+    """The API reference renders docstrings as Markdown (mkdocstrings): a Sphinx role such as :class:`X` shows as
+    literal text there."""
+    role = re.compile(r":(?:func|class|meth|attr|mod|data|obj):`")
+    found = [f"{p.relative_to(ROOT)}:{n}" for p in sorted((ROOT / "pathomics").rglob("*.py"))
+             for n, line in enumerate(p.read_text().splitlines(), 1) if role.search(line)]
+    assert not found, found

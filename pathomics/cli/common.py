@@ -1,9 +1,9 @@
 """Arguments, help and checks shared by the verbs.
 
-Every parser is a :class:`Parser`, whose help formatter shows each option's default as "(default: X)": the
-argparse default, or, for an option that fills a config field (:func:`config_options`), the config's own default, read
+Every parser is a `Parser`, whose help formatter shows each option's default as "(default: X)": the
+argparse default, or, for an option that fills a config field (`config_options`), the config's own default, read
 from the dataclass when help is printed. Choices and name lists come from the library's registries
-(:class:`Names`), loaded when first needed so that building the parser imports no torch.
+(`Names`), loaded when first needed so that building the parser imports no torch.
 """
 
 from __future__ import annotations
@@ -166,5 +166,5 @@ def given(**values: Any) -> dict[str, Any]:
 
 
 def config_from_args(cls: type[C], args: argparse.Namespace, **values: Any) -> C:
-    """``cls`` built from :func:`config_values`."""
+    """``cls`` built from `config_values`."""
     return cls(**config_values(cls, args, **values))

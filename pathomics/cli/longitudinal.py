@@ -1,6 +1,6 @@
 """``pathomics survival longitudinal``: repeated clinical markers in a time-varying Cox model and a landmark GRU.
 
-Options left out keep the defaults of :class:`~pathomics.survival.longitudinal.LongitudinalConfig`.
+Options left out keep the defaults of `LongitudinalConfig`.
 Results go to ``<out>/survival/longitudinal/``.
 """
 

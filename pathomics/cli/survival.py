@@ -1,6 +1,6 @@
 """``pathomics survival fit|evaluate|longitudinal|grade-fusion``: Cox models of recurrence from clinical, radiology and slide-signature tables.
 
-Options left out keep the defaults of :class:`~pathomics.survival.config.SurvivalConfig` (shown in --help).
+Options left out keep the defaults of `SurvivalConfig` (shown in --help).
 Results go to ``<out>/survival/``.
 """
 

@@ -170,7 +170,7 @@ def grade_fusion_study(table_path: str | os.PathLike, modalities: Sequence[str],
                        grade_prefix: str = "grade_prob_", reference_grade: str | None = None, time: str = "time",
                        event: str = "event", penalizer: float = 0.0, folds: int = 5, seed: int = 0) -> GradeFusionStudy:
     """Read a per-patient table (time, event, modality scores, ``<grade_prefix><grade>`` probabilities), compare
-    plain with grade-guided fusion (:func:`compare_fusion`) and write the result to ``<out>/survival/grade_fusion.json``."""
+    plain with grade-guided fusion (`compare_fusion`) and write the result to ``<out>/survival/grade_fusion.json``."""
     try:
         table = pd.read_csv(table_path)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
