@@ -120,14 +120,22 @@ class Preprocess:
         mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
         self.scale, self.shift = 1.0 / (255.0 * std), -mean / std  # (x/255 - mean)/std as one multiply-add
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+    def empty(self, n: int) -> torch.Tensor:
+        """An uninitialised output batch of ``n`` patches: channels_last float32 (n, 3, S, S) on the device."""
+        return torch.empty((n, 3, self.size, self.size), device=self.scale.device, memory_format=torch.channels_last)
+
+    def __call__(self, batch: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The preprocessed batch, written into ``out`` (e.g. a batch already in shared memory) when given.
+
+        uint8 is normalised straight into the output (promoted to float32 element by element, as ``x.float()``
+        would): no batch-sized float temporary, which on a CPU is a fresh mmap, page-faulted and zeroed.
+        """
         x = batch.permute(0, 3, 1, 2)  # NHWC memory is channels_last
         if x.shape[-2:] != (self.resize, self.resize):
             x = TF.resize(x, [self.resize, self.resize], interpolation=self.interpolation, antialias=True)
         if self.resize != self.size:
             x = TF.center_crop(x, [self.size, self.size])
-        x = torch.addcmul(self.shift, x.float(), self.scale)
-        return x.contiguous(memory_format=torch.channels_last)
+        return torch.addcmul(self.shift, x, self.scale, out=self.empty(len(x)) if out is None else out)
 
 
 class Encoder:
@@ -227,13 +235,14 @@ class PatchBatches(Dataset):
         start, stop = int(index[0]), int(index[-1]) + 1
         patches = torch.from_numpy(read_patches(self.store, start, stop))
         patches = patches if stop - start == len(index) else patches[index - start]
-        batch = patches if self.transform is None else self.transform(patches)
+        batch = patches if self.transform is None else self.transform.empty(len(patches))
         if get_worker_info() is not None:
-            # In a loader worker, move the batch to shared memory here, where a failure (a full /dev/shm, a file
+            # In a loader worker, place the batch in shared memory here, where a failure (a full /dev/shm, a file
             # size limit) is raised and sent back; done later by the queue's thread, it is lost and the loader hangs.
+            # A preprocessed batch is allocated there first and written once.
             with writing("shared memory (/dev/shm) for a batch of patches"):
                 batch.share_memory_()
-        return batch
+        return batch if self.transform is None else self.transform(patches, out=batch)
 
 
 def encode_store(store: PatchStore, encoder: Encoder, batch_size: int, num_workers: int,
