@@ -256,3 +256,18 @@ def test_nomogram_of_decision_fusion_expands_the_clinical_score() -> None:
     np.testing.assert_allclose(nomogram.survival(total), model.predict_survival(data, (200.0, 400.0)), rtol=0, atol=1e-6)
     stage = nomogram.table().query("variable == 'stage'").set_index("value")["points"]
     assert stage["I"] == 0.0 and stage["I"] < stage["II"] < stage["III"] < stage["IV"]  # as planted
+
+
+def test_nomogram_of_a_fusion_whose_stacking_dropped_the_clinical_score() -> None:
+    """Non-negative stacking may drop the clinical linear predictor (here a clinical model of pure noise); the
+    nomogram then has the scores' axes only (it failed with a KeyError on the dropped column)."""
+    clinical, radiology, signatures, _ = simulate_cohort_tables(120, seed=3)
+    data = clinical.merge(radiology, on="patient_id").merge(
+        signatures.groupby("patient_id", as_index=False)["risk"].mean(), on="patient_id")
+    data["noise"] = np.random.default_rng(3).standard_normal(len(data))
+    model = DecisionFusion(CoxModel(Design(numeric=("noise",))), ("radiology_score", "risk"), non_negative=True).fit(data)
+    assert list(model.coefficients()["covariate"]) == ["radiology_score", "risk"]  # the clinical score was dropped
+    nomogram = Nomogram(model, (200.0,)).fit(data)
+    assert list(nomogram.points(data).columns) == ["radiology_score", "risk"]
+    np.testing.assert_allclose(nomogram.linear_predictor(nomogram.points(data).sum(axis=1).to_numpy()),
+                               model.predict_risk(data), rtol=0, atol=1e-6)

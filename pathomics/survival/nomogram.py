@@ -52,7 +52,7 @@ def linear_form(model: SurvivalModel, data: pd.DataFrame) -> tuple[pd.DataFrame,
     if not isinstance(fused, DecisionFusion):
         raise ModelError(f"cannot draw a nomogram of a {type(fused).__name__}")
     stage_x, stage_w, designs = linear_form(fused.stage_, fused.stage_inputs(data))
-    if fused.clinical_ is None:
+    if fused.clinical_ is None or CLINICAL_LP not in stage_w.index:  # no clinical model, or stacking dropped it
         return stage_x, stage_w, designs
     clinical_x, clinical_w, clinical_designs = linear_form(fused.clinical_, data)
     weights = pd.concat([clinical_w * stage_w[CLINICAL_LP], stage_w.drop(CLINICAL_LP)])
