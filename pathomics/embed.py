@@ -266,8 +266,9 @@ def encode_store(store: PatchStore, encoder: Encoder, batch_size: int, num_worke
                             pin_memory=encoder.device.type == "cuda")
     in_flight: deque[tuple[int, torch.Tensor, torch.cuda.Event | None]] = deque()
     start = 0
-    with torch.inference_mode(), reader_death(store):
-        for batch in loader:
+    batches_in = iter(loader)
+    with torch.inference_mode(), reader_death(store, batches_in):
+        for batch in batches_in:
             in_flight.append((start, *_to_host(encoder(batch))))
             start += len(batch)
             if len(in_flight) > 1:  # collect the previous batch while this one runs on the device
@@ -278,18 +279,34 @@ def encode_store(store: PatchStore, encoder: Encoder, batch_size: int, num_worke
 
 
 @contextlib.contextmanager
-def reader_death(store: PatchStore) -> Iterator[None]:
-    """Turn torch's RuntimeError for a loader worker that died (SIGKILL, the out-of-memory killer), raised the moment
-    its SIGCHLD arrives, into a WorkerError that fails this slide alone."""
+def reader_death(store: PatchStore, batches: Iterator[torch.Tensor]) -> Iterator[None]:
+    """Turn a loader worker's death (SIGKILL, the out-of-memory killer) into a WorkerError that fails this slide
+    alone: torch raises a RuntimeError the moment its SIGCHLD arrives, or, when the worker died while handing over a
+    batch, the hand-over's connection ends in an EOFError or ConnectionError."""
     try:
         yield
-    except RuntimeError as exc:
+    except BaseException as exc:
+        readers = hasattr(batches, "_shutdown_workers")  # a multi-process DataLoader iterator
+        stop_readers(batches)
         what = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        if not what.startswith("DataLoader worker"):
+        if isinstance(exc, RuntimeError) and what.startswith("DataLoader worker"):
+            detail = what.removeprefix("DataLoader worker ").rstrip(". ")
+        elif readers and isinstance(exc, (EOFError, ConnectionError)):
+            detail = f"its connection closed while handing over a batch: {type(exc).__name__}"
+        else:
             raise
-        detail = what.removeprefix("DataLoader worker ").rstrip(". ")
         raise WorkerError(f"{store.path}: a patch reader process died ({detail}), most often for lack of memory; "
                           "lower --num-workers or --batch-size and re-run `pathomics embed`") from exc
+
+
+def stop_readers(batches: Iterator[torch.Tensor]) -> None:
+    """Shut the surviving loader workers down now. Left to the iterator's ``__del__``, the join there is interrupted by
+    torch's SIGCHLD handler re-raising the dead worker's error, which Python prints as 'Exception ignored ... Traceback'
+    (the first shutdown call marks the iterator shut down, so ``__del__`` does nothing)."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # a multi-process DataLoader iterator's
+    if shutdown is not None:
+        with contextlib.suppress(RuntimeError, OSError, EOFError):  # the dead worker's error, raised again
+            shutdown()
 
 
 def _to_host(out: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pathomics.cli.common import comma_list, config_from_args, config_options
+from pathomics.cli.common import comma_list, config_from_args, config_options, registry
 
 LONGITUDINAL_CONFIG = "pathomics.survival.longitudinal.LongitudinalConfig"
 
@@ -46,7 +46,8 @@ def add_action(actions: argparse._SubParsersAction) -> None:
     option("--patient-col", dest="id_col", metavar="COL", help="patient id column of every table")
     option("--time-col", dest="time_col", metavar="COL", help="follow-up time column")
     option("--event-col", dest="event_col", metavar="COL", help="event column, 1 recurrence, 0 censored")
-    option("--signature", choices=("risk", "embedding"), help="what of the signatures to fuse: risk column or sig_*")
+    option("--signature", choices=registry("pathomics.survival.longitudinal", "SIGNATURE_KINDS"),
+           help="what of the signatures to fuse: risk column or sig_*")
     option("--risk-col", dest="risk_col", metavar="COL", help="pathology risk column")
     option("--penalizer", type=float, metavar="X", help="Cox penalty of the time-varying and snapshot models")
     option("--folds", type=int, metavar="K", help="patient-level folds of the landmark models")
