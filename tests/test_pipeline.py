@@ -269,15 +269,20 @@ def test_run_lists_failed_slides_and_exits_1(tmp_path, cohort, truncated_slide):
 def test_ctrl_c_stops_the_run_with_one_line_and_keeps_finished_slides_done(tmp_path, cohort):
     """Ctrl-C reaches the whole process group, as at a terminal: Dask workers printed KeyboardInterrupt tracebacks,
     and slides finished in the interrupted run had no `done` row."""
+    # a shell starts a foreground job with Ctrl-C's default action, whatever the shell's own; a test process may
+    # have it ignored (an ignored signal stays ignored in a child), so the run is started as a shell starts it
+    parent_sigint = signal.getsignal(signal.SIGINT)
     proc = subprocess.Popen(run_command(cohort, tmp_path), start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None and len(feature_mtimes(tmp_path)) < 2:
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be interrupted"
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert proc.returncode == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err, \
+        f"exit {proc.returncode}, test process's SIGINT handler {parent_sigint}:\n{err}"
     assert "interrupted; re-run the same command to resume" in err
     status = {(r.slide_id, r.stage): r.state for r in read_status(tmp_path)}
     for slide_id in feature_mtimes(tmp_path):

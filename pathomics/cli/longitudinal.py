@@ -46,8 +46,8 @@ def add_action(actions: argparse._SubParsersAction) -> None:
     option("--patient-col", dest="id_col", metavar="COL", help="patient id column of every table")
     option("--time-col", dest="time_col", metavar="COL", help="follow-up time column")
     option("--event-col", dest="event_col", metavar="COL", help="event column, 1 recurrence, 0 censored")
-    option("--signature", choices=registry("pathomics.survival.longitudinal", "SIGNATURE_KINDS"),
-           help="what of the signatures to fuse: risk column or sig_*")
+    option("--signature", choices=registry("pathomics.survival.longitudinal", "SIGNATURE_KINDS"), metavar="KIND",
+           help="what of the signatures to fuse, %(choices)s: the risk column or the sig_* columns")
     option("--risk-col", dest="risk_col", metavar="COL", help="pathology risk column")
     option("--penalizer", type=float, metavar="X", help="Cox penalty of the time-varying and snapshot models")
     option("--folds", type=int, metavar="K", help="patient-level folds of the landmark models")
