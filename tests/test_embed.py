@@ -94,6 +94,20 @@ def test_stored_features_equal_the_backbone_in_fp32(tmp_path: Path, model: str, 
     assert error <= 1e-4 and error <= 1e-4 * np.abs(expected).max()
 
 
+def test_a_cpu_embeds_without_reader_processes_unless_asked(tmp_path: Path, shufflenet: Backbone,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Readers started for each slide cost a small slide more than they save on a CPU, whose cores the model uses;
+    a GPU is fed by one per core."""
+    started: list[int] = []
+    loader = embed.DataLoader
+    monkeypatch.setattr(embed, "DataLoader", lambda *a, **k: started.append(k["num_workers"]) or loader(*a, **k))
+    store = make_store(tmp_path, "s1", random_patches(10))
+    embed_store(store, tmp_path / "default", dataclasses.replace(CPU_FP32, num_workers=None), backbone=shufflenet)
+    embed_store(store, tmp_path / "asked", dataclasses.replace(CPU_FP32, num_workers=2, batch_size=4), backbone=shufflenet)
+    assert started == [0, 2]
+    assert embed.reader_count(None, torch.device("cuda")) == embed.default_workers()
+
+
 @pytest.mark.slow
 def test_results_do_not_depend_on_batch_size_workers_or_order(tmp_path: Path, shufflenet: Backbone) -> None:
     images = random_patches(23)

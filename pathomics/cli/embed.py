@@ -38,7 +38,8 @@ def add_embed_options(parser: argparse._ActionsContainer) -> None:
     precision = option("--precision", help="%(names)s; auto: bf16/fp16 on GPU, bf16 on CPUs with native bf16, else fp32")
     precision.names = registry("pathomics.device", "PRECISIONS")  # type: ignore[attr-defined]
     option("--batch-size", type=int, help="patches per batch")
-    parser.add_argument("--num-workers", type=int, help="background reader processes (default: one per core, up to 8)")
+    parser.add_argument("--num-workers", type=int, help="background reader processes (default: one per core, up to 8, feeding a GPU; "
+                        "none on a CPU, where the model's threads use every core)")
     parser.add_argument("--input-size", type=int, help="resize patches to this side (default: the backbone's own)")
     option("--decoder", choices=registry("pathomics.embed", "DECODERS"), metavar="NAME",
            help="who decodes a coords-only store's patches, %(choices)s: auto (nvImageCodec on a GPU where installed and the "
