@@ -5,7 +5,7 @@ Cohorts come from the demo's generator (``simulate_cohort_tables``) at the demo'
 uses seed 0, never seen here). The pathology risk is the generator's slide risk plus noise (``--pathology-noise``)
 so that its C is near what attention-MIL reaches on the demo's slides, not the generator's near-perfect reading.
 
-    .venv/bin/python benchmarks/fusion.py [--seeds 20]
+    .venv/bin/python benchmarks/fusion.py [--seeds 20] [--first-seed 1] [--json PATH]
 """
 
 from __future__ import annotations
@@ -54,20 +54,27 @@ def one_cohort(seed: int, n: int, pathology_noise: float) -> list[dict[str, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=20, help="cohorts, seeds 1..N (the demo's seed 0 is never used)")
+    parser.add_argument("--seeds", type=int, default=20, help="cohorts: N seeds from --first-seed")
+    parser.add_argument("--first-seed", type=int, default=1, help="the first cohort's seed (the demo's 0 is refused)")
+    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "fusion.json")
     parser.add_argument("--patients", type=int, default=80)
     parser.add_argument("--pathology-noise", type=float, default=1.0)
     args = parser.parse_args()
-    frame = pd.DataFrame([row for seed in range(1, args.seeds + 1)
+    if args.first_seed < 1:
+        parser.error("--first-seed must be 1 or more: seed 0 is the demo's cohort, never used to choose a recipe")
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    frame = pd.DataFrame([row for seed in seeds
                           for row in one_cohort(seed, args.patients, args.pathology_noise)])
     frame["combined >= best single"] = frame["combined - best single"] >= 0
     frame["clinical - oracle"] = frame["clinical"] - frame["clinical oracle"]
     summary = frame.groupby("recipe", sort=False)[
-        [*MODELS, "combined - best single", "combined >= best single", "clinical - oracle"]].mean().round(3)
-    print(f"{args.seeds} cohorts of {args.patients} patients (seeds 1-{args.seeds}), mean over cohorts:")
+        [*MODELS, "combined - best single", "combined >= best single", "clinical - oracle"]].mean()
+    summary["worst combined - best single"] = frame.groupby("recipe", sort=False)["combined - best single"].min()
+    summary = summary.round(3)
+    print(f"{args.seeds} cohorts of {args.patients} patients (seeds {seeds[0]}-{seeds[-1]}), mean over cohorts:")
     print(summary.to_string())
-    out = Path(__file__).parent / "results" / "fusion.json"
-    out.write_text(json.dumps({"args": vars(args), "summary": summary.reset_index().to_dict(orient="records"),
+    out = args.json
+    out.write_text(json.dumps({"args": {**vars(args), "json": str(out)}, "summary": summary.reset_index().to_dict(orient="records"),
                                "cohorts": frame.to_dict(orient="records")}, indent=1, default=float))
     print(f"wrote {out}")
 
