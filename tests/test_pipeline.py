@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,7 @@ from pathomics.tiling import TileConfig
 
 TILE = TileConfig(target_mpp=2.0, patch_size=64, threads=1)
 EMBED = EmbedConfig(model="shufflenet-v2", weights="random", precision="fp32", batch_size=64, num_workers=0, input_size=64)
+DASK = Path(sys.executable).with_name("dask")  # the dask command of this environment
 
 
 @pytest.fixture(scope="module")
@@ -178,17 +181,27 @@ def test_two_runs_on_one_output_directory_share_the_slides(tmp_path, cohort):
         assert sum(f"{stage}: inputs and settings unchanged since it finished; skipped" in log for log in logs) == 1, logs
 
 
-@pytest.mark.slow
-def test_run_against_an_existing_dask_scheduler(tmp_path, cohort):
-    dask = Path(sys.executable).with_name("dask")
+@contextlib.contextmanager
+def external_scheduler(tmp_path: Path) -> Iterator[tuple[Path, list[subprocess.Popen]]]:
+    """A `dask scheduler` writing its scheduler file; the processes a test appends (its workers) are stopped with it."""
     scheduler_file = tmp_path / "scheduler.json"
-    procs = [subprocess.Popen([str(dask), "scheduler", "--scheduler-file", str(scheduler_file), "--no-dashboard", "--host", "127.0.0.1"],
+    procs = [subprocess.Popen([str(DASK), "scheduler", "--scheduler-file", str(scheduler_file), "--no-dashboard", "--host", "127.0.0.1"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
         deadline = time.monotonic() + 60
         while not scheduler_file.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
-        procs.append(subprocess.Popen([str(dask), "worker", "--scheduler-file", str(scheduler_file), "--nworkers", "1",
+        yield scheduler_file, procs
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_run_against_an_existing_dask_scheduler(tmp_path, cohort):
+    with external_scheduler(tmp_path) as (scheduler_file, procs):
+        procs.append(subprocess.Popen([str(DASK), "worker", "--scheduler-file", str(scheduler_file), "--nworkers", "1",
                                        "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         address = json.loads(scheduler_file.read_text())["address"]
@@ -196,10 +209,6 @@ def test_run_against_an_existing_dask_scheduler(tmp_path, cohort):
         result = subprocess.run(run_command(cohort, out, "--scheduler", address), capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-2000:]
         assert len(feature_mtimes(out)) == 14 and (out / "survival" / "metrics.json").exists()
-    finally:
-        for proc in reversed(procs):
-            proc.terminate()
-            proc.wait(timeout=30)
 
 
 @pytest.mark.slow
@@ -208,16 +217,9 @@ def test_an_external_scheduler_with_one_gpu_per_worker_runs_each_slide_once_one_
     the slide tasks ask for the GPU, so each worker runs one slide at a time (its card), and both take slides."""
     from distributed import Client, get_task_stream
 
-    dask = Path(sys.executable).with_name("dask")
-    scheduler_file = tmp_path / "scheduler.json"
-    procs = [subprocess.Popen([str(dask), "scheduler", "--scheduler-file", str(scheduler_file), "--no-dashboard", "--host", "127.0.0.1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    try:
-        deadline = time.monotonic() + 60
-        while not scheduler_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
+    with external_scheduler(tmp_path) as (scheduler_file, procs):
         for name in ("gpu0", "gpu1"):
-            procs.append(subprocess.Popen([str(dask), "worker", "--scheduler-file", str(scheduler_file), "--name", name,
+            procs.append(subprocess.Popen([str(DASK), "worker", "--scheduler-file", str(scheduler_file), "--name", name,
                                            "--nthreads", "2", "--resources", "GPU=1", "--local-directory", str(tmp_path / name), "--no-nanny",
                                            "--no-dashboard", "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         entries = [SlideEntry(write_slide(tmp_path / f"s{i}.svs", 2048, 1536, seed=i).path, f"s{i}", f"P{i}") for i in range(4)]
@@ -226,10 +228,6 @@ def test_an_external_scheduler_with_one_gpu_per_worker_runs_each_slide_once_one_
             config = RunConfig(tile=TILE, embed=EMBED, scheduler=client.scheduler.address)
             with get_task_stream(client) as stream:
                 rows = run_slides(entries, tmp_path / "out", config, client=client, show_progress=False)
-    finally:
-        for proc in reversed(procs):
-            proc.terminate()
-            proc.wait(timeout=30)
     assert sorted((r.slide_id, r.stage, r.state) for r in rows) == sorted(
         (e.slide_id, stage, "done") for e in entries for stage in ("tile", "embed"))
     assert sorted(feature_mtimes(tmp_path / "out")) == sorted(e.slide_id for e in entries)
