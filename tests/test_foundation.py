@@ -292,6 +292,7 @@ def test_text_file_as_weights_is_one_clear_error(tmp_path: Path, stores: dict[in
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert str(notes) in err and "not a PyTorch state dict" in err
+    assert "it is text starting b'download the weights" in err and "pop from empty list" not in err
 
 
 def test_models_that_cannot_fit_are_refused_with_what_would_help(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

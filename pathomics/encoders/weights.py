@@ -117,6 +117,20 @@ def check_keys(expected: Iterable[str], given: Mapping[str, torch.Tensor], path:
                          f"--encoder they belong to")
 
 
+def unreadable_weights(path: Path, exc: BaseException) -> str:
+    """Why torch could not load ``path``: what the file is when it is neither a torch zip archive nor a pickle
+    (the unpickler's own words for a text file, e.g. 'pop from empty list', help nobody), else torch's reason."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as error:
+        return str(error)
+    if head and not head.startswith((b"PK\x03\x04", b"\x80")):
+        kind = "text" if head.isascii() else "binary data"
+        return f"it is {kind} starting {head[:24]!r}, neither a torch zip archive nor a pickle"
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 def read_state_dict(path: Path, mmap: bool = False) -> Mapping[str, torch.Tensor]:
     """A torchvision-style state dict, bare or under a checkpoint's ``state_dict`` key (tensors only).
 
@@ -125,10 +139,8 @@ def read_state_dict(path: Path, mmap: bool = False) -> Mapping[str, torch.Tensor
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (RuntimeError, OSError, ValueError, EOFError, IndexError, KeyError, TypeError, pickle.UnpicklingError) as exc:
-        # a file that is no pickle at all (a text file, say) breaks the unpickler in many ways
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path} is not a PyTorch state dict ({reason}); give a .pt/.pth/.safetensors weights file "
-                         "or a folder holding one") from exc
+        raise ModelError(f"{path} is not a PyTorch state dict ({unreadable_weights(path, exc)}); give a "
+                         ".pt/.pth/.safetensors weights file or a folder holding one") from exc
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
