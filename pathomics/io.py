@@ -160,9 +160,9 @@ def checked_sha256(path: str | os.PathLike, remedy: str) -> str:
 def intact(path: str | os.PathLike) -> bool:
     """Whether ``path`` exists and, where its SHA-256 was recorded, still has it."""
     recorded = recorded_digest(path)
-    if not Path(path).exists() or not recorded.is_file():
-        return Path(path).exists()
-    return recorded.read_text().strip() == sha256_file(path)
+    if not Path(path).exists():
+        return False
+    return not recorded.is_file() or recorded.read_text().strip() == sha256_file(path)
 
 
 def save_pickle(document: Any, path: str | os.PathLike) -> str:
@@ -175,8 +175,10 @@ def save_pickle(document: Any, path: str | os.PathLike) -> str:
 
 def load_pickle(path: str | os.PathLike, remedy: str) -> Any:
     """Unpickle ``path`` after checking its recorded SHA-256; a damaged or truncated file is a StoreError that names
-    it and says ``remedy`` (re-run the verb that wrote it). Unpickling can run code: load only files you wrote."""
-    checked_sha256(path, remedy)
+    it and says ``remedy`` (re-run the verb that wrote it). Unpickling can run code: load only files you wrote.
+    A file written without a recorded SHA-256 is not hashed (its caller may check it against its own record)."""
+    if recorded_digest(path).is_file():
+        checked_sha256(path, remedy)
     try:
         with Path(path).open("rb") as fh:
             return pickle.load(fh)

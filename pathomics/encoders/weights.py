@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from pathomics.errors import ModelError
+from pathomics.io import one_line_reason
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # the names Hugging Face repositories use
 WEIGHTS_ENV = "PATHOMICS_WEIGHTS"
@@ -128,7 +129,7 @@ def unreadable_weights(path: Path, exc: BaseException) -> str:
     if head and not head.startswith((b"PK\x03\x04", b"\x80")):
         kind = "text" if head.isascii() else "binary data"
         return f"it is {kind} starting {head[:24]!r}, neither a torch zip archive nor a pickle"
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return one_line_reason(exc)
 
 
 def read_state_dict(path: Path, mmap: bool = False) -> Mapping[str, torch.Tensor]:

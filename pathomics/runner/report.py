@@ -12,12 +12,12 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import numpy as np
 import pandas as pd
 
 from pathomics.errors import StoreError
+from pathomics.io import json_ready
 from pathomics.layout import FAILED, OutputLayout
 from pathomics.survival.figures import Section, image_html, link_html, paragraph, table_html, write_report
 
@@ -45,7 +45,7 @@ def encoder_table(layout: OutputLayout, slide_ids: Sequence[str]) -> pd.DataFram
     rows = []
     for slide_id in slide_ids:
         with h5py.File(layout.feature_file(slide_id), "r") as h5:
-            attrs = {k: _plain(h5.attrs.get(k, "")) for k in (*ENCODER_ATTRS, "qc_dropped")}
+            attrs = {k: json_ready(h5.attrs.get(k, "")) for k in (*ENCODER_ATTRS, "qc_dropped")}
             rows.append({"slide_id": slide_id, "patches": int(h5["features"].shape[0]), **attrs})
     return pd.DataFrame(rows)
 
@@ -57,7 +57,7 @@ def tiling_table(layout: OutputLayout, slide_ids: Sequence[str]) -> pd.DataFrame
     rows = []
     for slide_id in slide_ids:
         attrs = open_patch_store(layout.store(slide_id)).attrs
-        rows.append({"slide_id": slide_id, **{k: _plain(attrs.get(k, "")) for k in TILING_ATTRS}})
+        rows.append({"slide_id": slide_id, **{k: json_ready(attrs.get(k, "")) for k in TILING_ATTRS}})
     return pd.DataFrame(rows)
 
 
@@ -75,13 +75,6 @@ def qc_counts(layout: OutputLayout, slide_ids: Sequence[str]) -> pd.DataFrame:
         rows.append({"slide_id": slide_id, "scored": len(table), "flagged": int((~table["qc_pass"]).sum()),
                      **{f"flag_{f}": int(table[f"flag_{f}"].sum()) for f in FLAGS if f"flag_{f}" in table}})
     return pd.DataFrame(rows)
-
-
-def _plain(value: Any) -> Any:
-    """An HDF5 or Zarr attribute as a plain Python value (bytes decoded, numpy scalars unwrapped)."""
-    if isinstance(value, bytes):
-        return value.decode()
-    return value.item() if isinstance(value, np.generic) else value
 
 
 def _distinct(frame: pd.DataFrame, column: str) -> str:
