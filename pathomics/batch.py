@@ -198,11 +198,13 @@ class epoch_progress:
         self.enabled, self.bar = enabled, None
 
     def __enter__(self) -> epoch_progress:
+        if not (self.enabled and sys.stderr.isatty()):  # rich is imported only to draw a bar, as for `progress`
+            return self
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         console = Console(stderr=True)
-        if self.enabled and console.is_terminal:
+        if console.is_terminal:
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("epoch {task.completed}/{task.total}"),
                                 TimeElapsedColumn(), console=console, transient=True)
             self.bar.start()

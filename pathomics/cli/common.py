@@ -20,7 +20,7 @@ from pathomics.errors import InputError, PathomicsError
 
 C = TypeVar("C")
 FLAG_ACTIONS = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction, argparse._HelpAction,
-         argparse._VersionAction, argparse._SubParsersAction)
+                argparse._VersionAction, argparse._SubParsersAction)
 
 
 class Names:

@@ -407,5 +407,3 @@ def inputs_key(settings: dict, paths: Sequence[Path]) -> str:
 
     document = {"settings": settings, "inputs": [identity(Path(p)) for p in paths]}
     return digest(document)
-
-
