@@ -166,7 +166,8 @@ def tile_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, config
             log.info("%s: complete store with the same source and parameters exists; skipped", slide_id)
             update_slide_qc(out_dir, existing, config.qc)
             return TileResult(slide_id, final, len(existing), SKIPPED, time.perf_counter() - start_time)
-        tissue = load_tissue(slide, tissue_geojson, config.tissue) if tissue_geojson else detect_tissue(slide, config.tissue)
+        tissue = (load_tissue(slide, tissue_geojson, config.tissue, config.resample) if tissue_geojson
+                  else detect_tissue(slide, config.tissue, config.resample))
         grid = plan_grid(slide, tissue.polygons, config)
         if len(grid.coords) == 0:
             log.warning("%s: no tissue patches found (%s); writing an empty store — check the slide or lower --min-tissue",

@@ -19,6 +19,7 @@ from shapely.geometry import MultiPolygon, Polygon, mapping, shape
 
 from pathomics.errors import ConfigError, PathomicsError
 from pathomics.slide import SlideReader
+from pathomics.slide.patches import read_thumbnail
 from pathomics.io import atomic_path
 
 MIN_SATURATION = 20   # 0-255: below this nothing is stained, whatever Otsu says
@@ -105,16 +106,17 @@ def mask_to_polygons(mask: np.ndarray, downsample: float) -> MultiPolygon:
     return _as_multipolygon(shapely.make_valid(shapely.union_all(polygons)))
 
 
-def detect_tissue(slide: SlideReader, config: TissueConfig = TissueConfig()) -> Tissue:
-    """Detect tissue on a thumbnail of ``slide`` at ``config.thumbnail_mpp``."""
-    thumbnail, downsample = slide.thumbnail(config.thumbnail_mpp)
+def detect_tissue(slide: SlideReader, config: TissueConfig = TissueConfig(), resample: str = "fast") -> Tissue:
+    """Detect tissue on a thumbnail of ``slide`` at ``config.thumbnail_mpp`` (``resample`` as for tiling)."""
+    thumbnail, downsample = read_thumbnail(slide, config.thumbnail_mpp, resample)
     mask = tissue_mask(thumbnail, slide.mpp * downsample, config)
     return Tissue(mask_to_polygons(mask, downsample), thumbnail, downsample, "otsu-saturation")
 
 
-def load_tissue(slide: SlideReader, geojson: str | os.PathLike, config: TissueConfig = TissueConfig()) -> Tissue:
+def load_tissue(slide: SlideReader, geojson: str | os.PathLike, config: TissueConfig = TissueConfig(),
+                resample: str = "fast") -> Tissue:
     """Tissue from a user's GeoJSON (e.g. QuPath annotations, level-0 pixels) instead of detection."""
-    thumbnail, downsample = slide.thumbnail(config.thumbnail_mpp)
+    thumbnail, downsample = read_thumbnail(slide, config.thumbnail_mpp, resample)
     return Tissue(read_geojson(geojson), thumbnail, downsample, f"geojson:{Path(geojson).name}")
 
 

@@ -13,7 +13,7 @@ import pytest
 from pathomics.cli.main import main
 from pathomics.errors import SlideReadError
 from pathomics.manifest import entries_from_paths, read_manifest
-from pathomics.slide import DicomTileSource, Resolution, is_dicom_slide, open_slide
+from pathomics.slide import DicomTileSource, Resolution, TiffTileSource, is_dicom_slide, open_slide
 from pathomics.slide.patches import read_patches
 from pathomics.store import open_patch_store
 from pathomics.synthetic import SlideTruth
@@ -58,7 +58,7 @@ def test_wsidicom_backend_reads_the_same_pixels(dicom_slide, aperio_slide):
             np.testing.assert_array_equal(dcm.read_region(xy, level, size), svs.read_region(xy, level, size))
 
 
-def test_direct_frame_decoding_is_bit_identical_to_openslide(dicom_slide):
+def test_direct_frame_decoding_is_bit_identical_to_openslide(dicom_slide, aperio_slide):
     with open_slide(dicom_slide) as reference:
         frames = DicomTileSource.open(dicom_slide, reference.level_dimensions)
         assert frames is not None and frames.method == "dicom-tiles" and frames.tile_shape(1) == (256, 256)
@@ -68,6 +68,14 @@ def test_direct_frame_decoding_is_bit_identical_to_openslide(dicom_slide):
                 x, y, w, h = box
                 ds = int(reference.level_downsamples[level])
                 np.testing.assert_array_equal(frames.assemble(level, box), reference.read_region((x * ds, y * ds), level, (w, h)))
+        frames.close()
+    with open_slide(aperio_slide.path) as svs:  # the SVS the frames were copied from
+        tiles, frames = TiffTileSource.open(svs.path, svs.level_dimensions), DicomTileSource.open(dicom_slide, svs.level_dimensions)
+        for source in (tiles, frames):  # DCT-scaled decoding, as tiling with resample="fast" and its thumbnails use
+            assert source.jpeg_scale(0, 4.0) == 4
+            source.prefetch(source.tiles_for(0, [(100, 80, 600, 400)], 4))
+        np.testing.assert_array_equal(frames.assemble(0, (100, 80, 600, 400), 4), tiles.assemble(0, (100, 80, 600, 400), 4))
+        tiles.close()
         frames.close()
 
 
@@ -100,7 +108,9 @@ def test_a_dicom_slide_openslide_cannot_read_falls_back_to_wsidicom(tmp_path, ap
         assert (dcm.backend, dcm.resolution) == ("wsidicom", Resolution(0.25, "metadata"))
         for level, xy, size in [(0, (1000, 700), (600, 500)), (1, (400, 800), (300, 200))]:
             np.testing.assert_array_equal(dcm.read_region(xy, level, size), svs.read_region(xy, level, size))
-    config = TileConfig(target_mpp=1.0, patch_size=64, threads=2)
+    # exact: the JPEG-LS copy holds decoded pixels, which cannot be DCT-scaled as the SVS's JPEG tiles are with
+    # resample="fast" (there its thumbnail, and so the tissue's outline, may differ by a pixel)
+    config = TileConfig(target_mpp=1.0, patch_size=64, threads=2, resample="exact")
     svs_store = open_patch_store(tile_slide(aperio_slide.path, tmp_path / "svs", config).path)
     dcm_store = open_patch_store(tile_slide(folder, tmp_path / "dcm", config).path)
     np.testing.assert_array_equal(dcm_store.coords, svs_store.coords)

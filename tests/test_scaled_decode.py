@@ -12,7 +12,7 @@ import tifffile
 from pathomics.cli.main import main
 from pathomics.slide import TiffTileSource, open_slide
 from pathomics.slide.jpeg import complete_stream, decode_scaled, scale_for
-from pathomics.slide.patches import PatchReader
+from pathomics.slide.patches import PatchReader, read_thumbnail
 from pathomics.store import open_patch_store
 from pathomics.synthetic import write_slide
 from pathomics.tiling import TileConfig, tile_slide
@@ -122,8 +122,24 @@ def test_resample_choice_is_provenance_and_a_change_rebuilds(tmp_path, aperio_sl
 def test_thumbnail_from_tiles_equals_the_read_region_thumbnail(fixture, request, monkeypatch):
     truth = request.getfixturevalue(fixture)
     with open_slide(truth.path) as slide:
-        direct, downsample = slide.thumbnail(4.0)
+        direct, downsample = read_thumbnail(slide, 4.0, "exact")
         monkeypatch.setattr("pathomics.slide.tiff_tiles.TiffTileSource.open", classmethod(lambda cls, *a: None))
-        reference, same = slide.thumbnail(4.0)
+        reference, same = read_thumbnail(slide, 4.0, "exact")
     assert downsample == same
     np.testing.assert_array_equal(direct, reference)
+
+
+def test_a_fast_thumbnail_decodes_the_jpeg_tiles_scaled_and_stays_near_the_exact_one(tmp_path, monkeypatch):
+    """A biopsy-like slide with no 16x level: the 8 µm/px thumbnail comes from the 4x level, decoded at 1/4."""
+    truth = write_slide(tmp_path / "biopsy.svs", 4096, 3072, mpp=0.5, seed=3)
+    decoded: list[int] = []
+    decode = TiffTileSource._decode
+    monkeypatch.setattr(TiffTileSource, "_decode", lambda self, key: decoded.append(key[1]) or decode(self, key))
+    with open_slide(truth.path) as slide:
+        assert slide.level_downsamples == (1.0, 4.0)
+        exact, downsample = read_thumbnail(slide, 8.0, "exact")
+        assert set(decoded) == {1}
+        decoded.clear()
+        fast, same = read_thumbnail(slide, 8.0, "fast")
+        assert set(decoded) == {4} and same == downsample and fast.shape == exact.shape
+        assert np.abs(fast.astype(int) - exact).mean() < 2.0

@@ -8,6 +8,7 @@ import pytest
 
 from pathomics.errors import SlideReadError
 from pathomics.slide import TiffTileSource, magnification_to_mpp, open_slide
+from pathomics.slide.patches import read_thumbnail
 
 
 def test_aperio_slide_reports_vendor_and_metadata_mpp(aperio_slide):
@@ -58,7 +59,7 @@ def test_missing_path(tmp_path):
 def test_truncated_slide_fails_on_read_naming_the_file(truncated_slide):
     with pytest.raises(SlideReadError, match=r"truncated\.svs.*(truncated|corrupt)"):
         with open_slide(truncated_slide) as slide:
-            slide.thumbnail(8.0)
+            read_thumbnail(slide, 8.0)
             w, h = slide.dimensions
             slide.read_region((0, 0), 0, (w, h))
 
@@ -92,8 +93,9 @@ def test_magnification_converts_to_mpp():
         magnification_to_mpp(0)
 
 
-def test_thumbnail_has_the_requested_scale(aperio_slide):
+@pytest.mark.parametrize("resample", ["exact", "fast"])
+def test_thumbnail_has_the_requested_scale(aperio_slide, resample):
     with open_slide(aperio_slide.path) as slide:
-        image, downsample = slide.thumbnail(4.0)
+        image, downsample = read_thumbnail(slide, 4.0, resample)
         assert downsample == pytest.approx(16.0)
         assert image.shape == (256, 384, 3)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import math
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +12,6 @@ import numpy as np
 
 from pathomics.errors import ConfigError, SlideReadError
 
-THUMB_BAND_ROWS = 512  # level rows read at a time when making a thumbnail
 MPP_RANGE = (0.02, 50.0)  # µm/px a microscope slide can plausibly have at level 0
 _UNIT_UM = {"centimeter": 1e4, "inch": 25400.0, "millimeter": 1e3, "micrometer": 1.0}
 
@@ -108,42 +105,6 @@ class SlideReader(ABC):
         """The coarsest level whose downsample is at or below ``downsample`` (never upsample)."""
         fits = [i for i, d in enumerate(self.level_downsamples) if d <= downsample * (1 + 1e-3)]
         return max(fits, key=lambda i: self.level_downsamples[i]) if fits else 0
-
-    def thumbnail(self, mpp: float) -> tuple[np.ndarray, float]:
-        """The whole slide at about ``mpp`` µm/px (read from the best level, area-resized); returns (image, downsample).
-
-        TIFF slides are read tile by tile (``TiffTileSource``: pixels identical to OpenSlide's, without its
-        compositing cost; at full size, so a slide and its DICOM copy find the same tissue); others through
-        ``read_region``.
-        """
-        import cv2
-
-        from pathomics.slide.tiff_tiles import TiffTileSource
-
-        downsample = max(mpp / self.mpp, 1.0)
-        level = self.best_level(downsample)
-        w0, h0 = self.dimensions
-        out_w, out_h = max(1, round(w0 / downsample)), max(1, round(h0 / downsample))
-        tiles = TiffTileSource.open(self.path, self.level_dimensions)
-        width, height = self.level_dimensions[level]
-        scale = height / out_h  # level rows per thumbnail row
-        rows_per_band = max(1, int(THUMB_BAND_ROWS / scale))
-        bands = []
-        try:
-            with ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="pathomics-thumb") as pool:
-                for r0 in range(0, out_h, rows_per_band):  # in bands, so memory stays bounded on single-level slides
-                    r1 = min(out_h, r0 + rows_per_band)
-                    y0, y1 = int(r0 * scale), min(height, max(int(r0 * scale) + 1, int(round(r1 * scale))))
-                    if tiles is None:
-                        band = self.read_region((0, int(y0 * self.level_downsamples[level])), level, (width, y1 - y0))
-                    else:
-                        tiles.prefetch(tiles.tiles_for(level, [(0, y0, width, y1 - y0)]), pool)
-                        band = tiles.assemble(level, (0, y0, width, y1 - y0))
-                    bands.append(cv2.resize(band, (out_w, r1 - r0), interpolation=cv2.INTER_AREA))
-        finally:
-            if tiles is not None:
-                tiles.close()
-        return np.concatenate(bands), w0 / out_w
 
     def __enter__(self) -> SlideReader:
         return self

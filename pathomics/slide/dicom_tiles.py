@@ -17,6 +17,7 @@ import numpy as np
 
 from pathomics.errors import SlideReadError
 from pathomics.slide.dicom_backend import is_dicom_file, pixel_data_layout, slide_files
+from pathomics.slide.jpeg import complete_stream, decode_scaled, scale_for, split_tables
 from pathomics.slide.tiff_tiles import TileSource, misaligned_empty
 
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
@@ -64,10 +65,14 @@ class DicomTileSource(TileSource):
     def tile_shape(self, level: int) -> tuple[int, int]:
         return self._levels[level].tile_width, self._levels[level].tile_height
 
+    def jpeg_scale(self, level: int, factor: float) -> int:
+        """Frames are JPEG baseline (the only ones this source takes): they scale during decode as TIFF tiles do."""
+        return scale_for(factor, self.tile_shape(level))
+
     def _decode(self, key: tuple[int, int, int, int]) -> np.ndarray:
         import imagecodecs
 
-        level, _, row, col = key  # frames decode at full size (jpeg_scale is 1)
+        level, scale, row, col = key
         spec = self._levels[level]
         index = row * -(-spec.width // spec.tile_width) + col
         fd, item = self._fds[spec.file], spec.fragments[index]
@@ -75,8 +80,12 @@ class DicomTileSource(TileSource):
         data = os.pread(fd, length, item + 8)
         if len(data) != length:
             raise SlideReadError(f"{spec.file}: frame {index} is cut short; the file is truncated — re-copy it from the archive")
-        out = misaligned_empty((spec.tile_height, spec.tile_width, 3))
         try:
+            if scale > 1:  # any APPn dropped, so only the Adobe marker says how the samples are coded
+                tables, frame = split_tables(data)
+                return decode_scaled(complete_stream(frame, tables, spec.colorspace == _JCS_RGB),
+                                     (spec.tile_height, spec.tile_width), scale)
+            out = misaligned_empty((spec.tile_height, spec.tile_width, 3))
             return imagecodecs.jpeg8_decode(data, colorspace=spec.colorspace, outcolorspace=_JCS_RGB,
                                             shape=(spec.tile_height, spec.tile_width), out=out)
         except Exception as exc:  # noqa: BLE001 - the codec raises its own error type for corrupt data

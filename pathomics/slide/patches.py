@@ -16,6 +16,7 @@ from pathomics.slide.tiff_tiles import map_in_parts
 from pathomics.store import PatchStore
 
 STRIP_PIXELS = 4096  # width of a processing strip at the read level
+THUMB_BAND_ROWS = 512  # decoded level rows read at a time when making a thumbnail
 
 
 class PatchReader:
@@ -123,6 +124,45 @@ class PatchReader:
             out[...] = region
         else:
             cv2.resize(region, (self.patch_size, self.patch_size), dst=out, interpolation=cv2.INTER_AREA)
+
+
+def read_thumbnail(slide: SlideReader, mpp: float, resample: str = "exact") -> tuple[np.ndarray, float]:
+    """The whole slide at about ``mpp`` µm/px, read from the best level and area-resized; returns (image, downsample).
+
+    Direct tile sources (TIFF tiles, DICOM JPEG frames) are read tile by tile, without ``read_region``'s
+    compositing cost. ``resample`` as for patches: ``"exact"`` decodes at full size (pixels identical to
+    OpenSlide's); ``"fast"`` decodes JPEG tiles DCT-scaled towards the thumbnail (a biopsy's 4x level at 1/4:
+    a quarter of the decoding and no large resize), so a slide and its DICOM copy with the same JPEG frames still
+    find the same tissue, while a copy re-encoded otherwise (JPEG-LS, JPEG 2000) may differ at the outline's pixels.
+    """
+    import cv2
+
+    downsample = max(mpp / slide.mpp, 1.0)
+    level = slide.best_level(downsample)
+    w0, h0 = slide.dimensions
+    out_w, out_h = max(1, round(w0 / downsample)), max(1, round(h0 / downsample))
+    tiles = open_tile_source(slide.path, slide.level_dimensions)
+    fast = tiles is not None and resample == "fast"
+    scale = tiles.jpeg_scale(level, downsample / slide.level_downsamples[level]) if fast else 1
+    width, height = (d // scale for d in slide.level_dimensions[level])  # pixels of the level as decoded
+    rows = height / out_h  # decoded rows per thumbnail row
+    rows_per_band = max(1, int(THUMB_BAND_ROWS / rows))
+    bands = []
+    try:
+        with ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="pathomics-thumb") as pool:
+            for r0 in range(0, out_h, rows_per_band):  # in bands, so memory stays bounded on single-level slides
+                r1 = min(out_h, r0 + rows_per_band)
+                y0, y1 = int(r0 * rows), min(height, max(int(r0 * rows) + 1, int(round(r1 * rows))))
+                if tiles is None:
+                    band = slide.read_region((0, int(y0 * slide.level_downsamples[level])), level, (width, y1 - y0))
+                else:
+                    tiles.prefetch(tiles.tiles_for(level, [(0, y0, width, y1 - y0)], scale), pool)
+                    band = tiles.assemble(level, (0, y0, width, y1 - y0), scale)
+                bands.append(cv2.resize(band, (out_w, r1 - r0), interpolation=cv2.INTER_AREA))
+    finally:
+        if tiles is not None:
+            tiles.close()
+    return np.concatenate(bands), w0 / out_w
 
 
 def strip_tiles(tile_shape: tuple[int, int], read_size: int) -> int:
