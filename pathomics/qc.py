@@ -414,7 +414,8 @@ def is_current(out_dir: str | os.PathLike, store: Any, config: QCConfig) -> bool
 
 
 def update_slide_qc(out_dir: str | os.PathLike, store: PatchStore, config: QCConfig | None,
-                    batches: Sequence[BatchScores] = (), batch_size: int = 256) -> SlideQC | None:
+                    batches: Sequence[BatchScores] = (), batch_size: int = 256,
+                    thumbnail: np.ndarray | None = None) -> SlideQC | None:
     """Write a slide's QC outputs unless they are current: the table, its summary row and store attribute, the thumbnail.
 
     ``batches`` score the store's last patches (those this run decoded); earlier ones (a resumed store) and
@@ -426,12 +427,14 @@ def update_slide_qc(out_dir: str | os.PathLike, store: PatchStore, config: QCCon
     head = [score_batch(store.read_images(i, min(i + batch_size, len(store) - scored)), config)
             for i in range(0, len(store) - scored, batch_size)]
     result = slide_qc([*head, *batches], store.coords, store.tissue_fraction, config, store.slide_id)
-    write_qc(out_dir, store, result, config)
+    write_qc(out_dir, store, result, config, thumbnail)
     return result
 
 
-def write_qc(out_dir: str | os.PathLike, store: Any, result: SlideQC, config: QCConfig) -> None:
-    """The table (atomically, with its provenance), the store's ``qc`` attribute, the summary row and the thumbnail."""
+def write_qc(out_dir: str | os.PathLike, store: Any, result: SlideQC, config: QCConfig,
+             thumbnail: np.ndarray | None = None) -> None:
+    """The table (atomically, with its provenance), the store's ``qc`` attribute, the summary row and the thumbnail
+    (drawn over ``thumbnail``, the tiling thumbnail in BGR, when the caller has it: not read back from its PNG)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -444,7 +447,7 @@ def write_qc(out_dir: str | os.PathLike, store: Any, result: SlideQC, config: QC
         pq.write_table(table, tmp)
     update_store_attrs(store.path, qc={**result.summary, "config": asdict(config)})
     update_summary(out_dir, result.summary, config)
-    write_thumbnail(out_dir, store, result.table)
+    write_thumbnail(out_dir, store, result.table, thumbnail)
 
 
 def arrow_column(values: np.ndarray) -> Any:
@@ -502,15 +505,16 @@ def stain_outliers(vectors: np.ndarray, config: QCConfig) -> tuple[np.ndarray, n
     return angle, outlier
 
 
-def write_thumbnail(out_dir: str | os.PathLike, store: Any, table: dict[str, np.ndarray]) -> Path | None:
-    """``<out>/qc/<slide_id>.qc.png``: the tiling thumbnail with each flagged patch filled in its flag's colour."""
+def write_thumbnail(out_dir: str | os.PathLike, store: Any, table: dict[str, np.ndarray],
+                    background: np.ndarray | None = None) -> Path | None:
+    """``<out>/qc/<slide_id>.qc.png``: the tiling thumbnail (``background``, else read from its PNG) with each flagged
+    patch filled in its flag's colour."""
     import cv2
 
     from pathomics.io import write_png
 
-    layout = OutputLayout(out_dir)
-    background = layout.thumbnail(store.slide_id)
-    image = cv2.imread(str(background)) if background.exists() else None
+    path = OutputLayout(out_dir).thumbnail(store.slide_id)
+    image = background if background is not None else cv2.imread(str(path)) if path.exists() else None
     if image is None:
         return None
     scale = 1.0 / float(store.attrs.get("thumbnail_downsample") or 1.0)

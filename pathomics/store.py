@@ -83,7 +83,10 @@ class PatchStoreWriter:
             stray.unlink()
 
     def _create(self, compression: str) -> None:
-        """The arrays' metadata, and the coordinates and tissue fractions (one chunk each, as zarr-python writes them)."""
+        """The arrays' metadata, and the coordinates and tissue fractions (one chunk each, as zarr-python writes them).
+
+    Written in place, not through temporary files: until the group's ``zarr.json`` is written after them, the
+    partial store is rebuilt, never resumed, so a file cut short by a kill is never read."""
         n = max(self.n, 1)
         _write_small_array(self.partial / "coords", self.coords, (n, 2))
         _write_small_array(self.partial / "tissue_fraction", self.tissue_fraction, (n,))
@@ -93,7 +96,7 @@ class PatchStoreWriter:
                 "chunk_shape": [self.chunk, p, p, 3], "codecs": [{"name": "bytes"}, *compressor_metadata(compression)],
                 "index_codecs": [_LITTLE_ENDIAN, {"name": "crc32c"}], "index_location": "end"}}
             _write_json(self.partial / "images" / "zarr.json",
-                        array_metadata((self.n, p, p, 3), "uint8", (self.shard, p, p, 3), [sharding], 0))
+                        array_metadata((self.n, p, p, 3), "uint8", (self.shard, p, p, 3), [sharding], 0), atomic=False)
 
     def _write_attrs(self) -> None:
         _write_json(self.partial / "zarr.json", {"attributes": self.attrs, "zarr_format": 3, "node_type": "group"})
@@ -160,15 +163,19 @@ def _write_small_array(directory: Path, data: np.ndarray, chunks: tuple[int, ...
 
     codecs = [_LITTLE_ENDIAN, {"name": "zstd", "configuration": {"level": 0, "checksum": False}}]
     fill = 0.0 if data.dtype.kind == "f" else 0
-    _write_json(directory / "zarr.json", array_metadata(data.shape, data.dtype.name, chunks, codecs, fill))
+    _write_json(directory / "zarr.json", array_metadata(data.shape, data.dtype.name, chunks, codecs, fill), atomic=False)
     if data.size:  # the one chunk is the whole array; an empty array has none
         path = directory / "c" / "/".join("0" * len(chunks))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(imagecodecs.zstd_encode(np.ascontiguousarray(data).tobytes(), level=1))
 
 
-def _write_json(path: Path, document: dict) -> None:
-    """Metadata JSON, atomically (a reader never sees half of it)."""
+def _write_json(path: Path, document: dict, atomic: bool = True) -> None:
+    """Metadata JSON, atomically (a reader never sees half of it) unless nothing reads it before it is whole."""
+    if not atomic:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(document, indent=2))
+        return
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(document, indent=2))
 

@@ -183,9 +183,9 @@ def tile_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, config
             scores: list[BatchScores] = []
             if config.with_pixels:
                 _stream_patches(slide, grid, config, writer, progress, scores)
-            outlines.result()
+            thumbnail = outlines.result()
         writer.publish()
-        update_slide_qc(out_dir, writer.store(), config.qc, scores)
+        update_slide_qc(out_dir, writer.store(), config.qc, scores, thumbnail=thumbnail)
     return TileResult(slide_id, final, len(grid.coords), DONE, time.perf_counter() - start_time)
 
 
@@ -276,9 +276,9 @@ def _stream_patches(slide: SlideReader, grid: Grid, config: TileConfig, writer: 
         raise failure[0]
 
 
-def _write_outlines(tissue: Tissue, grid: Grid, layout: OutputLayout, slide_id: str) -> None:
+def _write_outlines(tissue: Tissue, grid: Grid, layout: OutputLayout, slide_id: str) -> np.ndarray:
     """Save the tissue polygons as GeoJSON, the plain thumbnail, and the thumbnail with the tissue outline (green)
-    and the kept patches (blue) drawn on it."""
+    and the kept patches (blue) drawn on it; returns that thumbnail (BGR), which the QC thumbnail is drawn over."""
     import cv2
 
     write_geojson(tissue.polygons, layout.tissue_geojson(slide_id))
@@ -294,3 +294,4 @@ def _write_outlines(tissue: Tissue, grid: Grid, layout: OutputLayout, slide_id: 
             pts = np.rint(np.asarray(ring.coords) * scale).astype(np.int32)
             cv2.polylines(image, [pts], True, (0, 170, 0), 2)
     write_png(layout.thumbnail(slide_id), image)
+    return image
