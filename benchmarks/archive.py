@@ -90,14 +90,20 @@ def timed_stages(seconds: dict[str, list[float]]) -> None:
         setattr(module, attribute, wrapper)
 
 
-def child_tile(slides: list[Path], out: Path, model: str | None, started: float) -> dict:
-    """Tile ``slides`` as `pathomics tile` does (then embed them as `pathomics embed` does, if ``model``), timing each stage."""
+def child_tile(slides: list[Path], out: Path, model: str | None, started: float, slides_at_once: int | None) -> dict:
+    """Tile ``slides`` as `pathomics tile` does (then embed them as `pathomics embed` does, if ``model``), timing each
+    stage: ``slides_at_once`` at a time, the cores shared among them (default: `pathomics tile`'s; a source tree from
+    before that choice tiles one slide at a time with all cores)."""
     entered = time.time()
+    import pathomics.tiling
     from pathomics.batch import run_jobs
     from pathomics.manifest import SlideEntry
     from pathomics.runner.jobs import tile_job
     from pathomics.tiling import TileConfig
     import pathomics.runner.jobs as jobs
+
+    parallelism = getattr(pathomics.tiling, "batch_parallelism", None)
+    at_once, threads = parallelism(slides_at_once, slides=len(slides)) if parallelism else (1, os.cpu_count() or 1)
 
     stages: dict[str, list[float]] = {label: [] for label, _, _ in STAGES}
     timed_stages(stages)
@@ -112,14 +118,15 @@ def child_tile(slides: list[Path], out: Path, model: str | None, started: float)
             per_slide.append(time.perf_counter() - start)
 
     jobs.tile_slide = timed_tile
-    config = TileConfig(target_mpp=TARGET_MPP, patch_size=PATCH)
+    config = TileConfig(target_mpp=TARGET_MPP, patch_size=PATCH, threads=threads)
     imports = time.time() - entered
     start = time.perf_counter()
-    rows = run_jobs("tile", [tile_job(SlideEntry(p, p.stem, p.stem), out, config) for p in slides], out, show_progress=False)
+    batch = [tile_job(SlideEntry(p, p.stem, p.stem), out, config) for p in slides]
+    rows = run_jobs("tile", batch, out, show_progress=False, **({"at_once": at_once} if at_once > 1 else {}))
     tile_s = time.perf_counter() - start
     if any(r.state != "done" for r in rows):
         raise SystemExit(f"tiling failed: {[r for r in rows if r.state != 'done']}")
-    result = {"process_start_s": entered - started, "imports_s": imports, "tile_s": tile_s, "slide_s": per_slide,
+    result = {"process_start_s": entered - started, "imports_s": imports, "tile_s": tile_s, "slide_s": per_slide, "at_once": at_once,
               "stages_s": stages, "patches": [r.patches for r in rows]}
     if model:
         from pathomics.batch import run_jobs as run_embed
@@ -195,9 +202,14 @@ def tile_summary(result: dict, wall: float) -> dict:
     """Slides/hour, patches/s and the per-slide split of a tiling child: fixed costs against patch work.
 
     The split averages the slides after the first (the first also pays the imports a batch pays once);
-    start-up is the process's time outside the slides plus what the first slide cost beyond the others.
+    start-up is the process's time outside the slides plus what the first slide cost beyond the others. With
+    slides tiled at once their times overlap: no split then, and start-up is the time outside the batch.
     """
     n, patches = len(result["slide_s"]), sum(result["patches"])
+    if result.get("at_once", 1) > 1:
+        return {"slides": n, "patches": patches, "patches_per_slide": patches / n, "seconds": wall, "at_once": result["at_once"],
+                "slides_per_hour": n / wall * 3600, "patches_per_s": patches / wall,
+                "startup_s": wall - result["tile_s"] - result.get("embed_s", 0.0), "per_slide_s": None}
     rest = slice(1, None) if n > 1 else slice(0, None)
     per_slide = result["slide_s"][rest]
     stages = {label: statistics.fmean(values[rest]) for label, values in result["stages_s"].items()}
@@ -228,11 +240,12 @@ def main() -> None:
     parser.add_argument("--child", choices=("tile", "openslide", "lazyslide"))
     parser.add_argument("--model")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--slides-at-once", type=int, help="(child) slides tiled at once (default: `pathomics tile`'s)")
     parser.add_argument("--coords", type=Path)
     parser.add_argument("slides", nargs="*", type=Path)
     args = parser.parse_args()
     if args.child == "tile":
-        print(json.dumps(child_tile(args.slides, args.out, args.model, float(os.environ["BENCH_STARTED"]))))
+        print(json.dumps(child_tile(args.slides, args.out, args.model, float(os.environ["BENCH_STARTED"]), args.slides_at_once)))
         return
     if args.child == "openslide":
         print(json.dumps(child_openslide(args.slides, args.coords, args.out)))
@@ -289,6 +302,10 @@ def measure_tiling(kind: str, slides: list[Path], codes: dict[str, str], lazysli
         for label, code in codes.items():
             result, wall = spawn(["--child", "tile", "--out", str(work / label), *map(str, slides)], code=Path(code))
             entry[f"pathomics tile ({label})"] = tile_summary(result, wall)
+        if result.get("at_once", 1) > 1:  # the last tree once more, one slide at a time: its split of fixed costs
+            result, wall = spawn(["--child", "tile", "--slides-at-once", "1", "--out", str(work / "one"), *map(str, slides)],
+                                 code=Path(code))
+            entry[f"pathomics tile ({label}, one slide at a time)"] = tile_summary(result, wall)
         coords = work / "coords"  # the patches the other readers read: those pathomics kept
         coords.mkdir()
         for p in slides:
@@ -334,7 +351,7 @@ def print_archive(kind: str, entry: dict) -> None:
             continue
         print(f"  {name:<28} {r['slides']:>6} {r['patches']:>8} {r['seconds']:>8.1f} {r['slides_per_hour']:>11.0f} {r['patches_per_s']:>9.0f}")
     for name, r in entry.items():
-        if name.startswith("pathomics tile"):
+        if name.startswith("pathomics tile") and r["per_slide_s"]:
             print(f"  {name}, seconds a slide: " + ", ".join(f"{k} {v:.3f}" for k, v in r["per_slide_s"].items()))
 
 

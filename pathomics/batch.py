@@ -11,8 +11,10 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 
 from pathomics.errors import PathomicsError
@@ -46,8 +48,10 @@ class SlideJob:
     run: Callable[[], Outcome]
 
 
-def run_jobs(stage: str, jobs: Sequence[SlideJob], out_dir: str | os.PathLike, show_progress: bool = True) -> list[StatusRow]:
-    """Run ``jobs`` one after another, isolating failures; record every outcome in ``status.csv``.
+def run_jobs(stage: str, jobs: Sequence[SlideJob], out_dir: str | os.PathLike, show_progress: bool = True,
+             at_once: int = 1) -> list[StatusRow]:
+    """Run ``jobs``, ``at_once`` at a time (threads of this process; 1: one after another), isolating failures;
+    record every outcome in ``status.csv``. Rows come back in the order the slides finished.
 
     Each slide is taken under its lock (the one ``run`` holds): a slide another process holds is left to the
     end and waited for, so two runs on one output directory never work on one slide at once nor twice.
@@ -64,10 +68,22 @@ def run_jobs(stage: str, jobs: Sequence[SlideJob], out_dir: str | os.PathLike, s
                     advance(job.slide_id, row.state, row.patches if row.state == DONE else 0)
                 return locked
 
-        held_elsewhere = [job for job in jobs if not run_locked(job, wait=False)]
-        for job in held_elsewhere:
+        taken = in_threads(lambda job: run_locked(job, wait=False), jobs, at_once)
+        for job in [job for job, locked in zip(jobs, taken) if not locked]:  # held elsewhere
             run_locked(job, wait=True)
     return rows
+
+
+def in_threads(fn: Callable[[SlideJob], bool], jobs: Sequence[SlideJob], at_once: int) -> list[bool]:
+    """``fn`` of each job, ``at_once`` at a time, in order. On Ctrl-C or an error the jobs not yet begun are
+    cancelled and those running finish (a thread cannot be stopped; their slides are recorded)."""
+    if at_once <= 1 or len(jobs) <= 1:
+        return [fn(job) for job in jobs]
+    pool = ThreadPoolExecutor(at_once, thread_name_prefix="pathomics-slide")
+    try:
+        return list(pool.map(fn, jobs))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def run_one(stage: str, job: SlideJob) -> StatusRow:
@@ -145,6 +161,7 @@ class progress:
 
     def __init__(self, stage: str, total: int, enabled: bool) -> None:
         self.stage, self.total, self.enabled, self.bar = stage, total, enabled, None
+        self.lock = threading.Lock()
 
     def __enter__(self) -> Callable[[str, str, int], None]:
         if self.enabled and sys.stderr.isatty():  # rich is imported only to draw a bar (a fifth of a second of start-up)
@@ -177,13 +194,14 @@ class progress:
         return f"{self.patches / max(time.perf_counter() - self.start, 1e-9):.0f} patches/s"
 
     def advance(self, slide_id: str, state: str, patches: int = 0) -> None:
-        """Count one finished slide and the ``patches`` it processed."""
-        self.done, self.patches = self.done + 1, self.patches + patches
-        if self.bar is not None:
-            self.bar.update(self.task, advance=1, rate=self.rate, last=f"{slide_id}: {state}")
-        elif self.enabled:
-            log.info("%s [%d/%d] %s: %s%s", self.stage, self.done, self.total, slide_id, state,
-                     f" ({self.rate})" if self.rate else "")
+        """Count one finished slide and the ``patches`` it processed (from any of the batch's threads)."""
+        with self.lock:
+            self.done, self.patches = self.done + 1, self.patches + patches
+            if self.bar is not None:
+                self.bar.update(self.task, advance=1, rate=self.rate, last=f"{slide_id}: {state}")
+            elif self.enabled:
+                log.info("%s [%d/%d] %s: %s%s", self.stage, self.done, self.total, slide_id, state,
+                         f" ({self.rate})" if self.rate else "")
 
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:

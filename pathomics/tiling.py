@@ -151,6 +151,23 @@ def tissue_fractions(tissue: MultiPolygon, xs: np.ndarray, ys: np.ndarray, size0
     return np.clip(covered / float(size0 * size0), 0.0, 1.0)
 
 
+def batch_parallelism(slides_at_once: int | None = None, threads: int | None = None,
+                      slides: int | None = None) -> tuple[int, int]:
+    """(slides at once, decoding threads per slide) for a batch of ``slides`` on this machine, as given or by default.
+
+    By default two slides run at a time and share the cores: while one runs its serial steps (tissue detection,
+    grid, store creation, QC summary, the compression of its last shard), the other's decoding keeps the cores
+    busy. On two cores that was 1.09-1.14x the slides an hour of one slide at a time, on biopsies and on
+    resections alike. A batch of one slide gets all the cores.
+    """
+    cores = os.cpu_count() or 1
+    at_once = slides_at_once if slides_at_once is not None else min(2, cores)
+    if at_once < 1 or (threads is not None and threads < 1):
+        raise ConfigError(f"slides at once and threads must be at least 1, got {at_once} and {threads}")
+    at_once = min(at_once, max(1, slides)) if slides is not None else at_once
+    return at_once, threads if threads is not None else max(1, cores // at_once)
+
+
 def tile_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, config: TileConfig = TileConfig(),
                mpp: float | None = None, slide_id: str | None = None, tissue_geojson: str | os.PathLike | None = None,
                backend: str = "auto", progress: Callable[[int, int], None] | None = None) -> TileResult:

@@ -132,3 +132,59 @@ def test_two_runs_on_one_output_directory_share_the_slides(tmp_path, aperio_slid
         done = sum(int(next(line for line in out.splitlines() if line.startswith(f"{stage}:")).split()[1]) for out, _ in outputs)
         assert done == 2, outputs  # each slide done by one run, skipped by the other
         assert {row["state"] for row in status(tmp_path).values()} == {"done"}
+
+
+def test_a_batch_tiles_two_slides_at_once_sharing_the_cores(tmp_path, aperio_slide, generic_slide, truncated_slide, monkeypatch):
+    """By default two slides are tiled at the same time (each with half the cores): the first two meet at a barrier,
+    which one slide at a time would never reach; a slide that fails is recorded and the stores are those of one
+    slide at a time."""
+    import threading
+
+    import pathomics.runner.jobs as jobs
+
+    monkeypatch.setattr("pathomics.tiling.os.cpu_count", lambda: 4)
+    both_running, threads, tile_slide = threading.Barrier(2, timeout=60), [], jobs.tile_slide
+
+    def meeting(*args, **kwargs):
+        threads.append(args[2].threads)
+        if len(threads) <= 2:
+            both_running.wait()
+        return tile_slide(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "tile_slide", meeting)
+    slides = [str(aperio_slide.path), str(truncated_slide), str(generic_slide.path)]
+    args = ["--mpp", "2.0", "--patch-size", "64"]
+    assert main(["tile", *slides, "--out", str(tmp_path / "two"), *args]) == 1
+    assert threads == [2, 2, 2]
+    assert {k: r["state"] for k, r in status(tmp_path / "two").items()} == {"aperio": "done", "truncated": "failed", "generic": "done"}
+    monkeypatch.setattr(jobs, "tile_slide", tile_slide)
+    assert main(["tile", *slides, "--out", str(tmp_path / "one"), *args, "--slides-at-once", "1"]) == 1
+    for slide_id in ("aperio", "generic"):
+        two, one = (open_patch_store(tmp_path / out / "tiles" / f"{slide_id}.zarr") for out in ("two", "one"))
+        np.testing.assert_array_equal(two.coords, one.coords)
+        np.testing.assert_array_equal(two.read_images(0, len(two)), one.read_images(0, len(one)))
+    assert main(["tile", *slides, "--out", str(tmp_path / "bad"), "--slides-at-once", "0"]) == 2
+    from pathomics.tiling import batch_parallelism
+
+    assert batch_parallelism(slides=1) == (1, 4) and batch_parallelism(3, slides=2) == (2, 2)  # a lone slide: every core
+
+
+def test_an_interrupt_cancels_the_slides_not_begun():
+    """Ctrl-C while slides run in threads: those running finish (a thread cannot be stopped), no other begins."""
+    import threading
+
+    from pathomics.batch import DONE, SlideJob, in_threads
+
+    begun, release = [], threading.Event()
+
+    def run(job: SlideJob) -> bool:
+        begun.append(job.slide_id)
+        if job.slide_id == "s0":
+            raise KeyboardInterrupt
+        release.wait(timeout=0.5)  # still running when the interrupt reaches the batch
+        return True
+
+    jobs = [SlideJob(f"s{i}", lambda: (DONE, 0)) for i in range(20)]
+    with pytest.raises(KeyboardInterrupt):
+        in_threads(run, jobs, at_once=2)
+    assert begun[0] == "s0" and len(begun) <= 3  # s0, the slide beside it, at most one more taken meanwhile

@@ -20,6 +20,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_tile_options(parser)
     parser.add_argument("--backend", choices=BACKENDS, default="auto", metavar="NAME",
                         help="slide reader: %(choices)s; auto tries OpenSlide first, then tiffslide (wsidicom for DICOM)")
+    parser.add_argument("--slides-at-once", type=int, metavar="N",
+                        help="slides tiled at the same time, sharing the cores (default: 2, 1 on a one-core machine): "
+                             "one slide's serial steps leave cores the other's decoding uses")
     parser.set_defaults(run=run)
 
 
@@ -49,7 +52,8 @@ def add_tile_options(parser: argparse.ArgumentParser) -> None:
     option("--compression", choices=registry("pathomics.tiling", "COMPRESSIONS"), metavar="CODEC",
            help="patch store compression: %(choices)s (zstd at level 1: about 54 kB a 256-px patch)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="decoding threads per slide (default: all cores; in `run`: cores / workers, for torch too)")
+                        help="decoding threads per slide (default: the cores shared among the slides at once; in `run`: "
+                             "cores / workers, for torch too)")
 
 
 def tile_config(args: argparse.Namespace):  # noqa: ANN201 - TileConfig, imported lazily
@@ -81,14 +85,19 @@ def run(args: argparse.Namespace) -> int:
     from pathomics.batch import SlideJob, exit_code, run_jobs, summarize
     from pathomics.runner.jobs import tile_job
 
+    import dataclasses
+
+    from pathomics.tiling import batch_parallelism
+
     entries = slide_entries(args)
-    config = tile_config(args)
+    at_once, threads = batch_parallelism(args.slides_at_once, args.threads, len(entries))
+    config = dataclasses.replace(tile_config(args), threads=threads)
     out = writable_dir(args.out)
 
     def job(entry: SlideEntry) -> SlideJob:
         geojson = tissue_annotation(args.tissue_dir, entry.slide_id) if args.tissue_dir and not entry.tissue_geojson else None
         return tile_job(entry, out, config, tissue_geojson=geojson, backend=args.backend)
 
-    rows = run_jobs("tile", [job(e) for e in entries], out)
+    rows = run_jobs("tile", [job(e) for e in entries], out, at_once=at_once)
     print(summarize("tile", rows))
     return exit_code(rows)
