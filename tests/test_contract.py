@@ -135,6 +135,35 @@ def test_a_rerun_keeps_the_record_of_who_did_the_work(tmp_path):
     assert {r.slide_id: r.state for r in read_status(tmp_path)}["s1"] == "failed"
 
 
+def test_a_new_slides_status_row_is_appended_and_another_writers_rows_are_kept(tmp_path):
+    """A batch's status rows cost the same for its 5,000th slide as for its first: a new slide's row is appended to
+    the file this process left (same inode; the whole table was rewritten before), a replaced row rewrites it, and
+    rows another process wrote in between are read, never lost."""
+    import pathomics.batch as batch
+
+    path = OutputLayout(tmp_path).status
+    update_status(tmp_path, [StatusRow("s1", "tile", "done", 1.0, "", 10)])
+    inode = path.stat().st_ino
+    update_status(tmp_path, [StatusRow("s2", "tile", "failed", 0.5, "bad, \"quoted\" slide")])
+    assert path.stat().st_ino == inode  # appended
+    update_status(tmp_path, [StatusRow("s2", "tile", "done", 2.0, "", 20)])
+    assert path.stat().st_ino != inode  # replaced: rewritten atomically
+    other = path.read_text() + "s9,tile,done,3.0,,30\r\n"  # another process's run, written its way (atomically)
+    path.with_name("other.tmp").write_text(other)
+    path.with_name("other.tmp").replace(path)
+    update_status(tmp_path, [StatusRow("s3", "tile", "done", 4.0, "", 40)])
+    assert [(r.slide_id, r.state, r.patches) for r in read_status(tmp_path)] == [
+        ("s1", "done", 10), ("s2", "done", 20), ("s9", "done", 30), ("s3", "done", 40)]
+
+    batch._written.clear()  # a later process finds the row a killed append cut short
+    with path.open("a", newline="") as fh:
+        fh.write("s4,tile,do")
+    assert [r.slide_id for r in read_status(tmp_path)] == ["s1", "s2", "s9", "s3"]
+    update_status(tmp_path, [StatusRow("s5", "tile", "done", 5.0, "", 50)])
+    assert [r.slide_id for r in read_status(tmp_path)] == ["s1", "s2", "s9", "s3", "s5"]
+    assert "s4" not in path.read_text()
+
+
 def test_terminal_lines_carry_no_empty_rate_and_warnings_no_source_line(caplog) -> None:
     """`mil heatmap` printed "(0 patches/s)" per slide; warnings were printed with the source line that raised them."""
     import logging
