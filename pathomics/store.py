@@ -85,8 +85,8 @@ class PatchStoreWriter:
     def _create(self, compression: str) -> None:
         """The arrays' metadata, and the coordinates and tissue fractions (one chunk each, as zarr-python writes them).
 
-    Written in place, not through temporary files: until the group's ``zarr.json`` is written after them, the
-    partial store is rebuilt, never resumed, so a file cut short by a kill is never read."""
+        Written in place, not through temporary files: until the group's ``zarr.json`` is written after them, the
+        partial store is rebuilt, never resumed, so a file cut short by a kill is never read."""
         n = max(self.n, 1)
         _write_small_array(self.partial / "coords", self.coords, (n, 2))
         _write_small_array(self.partial / "tissue_fraction", self.tissue_fraction, (n,))

@@ -80,13 +80,12 @@ def tile_config(args: argparse.Namespace):  # noqa: ANN201 - TileConfig, importe
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathomics.layout import tissue_annotation
-    from pathomics.manifest import SlideEntry
-    from pathomics.batch import SlideJob, exit_code, run_jobs, summarize
-    from pathomics.runner.jobs import tile_job
-
     import dataclasses
 
+    from pathomics.batch import SlideJob, exit_code, run_jobs, summarize
+    from pathomics.layout import tissue_annotation
+    from pathomics.manifest import SlideEntry
+    from pathomics.runner.jobs import tile_job
     from pathomics.tiling import batch_parallelism
 
     entries = slide_entries(args)
