@@ -297,8 +297,7 @@ def reader_death(store: PatchStore, batches: Iterator[torch.Tensor]) -> Iterator
     try:
         yield
     except BaseException as exc:
-        readers = hasattr(batches, "_shutdown_workers")  # a multi-process DataLoader iterator
-        stop_readers(batches)
+        readers = stop_readers(batches)
         what = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         if isinstance(exc, RuntimeError) and what.startswith("DataLoader worker"):
             detail = what.removeprefix("DataLoader worker ").rstrip(". ")
@@ -310,14 +309,18 @@ def reader_death(store: PatchStore, batches: Iterator[torch.Tensor]) -> Iterator
                           "lower --num-workers or --batch-size and re-run `pathomics embed`") from exc
 
 
-def stop_readers(batches: Iterator[torch.Tensor]) -> None:
-    """Shut the surviving loader workers down now. Left to the iterator's ``__del__``, the join there is interrupted by
-    torch's SIGCHLD handler re-raising the dead worker's error, which Python prints as 'Exception ignored ... Traceback'
-    (the first shutdown call marks the iterator shut down, so ``__del__`` does nothing)."""
-    shutdown = getattr(batches, "_shutdown_workers", None)  # a multi-process DataLoader iterator's
-    if shutdown is not None:
-        with contextlib.suppress(RuntimeError, OSError, EOFError):  # the dead worker's error, raised again
-            shutdown()
+def stop_readers(batches: Iterator[torch.Tensor]) -> bool:
+    """Shut the surviving loader workers down now; whether there were any (a multi-process DataLoader iterator).
+
+    Left to the iterator's ``__del__``, the join there is interrupted by torch's SIGCHLD handler re-raising the dead
+    worker's error, which Python prints as 'Exception ignored ... Traceback' (the first shutdown call marks the
+    iterator shut down, so ``__del__`` does nothing)."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is None:
+        return False
+    with contextlib.suppress(RuntimeError, OSError, EOFError):  # the dead worker's error, raised again
+        shutdown()
+    return True
 
 
 def _to_host(out: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:

@@ -162,8 +162,8 @@ def batch_parallelism(slides_at_once: int | None = None, threads: int | None = N
     """
     cores = os.cpu_count() or 1
     at_once = slides_at_once if slides_at_once is not None else min(2, cores)
-    if at_once < 1 or (threads is not None and threads < 1):
-        raise ConfigError(f"slides at once and threads must be at least 1, got {at_once} and {threads}")
+    if at_once < 1:  # threads are checked by the TileConfig they go into
+        raise ConfigError(f"slides at once must be at least 1, got {at_once}")
     at_once = min(at_once, max(1, slides)) if slides is not None else at_once
     return at_once, threads if threads is not None else max(1, cores // at_once)
 
