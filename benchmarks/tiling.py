@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -255,13 +256,14 @@ def measure(kind: str, slide: Path, threads: int, env: dict) -> dict:
     return result
 
 
-def measure_cli(slide: Path, n: int, env: dict) -> dict:
-    """``pathomics tile --threads 1`` as a user runs it, timed from the shell: interpreter start-up included.
+def measure_cli(slide: Path, n: int, env: dict, options: Sequence[str] = ()) -> dict:
+    """``pathomics tile --threads 1 [OPTIONS]`` as a user runs it, timed from the shell: interpreter start-up included.
 
     The default resolution and patch size are this benchmark's (0.5 µm/px, 256 px), so no option names them."""
     out = Path(tempfile.mkdtemp(prefix="bench-cli-"))
     try:
-        _, wall, cpu = timed([sys.executable, "-m", "pathomics.cli.main", "tile", str(slide), "--out", str(out), "--threads", "1"], env)
+        _, wall, cpu = timed([sys.executable, "-m", "pathomics.cli.main", "tile", str(slide), "--out", str(out), "--threads", "1",
+                              *options], env)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return {"patches": n, "seconds": wall, "process_cpu_s": cpu, "patches_per_s": n / wall, "patches_per_cpu_s": n / cpu}
@@ -290,19 +292,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each measurement; medians reported")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="'all cores'")
     parser.add_argument("--cache", type=Path, default=Path(__file__).parent / "out")
-    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "tiling.json")
+    parser.add_argument("--json", type=Path, help="default: results/tiling.json (results/tiling_shell.json with --shell)")
     parser.add_argument("--child", choices=("pathomics", "pathomics-lean", "startup", "openslide", "tiffslide", "cucim", "cucim-batched", "decode", "write"))
     parser.add_argument("--slide", type=Path)
-    parser.add_argument("--shell", nargs="+", metavar="LABEL=PATH",
+    parser.add_argument("--shell", nargs="+", metavar="LABEL=PATH[::OPTIONS]",
                         help="only the shell figure: `pathomics tile --threads 1` (start-up included) from each pathomics source "
-                             "tree against the OpenSlide loop, interleaved; JSON to results/tiling_shell.json")
+                             "tree, with extra tile OPTIONS after '::', against the OpenSlide loop, interleaved; JSON to "
+                             "results/tiling_shell.json")
     args = parser.parse_args()
     if args.child:
         child(args.child, args.slide, args.threads)
         return
+    results = Path(__file__).parent / "results"
     if args.shell:
+        args.json = args.json or results / "tiling_shell.json"
         shell_figure(args, dict(item.split("=", 1) for item in args.shell))
         return
+    args.json = args.json or results / "tiling.json"
 
     big = make_slide(args.cache, args.width, args.height)
     small_w, small_h = round(args.width / 10**0.5), round(args.height / 10**0.5)
@@ -425,7 +431,9 @@ def main() -> None:
 
 
 def shell_figure(args: argparse.Namespace, codes: dict[str, str]) -> None:
-    """`pathomics tile --threads 1` from the shell with each source tree in ``codes``, over the OpenSlide loop, interleaved."""
+    """`pathomics tile --threads 1` from the shell with each source tree in ``codes``, over the OpenSlide loop, interleaved.
+
+    A tree given as ``PATH::OPTIONS`` runs with those extra tile options (e.g. ``.::--no-qc --compression none``)."""
     big = make_slide(args.cache, args.width, args.height)
     env = {"BENCH_COORDS": str(args.cache / "coords.npy")}
     first = measure("pathomics", big, 1, env)
@@ -434,14 +442,15 @@ def shell_figure(args: argparse.Namespace, codes: dict[str, str]) -> None:
     for _ in range(args.repeats):
         runs["openslide"].append(measure("openslide", big, 1, env))
         for label, code in codes.items():
-            runs[label].append(measure_cli(big, first["patches"], {**env, "PYTHONPATH": code}))
+            path, _, options = code.partition("::")
+            runs[label].append(measure_cli(big, first["patches"], {**env, "PYTHONPATH": path}, options.split()))
     seconds = {name: statistics.median(r["seconds"] for r in rs) for name, rs in runs.items()}
     cpu = {name: statistics.median(r["process_cpu_s"] for r in rs) for name, rs in runs.items()}  # steadier on a loaded machine
     result = {"slide": {"width": args.width, "height": args.height, "patches": first["patches"]}, "repeats": args.repeats,
               "code": codes, "cpu_count": os.cpu_count(), "load_average_at_end": os.getloadavg(), "median_seconds": seconds,
               "median_cpu_seconds": cpu, "cli_over_openslide": {label: seconds["openslide"] / seconds[label] for label in codes},
               "cli_over_openslide_cpu": {label: cpu["openslide"] / cpu[label] for label in codes}, "runs": runs}
-    path = args.json.with_name("tiling_shell.json")
+    path = args.json
     path.write_text(json.dumps(result, indent=2))
     print(f"Shell figure, {args.width}x{args.height}, {first['patches']:,} patches, median of {args.repeats} interleaved runs "
           f"(load average {os.getloadavg()[0]:.1f}):")
