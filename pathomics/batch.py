@@ -21,7 +21,7 @@ from pathlib import Path
 from pathomics.errors import PathomicsError
 from pathomics.layout import DONE, FAILED, SKIPPED, OutputLayout
 from pathomics.locks import exclusive_lock
-from pathomics.io import atomic_path, writing
+from pathomics.io import atomic_path, file_identity, writing
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def update_status(out_dir: str | os.PathLike, rows: Iterable[StatusRow]) -> None
     path = layout.status
     with exclusive_lock(layout.lock("status"), wait=True):
         known = _written.get(path)
-        ours = known is not None and known[0] == _identity(path)
+        ours = known is not None and known[0] == file_identity(path)
         merged = dict(known[1]) if ours else {(r.slide_id, r.stage): r for r in read_status(out_dir)}
         added, replaced = [], False
         for row in rows:
@@ -165,16 +165,7 @@ def update_status(out_dir: str | os.PathLike, rows: Iterable[StatusRow]) -> None
                 writer = csv.DictWriter(fh, fieldnames=STATUS_FIELDS)
                 writer.writeheader()
                 writer.writerows(asdict(r) for r in merged.values())
-        _written[path] = (_identity(path), merged)
-
-
-def _identity(path: Path) -> tuple[int, int, int] | None:
-    """(inode, size, modification time) of ``path``: any write by another process, or a replacement, changes it."""
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        return None
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+        _written[path] = (file_identity(path), merged)
 
 
 def exit_code(rows: Sequence[StatusRow]) -> int:

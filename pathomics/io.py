@@ -95,6 +95,15 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
         raise write_error(path, exc) from exc
 
 
+def file_identity(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, modification time) of ``path``: any write by another process, or a replacement, changes it."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path beside ``path``; rename it onto ``path`` only if the block succeeds."""
