@@ -16,12 +16,11 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 from pathomics.errors import PathomicsError
 from pathomics.layout import DONE, FAILED, SKIPPED, OutputLayout
 from pathomics.locks import exclusive_lock
-from pathomics.io import atomic_path, file_identity, writing
+from pathomics.io import WrittenFiles, atomic_path, writing
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +126,7 @@ def _status_row(record: dict[str, str | None]) -> StatusRow | None:
 
 
 STATUS_FIELDS = [f.name for f in fields(StatusRow)]
-_written: dict[Path, tuple[tuple[int, int, int], dict[tuple[str, str], StatusRow]]] = {}  # status files as this process left them
+_written: WrittenFiles[dict[tuple[str, str], StatusRow]] = WrittenFiles()  # status files as this process left them
 
 
 def update_status(out_dir: str | os.PathLike, rows: Iterable[StatusRow]) -> None:
@@ -143,9 +142,10 @@ def update_status(out_dir: str | os.PathLike, rows: Iterable[StatusRow]) -> None
     layout = OutputLayout(out_dir)
     path = layout.status
     with exclusive_lock(layout.lock("status"), wait=True):
-        known = _written.get(path)
-        ours = known is not None and known[0] == file_identity(path)
-        merged = dict(known[1]) if ours else {(r.slide_id, r.stage): r for r in read_status(out_dir)}
+        merged = _written.take(path)
+        ours = merged is not None
+        if merged is None:
+            merged = {(r.slide_id, r.stage): r for r in read_status(out_dir)}
         added, replaced = [], False
         for row in rows:
             key = (row.slide_id, row.stage)
@@ -155,17 +155,16 @@ def update_status(out_dir: str | os.PathLike, rows: Iterable[StatusRow]) -> None
             merged[key] = row
             added.append(row)
             replaced = replaced or earlier is not None
-        if ours and not added:
-            return
         if ours and not replaced:
-            with writing(path), path.open("a", newline="") as fh:
-                csv.DictWriter(fh, fieldnames=STATUS_FIELDS).writerows(asdict(r) for r in added)
+            if added:
+                with writing(path), path.open("a", newline="") as fh:
+                    csv.DictWriter(fh, fieldnames=STATUS_FIELDS).writerows(asdict(r) for r in added)
         else:
             with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
                 writer = csv.DictWriter(fh, fieldnames=STATUS_FIELDS)
                 writer.writeheader()
                 writer.writerows(asdict(r) for r in merged.values())
-        _written[path] = (file_identity(path), merged)
+        _written.wrote(path, merged)
 
 
 def exit_code(rows: Sequence[StatusRow]) -> int:

@@ -12,12 +12,14 @@ import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
 from pathomics.errors import StoreError, WriteError
 from pathomics.layout import DIGEST_SUFFIX, PARTIAL_SUFFIX
+
+T = TypeVar("T")
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -102,6 +104,28 @@ def file_identity(path: Path) -> tuple[int, int, int] | None:
     except FileNotFoundError:
         return None
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+class WrittenFiles(Generic[T]):
+    """What this process last wrote to each file (a table kept in memory), given back only while the file is as
+    it was left (same ``file_identity``): a per-slide table need not be read back for every slide of a batch."""
+
+    def __init__(self) -> None:
+        self._files: dict[Path, tuple[tuple[int, int, int] | None, T]] = {}
+
+    def take(self, path: Path) -> T | None:
+        """What was written to ``path`` if nobody changed the file since, else None; forgotten until ``wrote`` again
+        (so a write that fails half-way leaves nothing stale behind)."""
+        identity, value = self._files.pop(path, (None, None))
+        return value if value is not None and identity == file_identity(path) else None
+
+    def wrote(self, path: Path, value: T) -> None:
+        """Record ``value`` as what ``path`` now holds."""
+        self._files[path] = (file_identity(path), value)
+
+    def clear(self) -> None:
+        """Forget every file, as a new process would."""
+        self._files.clear()
 
 
 @contextlib.contextmanager

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from pathomics.errors import ConfigError, StoreError
+from pathomics.io import WrittenFiles
 from pathomics.layout import OutputLayout
 from pathomics.store import PatchStore, store_fingerprint
 
@@ -466,17 +467,16 @@ def update_summary(out_dir: str | os.PathLike, row: dict[str, Any], config: QCCo
     table this process wrote last, unchanged since, is not read again: at 5,000 slides a row cost 55-66 ms to read
     and rewrite the table from dictionaries, and 8 ms from its cells kept as text (``StainTable``).
     """
-    from pathomics.io import file_identity
     from pathomics.locks import exclusive_lock
 
     layout = OutputLayout(out_dir)
     path = layout.qc_summary
     with exclusive_lock(layout.lock("qc_summary"), wait=True):
-        identity, table = _summaries.pop(path, (None, None))
-        if table is None or identity != file_identity(path) or not table.put(row):
+        table = _summaries.take(path)
+        if table is None or not table.put(row):
             table = StainTable.read(path, row)
         table.write(path, config)
-        _summaries[path] = (file_identity(path), table)
+        _summaries.wrote(path, table)
 
 
 DERIVED_COLUMNS = ("stain_angle", "stain_outlier")  # qc_summary.csv's columns computed from the whole batch
@@ -526,7 +526,7 @@ class StainTable:
             fh.writelines(f"{cells},{float(a)},{bool(o)}\r\n" for cells, a, o in zip(self.cells.values(), angle.round(3), outlier))
 
 
-_summaries: dict[Path, tuple[tuple[int, int, int] | None, StainTable]] = {}  # QC summaries as this process left them
+_summaries: WrittenFiles[StainTable] = WrittenFiles()  # QC summaries as this process left them
 
 
 def _csv_line(values: Sequence[Any]) -> str:
